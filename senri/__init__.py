@@ -1,0 +1,18 @@
+"""Senri: a small pretrained Llama with an Infini-attention compressive memory beside sliding-window attention."""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .cache import SenriCache, load_memory_state, save_memory_state
+from .configuration_senri import SenriConfig
+from .conversion import convert_llama_to_senri, load_local_smollm2
+from .modeling_senri import SenriForCausalLM, SenriModel
+
+AutoConfig.register("senri", SenriConfig, exist_ok=True)
+AutoModel.register(SenriConfig, SenriModel, exist_ok=True)
+AutoModelForCausalLM.register(SenriConfig, SenriForCausalLM, exist_ok=True)
+
+__version__ = "0.1.0"
+__all__ = [
+    "SenriConfig", "SenriModel", "SenriForCausalLM", "SenriCache", "convert_llama_to_senri", "load_local_smollm2",
+    "save_memory_state", "load_memory_state",
+]

@@ -1,0 +1,249 @@
+"""SenriCache: all streaming state of a Senri model, explicit and transferable.
+
+Per layer it holds the local window's keys/values (raw, before RoPE: RoPE is applied when they are attended, and
+memory writes need the raw keys) and, per memory layer, the memory ``M`` / ``z`` (float32). A new cache *is* a
+memory reset. Its size stops growing once the window is full (``full_attention`` layers excepted).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .configuration_senri import MEMORY_LAYER_TYPES, SenriConfig
+from .memory import MEMORY_DTYPE
+
+STATE_FORMAT = "senri-memory-state"
+STATE_VERSION = 1
+# The configuration fields a saved state depends on: a state only continues a model that agrees on all of them.
+STATE_CONFIG_FIELDS = (
+    "num_hidden_layers", "num_key_value_heads", "head_dim", "sliding_window", "chunk_size", "memory_update",
+    "layer_types",
+)
+
+
+@dataclass
+class LayerState:
+    """The state one decoder layer reads and returns (a layer never mutates it: recomputation stays safe).
+
+    keys/values: (B, H, L, D) raw window tokens, positions ``written_chunks * chunk_size`` .. ``seen_tokens - 1``
+    (all tokens since 0 for full_attention layers); M: (B, H, D, D), z: (B, H, D) float32 or None.
+    """
+
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    M: torch.Tensor | None = None
+    z: torch.Tensor | None = None
+    seen_tokens: int = 0
+    written_chunks: int = 0
+
+    @property
+    def window_start(self) -> int:
+        return self.seen_tokens - (0 if self.keys is None else self.keys.shape[2])
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        names = ("keys", "values", "M", "z")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+
+class SenriCacheLayer(CacheLayerMixin):
+    """transformers' per-layer cache interface around a :class:`LayerState`."""
+
+    is_compileable = False
+    supports_early_init = False
+
+    def __init__(self, layer_type: str):
+        super().__init__()
+        self.layer_type = layer_type
+        self.is_sliding = layer_type == "sliding_attention"
+        self.state = LayerState()
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        raise NotImplementedError("Senri layers advance their state through SenriCache.set_layer_state")
+
+    def get_seq_length(self) -> int:
+        return self.state.seen_tokens
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        window = 0 if self.state.keys is None else self.state.keys.shape[2]
+        return window + query_length, self.state.window_start
+
+    def reset(self) -> None:
+        self.state = LayerState()
+
+    def _map_batch(self, fn) -> None:
+        self.state = replace(self.state, **{name: fn(t) for name, t in self.state.tensors().items()})
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices])
+
+    def offload(self) -> None:
+        self._map_batch(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        pass
+
+
+class SenriCache(Cache):
+    """Streaming state of a Senri model: windows, memories and the number of tokens seen.
+
+    ``SenriCache(config, batch_size=1)`` is an empty state (reset memory). Pass it as ``past_key_values``; every
+    forward advances it. ``get_memory_state`` / ``from_memory_state`` move a state between processes.
+    """
+
+    def __init__(self, config: SenriConfig, batch_size: int = 1):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        super().__init__(layers=[SenriCacheLayer(t) for t in config.layer_types])
+        self.config = config
+        self.max_batch_size = batch_size
+
+    # --- state access used by the model -------------------------------------------------------------------------
+    def layer_state(self, layer_idx: int) -> LayerState:
+        return self.layers[layer_idx].state
+
+    def set_layer_state(self, layer_idx: int, state: LayerState) -> None:
+        self.layers[layer_idx].state = state
+
+    @property
+    def seen_tokens(self) -> int:
+        return self.layers[0].state.seen_tokens if self.layers else 0
+
+    # --- inspection ----------------------------------------------------------------------------------------------
+    def nbytes(self) -> int:
+        """Bytes held by all tensors of the cache."""
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.state.tensors().values())
+
+    def memory_norms(self) -> dict[int, float]:
+        """Frobenius norm of ``M`` per memory layer (summed over the batch), 0.0 for a still-empty memory."""
+        norms = {}
+        for idx, layer in enumerate(self.layers):
+            if layer.layer_type in MEMORY_LAYER_TYPES:
+                M = layer.state.M
+                norms[idx] = 0.0 if M is None else float(M.detach().float().norm())
+        return norms
+
+    # --- transfer ------------------------------------------------------------------------------------------------
+    def get_memory_state(self, include_window: bool = False) -> dict[str, Any]:
+        """The cache as a dict of tensors plus metadata (safe for ``torch.save`` / ``torch.load(weights_only=True)``).
+
+        By default only the memories (``M``, ``z``) are included: enough to carry what the model compressed into a
+        new document. ``include_window=True`` adds every layer's window, the full streaming state, so that a model
+        fed the state continues exactly as if it had never stopped.
+        """
+        layers = {}
+        for idx, layer in enumerate(self.layers):
+            state = layer.state
+            entry: dict[str, Any] = {"written_chunks": state.written_chunks}
+            if layer.layer_type in MEMORY_LAYER_TYPES and state.M is not None:
+                entry["M"], entry["z"] = state.M.detach().clone(), state.z.detach().clone()
+            if include_window and state.keys is not None:
+                entry["keys"], entry["values"] = state.keys.detach().clone(), state.values.detach().clone()
+            layers[str(idx)] = entry
+        return {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "config": {name: getattr(self.config, name) for name in STATE_CONFIG_FIELDS},
+            "batch_size": self.max_batch_size,
+            "seen_tokens": self.seen_tokens,
+            "include_window": include_window,
+            "layers": layers,
+        }
+
+    @classmethod
+    def from_memory_state(cls, config: SenriConfig, state: dict[str, Any]) -> "SenriCache":
+        """Rebuild a cache from :meth:`get_memory_state`, refusing a state made for a different model."""
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a Senri memory state: expected a dict with format={STATE_FORMAT!r}")
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"memory state version {state.get('version')!r} is not supported (expected {STATE_VERSION})")
+        saved = state["config"]
+        mismatches = [
+            f"{name}: state has {saved.get(name)!r}, model has {getattr(config, name)!r}"
+            for name in STATE_CONFIG_FIELDS
+            if saved.get(name) != getattr(config, name)
+        ]
+        if mismatches:
+            raise ValueError("memory state does not match the model config: " + "; ".join(mismatches))
+        batch_size = int(state["batch_size"])
+        cache = cls(config, batch_size=batch_size)
+        H, D = config.num_key_value_heads, config.head_dim
+        seen = int(state["seen_tokens"])
+        for idx, layer in enumerate(cache.layers):
+            entry = state["layers"].get(str(idx))
+            if entry is None:
+                raise ValueError(f"memory state has no entry for layer {idx}")
+            written = int(entry["written_chunks"])
+            expected = {"M": (batch_size, H, D, D), "z": (batch_size, H, D)}
+            tensors = {}
+            for name in ("M", "z", "keys", "values"):
+                if name not in entry:
+                    continue
+                tensor = entry[name]
+                shape = expected.get(name)
+                if shape is None:
+                    shape = (batch_size, H, tensor.shape[2] if tensor.dim() == 4 else -1, D)
+                if tuple(tensor.shape) != shape:
+                    raise ValueError(f"layer {idx} {name} has shape {tuple(tensor.shape)}, expected {shape}")
+                if name in ("M", "z") and tensor.dtype != MEMORY_DTYPE:
+                    raise ValueError(f"layer {idx} {name} has dtype {tensor.dtype}, expected {MEMORY_DTYPE}")
+                tensors[name] = tensor
+            if layer.layer_type in MEMORY_LAYER_TYPES and written > 0 and "M" not in tensors:
+                raise ValueError(f"layer {idx} is a memory layer with {written} chunks written but the state has no M")
+            if state.get("include_window"):
+                layer_seen = seen
+                window = 0 if "keys" not in tensors else tensors["keys"].shape[2]
+                if seen - window != (0 if layer.layer_type == "full_attention" else written * config.chunk_size):
+                    raise ValueError(
+                        f"layer {idx}: window of {window} tokens does not end at seen_tokens={seen} from chunk {written}"
+                    )
+            else:
+                # Memory only: windows are dropped and every layer restarts at the last chunk boundary; the tokens
+                # that were still in a window are lost, the memories are kept.
+                tensors.pop("keys", None), tensors.pop("values", None)
+                layer_seen = (seen // config.chunk_size) * config.chunk_size
+                if layer.layer_type != "full_attention":
+                    written = layer_seen // config.chunk_size
+            layer.state = LayerState(**tensors, seen_tokens=layer_seen, written_chunks=written)
+        return cache
+
+
+def save_memory_state(state: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write a state atomically (temporary file + rename): a crash never leaves a half-written state file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_memory_state(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a state written by :func:`save_memory_state` (tensors and plain metadata only)."""
+    return torch.load(Path(path), map_location=map_location, weights_only=True)
+
+
+__all__ = ["SenriCache", "SenriCacheLayer", "LayerState", "save_memory_state", "load_memory_state"]

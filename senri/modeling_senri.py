@@ -1,0 +1,350 @@
+"""Senri: a Llama decoder whose layers see the past through a block-sliding window and a compressive memory.
+
+Read top to bottom: local attention → memory path → attention module → decoder layer → model → causal LM.
+Shapes: B batch, T new tokens, Hq query heads, H key/value heads, G = Hq // H, D head dim, C chunk size.
+Equations cite Infini-attention (Munkhdalai et al., 2024).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.models.llama.modeling_llama import (
+    LlamaMLP,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+)
+
+from .cache import LayerState, SenriCache
+from .configuration_senri import MEMORY_LAYER_TYPES, SenriConfig
+from .memory import empty_memory, float32_memory, memory_read, memory_states
+
+
+def window_start_of(position: torch.Tensor | int, chunk_size: int, window_chunks: int):
+    """First position the block-sliding window of a query at ``position`` covers (may be negative: no cut yet)."""
+    return (position // chunk_size - window_chunks) * chunk_size
+
+
+def local_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, k_start: int, scaling: float,
+    chunk_size: int, window_chunks: int | None,
+) -> torch.Tensor:
+    """Softmax attention of queries at positions ``q_start..`` over keys at ``k_start..`` (both RoPE'd).
+
+    q: (B, Hq, T, D); k, v: (B, H, L, D), the keys ending with the queries' own tokens. ``window_chunks=None`` is
+    full causal attention; otherwise query t sees keys s with window_start_of(t) <= s <= t. Queries are processed in
+    blocks of one window, each against only the keys its window can reach, so the cost is O(T · window), never an
+    L × L mask.
+    """
+    T = q.shape[2]
+    block = T if window_chunks is None else max(window_chunks * chunk_size, chunk_size)
+    outputs = []
+    for b0 in range(0, T, block):
+        b1 = min(T, b0 + block)
+        first, last = q_start + b0, q_start + b1 - 1
+        lo = k_start if window_chunks is None else max(k_start, window_start_of(first, chunk_size, window_chunks))
+        q_pos = torch.arange(first, last + 1, device=q.device)
+        k_pos = torch.arange(lo, last + 1, device=q.device)
+        mask = k_pos[None, :] <= q_pos[:, None]
+        if window_chunks is not None:
+            mask &= k_pos[None, :] >= window_start_of(q_pos, chunk_size, window_chunks)[:, None]
+        k_block, v_block = k[:, :, lo - k_start : last + 1 - k_start], v[:, :, lo - k_start : last + 1 - k_start]
+        pure_causal = lo == first and bool(mask.equal(torch.ones_like(mask).tril()))
+        outputs.append(
+            F.scaled_dot_product_attention(
+                q[:, :, b0:b1], k_block, v_block, attn_mask=None if pure_causal else mask, is_causal=pure_causal,
+                scale=scaling, enable_gqa=True,
+            )
+        )
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+
+
+def straight_through_clamp(x: torch.Tensor) -> torch.Tensor:
+    """clamp(x, 0, 1) forward, identity backward: a gate at exactly 0 still receives a gradient."""
+    return x + (x.clamp(0.0, 1.0) - x).detach()
+
+
+class SenriAttention(nn.Module):
+    """GQA attention over the block-sliding window (RoPE) plus, on memory layers, the compressive memory (NoPE)."""
+
+    def __init__(self, config: SenriConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.layer_type = config.layer_types[layer_idx]
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.num_groups = self.num_heads // self.num_kv_heads
+        self.scaling = self.head_dim**-0.5
+        self.chunk_size = config.chunk_size
+        self.has_memory = self.layer_type in MEMORY_LAYER_TYPES
+        self.has_local = self.layer_type != "memory_only"
+        # memory_only layers read every earlier chunk from memory (window of zero chunks + intra-chunk term).
+        self.window_chunks = None if self.layer_type == "full_attention" else (
+            config.window_chunks if self.has_local else 0
+        )
+
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        if self.layer_type == "memory":
+            # Weight of the memory path per query head (eq. 6 mixes with sigmoid(β); we use a clamped linear gate
+            # so that 0 is reachable exactly and the gradient at 0 is not squashed).
+            self.memory_gate = nn.Parameter(torch.full((self.num_heads,), float(config.memory_gate_init)))
+
+    def gate_values(self) -> torch.Tensor | None:
+        return None if self.layer_type != "memory" else self.memory_gate.detach().clamp(0.0, 1.0)
+
+    def forward(
+        self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor, int],
+        state: LayerState,
+    ) -> tuple[torch.Tensor, LayerState]:
+        B, T, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, D)
+        k = self.k_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        v = self.v_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+
+        P, k_start = state.seen_tokens, state.window_start
+        if state.keys is not None:
+            k, v = torch.cat([state.keys, k], dim=2), torch.cat([state.values, v], dim=2)  # positions k_start..P+T-1
+        written, new_written = state.written_chunks, state.written_chunks
+        if self.window_chunks is not None:
+            # Chunks that every query of this call has pushed out of its window leave it (and enter memory).
+            new_written = max(written, (P + T - 1) // self.chunk_size - self.window_chunks)
+
+        output = None
+        if self.has_local:
+            cos, sin, rope_start = position_embeddings
+            q_cos, q_sin = cos[:, P - rope_start :], sin[:, P - rope_start :]
+            k_cos = cos[:, k_start - rope_start : P + T - rope_start]
+            k_sin = sin[:, k_start - rope_start : P + T - rope_start]
+            q_rope, _ = apply_rotary_pos_emb(q, q, q_cos, q_sin)
+            k_rope, _ = apply_rotary_pos_emb(k, k, k_cos, k_sin)
+            output = local_attention(
+                q_rope, k_rope, v, P, k_start, self.scaling, self.chunk_size, self.window_chunks
+            )  # (B, Hq, T, D)
+
+        M, z = state.M, state.z
+        if self.has_memory:
+            if written * self.chunk_size != k_start:
+                raise RuntimeError(f"layer {self.layer_idx}: window starts at {k_start}, memory ends at chunk {written}")
+            if M is None:
+                M, z = empty_memory(B, self.num_kv_heads, self.head_dim, device=hidden_states.device)
+            memory_output, M, z = self._memory(q, k, v, M, z, P, written, new_written)
+            if output is None:
+                output = memory_output.to(q.dtype)
+            else:
+                gate = straight_through_clamp(self.memory_gate).to(output.dtype)[None, :, None, None]
+                output = output + gate * (memory_output.to(output.dtype) - output)
+
+        keep_from = (new_written - written) * self.chunk_size
+        new_state = LayerState(
+            keys=k[:, :, keep_from:], values=v[:, :, keep_from:], M=M, z=z, seen_tokens=P + T,
+            written_chunks=new_written,
+        )
+        output = output.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
+        return self.o_proj(output), new_state
+
+    def _memory(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, M: torch.Tensor, z: torch.Tensor, P: int,
+        written: int, new_written: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Write the chunks leaving the window, then let each query chunk read the memory as it stood for it.
+
+        q: (B, Hq, T, D) raw queries at positions P..; k, v: (B, H, L, D) raw, from chunk ``written`` on.
+        Returns the memory output (B, Hq, T, D) float32 and the final (M, z).
+        """
+        B, Hq, T, D = q.shape
+        H, G, C = self.num_kv_heads, self.num_groups, self.chunk_size
+        n_write = new_written - written
+        first_chunk, last_chunk = P // C, (P + T - 1) // C
+        n_query = last_chunk - first_chunk + 1
+        with float32_memory(q.device):
+            write_k = k[:, :, : n_write * C].reshape(B, H, n_write, C, D)
+            write_v = v[:, :, : n_write * C].reshape(B, H, n_write, C, D)
+            Ms, zs = memory_states(write_k, write_v, M, z, self.config.memory_update, self.config.memory_eps)
+            # Query chunk c reads the state holding the chunks < c - window_chunks (exact coverage).
+            chunks = torch.arange(first_chunk, last_chunk + 1, device=q.device)
+            index = (chunks - self.window_chunks - written).clamp(0, n_write)
+            # Lay the queries on the chunk grid: (B, Hq, T, D) -> (B, H, n_query, G*C, D).
+            pad_front, pad_back = P - first_chunk * C, (last_chunk + 1) * C - (P + T)
+            grid = F.pad(q, (0, 0, pad_front, pad_back)).view(B, H, G, n_query, C, D)
+            grid = grid.permute(0, 1, 3, 2, 4, 5).reshape(B, H, n_query, G * C, D)
+            intra_k = intra_v = None
+            if not self.has_local:
+                # memory_only: the query chunks' own keys (the window holds exactly the current chunk).
+                own = slice((first_chunk - written) * C, None)
+                intra_k = F.pad(k[:, :, own], (0, 0, 0, pad_back)).view(B, H, n_query, C, D)
+                intra_v = F.pad(v[:, :, own], (0, 0, 0, pad_back)).view(B, H, n_query, C, D)
+            read = memory_read(grid, Ms[:, :, index], zs[:, :, index], self.config.memory_eps, intra_k, intra_v)
+        read = read.view(B, H, n_query, G, C, D).permute(0, 1, 3, 2, 4, 5).reshape(B, Hq, n_query * C, D)
+        return read[:, :, pad_front : pad_front + T], Ms[:, :, -1], zs[:, :, -1]
+
+
+class SenriDecoderLayer(nn.Module):
+    def __init__(self, config: SenriConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = SenriAttention(config, layer_idx)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor, int],
+        state: LayerState,
+    ) -> tuple[torch.Tensor, LayerState]:
+        attn_output, state = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, state)
+        hidden_states = hidden_states + attn_output
+        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states, state
+
+
+class SenriPreTrainedModel(PreTrainedModel):
+    config_class = SenriConfig
+    config: SenriConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["SenriDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, SenriAttention) and module.layer_type == "memory":
+            init.constant_(module.memory_gate, float(self.config.memory_gate_init))
+
+
+class SenriModel(SenriPreTrainedModel):
+    def __init__(self, config: SenriConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([SenriDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        B, T, _ = inputs_embeds.shape
+        if T == 0:
+            raise ValueError("input has no tokens (sequence length 0)")
+        if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+            raise ValueError("attention_mask with padding is not supported by Senri: feed unpadded sequences")
+        if past_key_values is None:
+            cache = SenriCache(self.config, batch_size=B)  # no cache given: start from an empty memory
+        elif isinstance(past_key_values, SenriCache):
+            cache = past_key_values
+        else:
+            raise TypeError(
+                f"past_key_values must be a SenriCache, got {type(past_key_values).__name__}; "
+                "create one with SenriCache(model.config, batch_size=...)"
+            )
+        P = cache.seen_tokens
+        if position_ids is not None:
+            expected = torch.arange(P, P + T, device=position_ids.device)
+            if not bool((position_ids == expected).all()):
+                raise ValueError(
+                    f"position_ids must continue the cache ({P}..{P + T - 1}); Senri derives positions from the cache"
+                )
+        # RoPE tables for every position any layer attends in this call (cached windows included).
+        rope_start = min(cache.layer_state(i).window_start for i in range(len(self.layers)))
+        positions = torch.arange(rope_start, P + T, device=inputs_embeds.device)[None]
+        cos, sin = self.rotary_emb(inputs_embeds, positions)
+        position_embeddings = (cos, sin, rope_start)
+
+        hidden_states = inputs_embeds
+        for idx, layer in enumerate(self.layers):
+            state = cache.layer_state(idx)
+            if state.keys is not None and state.keys.shape[0] != B:
+                raise ValueError(f"cache holds batch size {state.keys.shape[0]} but the input has batch size {B}")
+            hidden_states, state = layer(hidden_states, position_embeddings, state)
+            cache.set_layer_state(idx, state)
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=cache if use_cache else None)
+
+
+class SenriForCausalLM(SenriPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: SenriConfig):
+        super().__init__(config)
+        self.model = SenriModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+
+    @torch.no_grad()
+    def generate(self, inputs: torch.Tensor | None = None, **kwargs):
+        """``GenerationMixin.generate`` with a fresh :class:`SenriCache` unless one is passed."""
+        if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):
+            reference = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+            batch_size = 1 if reference is None else reference.shape[0]
+            kwargs["past_key_values"] = SenriCache(self.config, batch_size=batch_size)
+        return super().generate(inputs, **kwargs)
+
+    def memory_gate_values(self) -> dict[int, torch.Tensor]:
+        """Per memory layer, the memory path's weight per query head (in [0, 1])."""
+        return {
+            idx: layer.self_attn.gate_values()
+            for idx, layer in enumerate(self.model.layers)
+            if layer.self_attn.layer_type == "memory"
+        }
+
+    def new_cache(self, batch_size: int = 1) -> SenriCache:
+        """An empty streaming state (a memory reset)."""
+        return SenriCache(self.config, batch_size=batch_size)
+
+
+__all__ = ["SenriPreTrainedModel", "SenriModel", "SenriForCausalLM", "SenriAttention", "SenriDecoderLayer"]
