@@ -55,6 +55,8 @@ class SenriConfig(LlamaConfig):
             )
         else:
             self.layer_types = list(self.layer_types)
+        # Checked here, before transformers' strict validators, so that errors are plain ValueErrors.
+        self._validate_senri()
         super().__post_init__(**kwargs)
 
     @staticmethod
@@ -87,7 +89,9 @@ class SenriConfig(LlamaConfig):
         return self.sliding_window // self.chunk_size
 
     def validate_layer_type(self) -> None:
-        # Replaces transformers' check, which only knows its own layer types.
+        """Replaces transformers' check, which only knows its own layer types (Senri's run in __post_init__)."""
+
+    def _validate_senri(self) -> None:
         for i, layer_type in enumerate(self.layer_types):
             if layer_type not in LAYER_TYPES:
                 raise ValueError(f"layer_types[{i}] = {layer_type!r} is unknown; {_suggest(layer_type, LAYER_TYPES)}")
@@ -97,8 +101,6 @@ class SenriConfig(LlamaConfig):
                 "give one layer type per layer"
             )
 
-    def validate_architecture(self) -> None:
-        super().validate_architecture()
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive integer, got {self.chunk_size}")
         if self.sliding_window < 0 or self.sliding_window % self.chunk_size != 0:
@@ -110,10 +112,11 @@ class SenriConfig(LlamaConfig):
             raise ValueError(f"memory_update = {self.memory_update!r} is unknown; {_suggest(self.memory_update, MEMORY_UPDATES)}")
         if not 0.0 <= float(self.memory_gate_init) <= 1.0:
             raise ValueError(f"memory_gate_init must be in [0, 1], got {self.memory_gate_init}")
-        if self.num_attention_heads % self.num_key_value_heads != 0:
+        kv_heads = self.num_key_value_heads or self.num_attention_heads
+        if self.num_attention_heads % kv_heads != 0:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
-                f"({self.num_key_value_heads})"
+                f"({kv_heads})"
             )
         if self.memory_eps <= 0:
             raise ValueError(f"memory_eps must be > 0, got {self.memory_eps}")

@@ -93,6 +93,44 @@ def memory_read(
     return numerator / (denominator + eps)
 
 
+def memory_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, M: torch.Tensor, z: torch.Tensor, q_start: int, written: int,
+    new_written: int, chunk_size: int, window_chunks: int, update: str, eps: float, intra_chunk: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The memory path of one layer for queries at positions ``q_start..``: write, then read chunk by chunk.
+
+    q: (B, Hq, T, D) raw queries; k, v: (B, H, L, D) raw keys/values from position ``written * chunk_size`` on
+    (the not-yet-memorised window followed by the new tokens); M, z: the memory holding chunks < ``written``.
+    Chunks ``written .. new_written - 1`` are written; the query chunk c reads the state holding exactly the chunks
+    < c − window_chunks (exact coverage: the rest is in its window). Returns the output (B, Hq, T, D) float32 and
+    the final (M, z).
+    """
+    B, Hq, T, D = q.shape
+    H, C = k.shape[1], chunk_size
+    G = Hq // H
+    n_write = new_written - written
+    first_chunk, last_chunk = q_start // C, (q_start + T - 1) // C
+    n_query = last_chunk - first_chunk + 1
+    with float32_memory(q.device):
+        write_k = k[:, :, : n_write * C].reshape(B, H, n_write, C, D)
+        write_v = v[:, :, : n_write * C].reshape(B, H, n_write, C, D)
+        Ms, zs = memory_states(write_k, write_v, M, z, update, eps)
+        chunks = torch.arange(first_chunk, last_chunk + 1, device=q.device)
+        index = (chunks - window_chunks - written).clamp(0, n_write)
+        # Lay the queries on the chunk grid: (B, Hq, T, D) -> (B, H, n_query, G*C, D), heads of a group stacked.
+        pad_front, pad_back = q_start - first_chunk * C, (last_chunk + 1) * C - (q_start + T)
+        grid = F.pad(q, (0, 0, pad_front, pad_back)).view(B, H, G, n_query, C, D)
+        grid = grid.permute(0, 1, 3, 2, 4, 5).reshape(B, H, n_query, G * C, D)
+        intra_k = intra_v = None
+        if intra_chunk:
+            own = slice((first_chunk - written) * C, None)  # the query chunks' own keys
+            intra_k = F.pad(k[:, :, own], (0, 0, 0, pad_back)).view(B, H, n_query, C, D)
+            intra_v = F.pad(v[:, :, own], (0, 0, 0, pad_back)).view(B, H, n_query, C, D)
+        read = memory_read(grid, Ms[:, :, index], zs[:, :, index], eps, intra_k, intra_v)
+    read = read.view(B, H, n_query, G, C, D).permute(0, 1, 3, 2, 4, 5).reshape(B, Hq, n_query * C, D)
+    return read[:, :, pad_front : pad_front + T], Ms[:, :, -1], zs[:, :, -1]
+
+
 def reference_memory_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int, window_chunks: int, update: str, eps: float,
     intra_chunk: bool = False,
@@ -139,6 +177,6 @@ def reference_memory_attention(
 
 
 __all__ = [
-    "MEMORY_DTYPE", "phi", "float32_memory", "empty_memory", "memory_states", "memory_read",
+    "MEMORY_DTYPE", "phi", "float32_memory", "empty_memory", "memory_states", "memory_read", "memory_attention",
     "reference_memory_attention",
 ]

@@ -25,7 +25,7 @@ from transformers.models.llama.modeling_llama import (
 
 from .cache import LayerState, SenriCache
 from .configuration_senri import MEMORY_LAYER_TYPES, SenriConfig
-from .memory import empty_memory, float32_memory, memory_read, memory_states
+from .memory import empty_memory, memory_attention
 
 
 def window_start_of(position: torch.Tensor | int, chunk_size: int, window_chunks: int):
@@ -141,7 +141,10 @@ class SenriAttention(nn.Module):
                 raise RuntimeError(f"layer {self.layer_idx}: window starts at {k_start}, memory ends at chunk {written}")
             if M is None:
                 M, z = empty_memory(B, self.num_kv_heads, self.head_dim, device=hidden_states.device)
-            memory_output, M, z = self._memory(q, k, v, M, z, P, written, new_written)
+            memory_output, M, z = memory_attention(
+                q, k, v, M, z, P, written, new_written, self.chunk_size, self.window_chunks,
+                self.config.memory_update, self.config.memory_eps, intra_chunk=not self.has_local,
+            )
             if output is None:
                 output = memory_output.to(q.dtype)
             else:
@@ -155,41 +158,6 @@ class SenriAttention(nn.Module):
         )
         output = output.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
         return self.o_proj(output), new_state
-
-    def _memory(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, M: torch.Tensor, z: torch.Tensor, P: int,
-        written: int, new_written: int,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Write the chunks leaving the window, then let each query chunk read the memory as it stood for it.
-
-        q: (B, Hq, T, D) raw queries at positions P..; k, v: (B, H, L, D) raw, from chunk ``written`` on.
-        Returns the memory output (B, Hq, T, D) float32 and the final (M, z).
-        """
-        B, Hq, T, D = q.shape
-        H, G, C = self.num_kv_heads, self.num_groups, self.chunk_size
-        n_write = new_written - written
-        first_chunk, last_chunk = P // C, (P + T - 1) // C
-        n_query = last_chunk - first_chunk + 1
-        with float32_memory(q.device):
-            write_k = k[:, :, : n_write * C].reshape(B, H, n_write, C, D)
-            write_v = v[:, :, : n_write * C].reshape(B, H, n_write, C, D)
-            Ms, zs = memory_states(write_k, write_v, M, z, self.config.memory_update, self.config.memory_eps)
-            # Query chunk c reads the state holding the chunks < c - window_chunks (exact coverage).
-            chunks = torch.arange(first_chunk, last_chunk + 1, device=q.device)
-            index = (chunks - self.window_chunks - written).clamp(0, n_write)
-            # Lay the queries on the chunk grid: (B, Hq, T, D) -> (B, H, n_query, G*C, D).
-            pad_front, pad_back = P - first_chunk * C, (last_chunk + 1) * C - (P + T)
-            grid = F.pad(q, (0, 0, pad_front, pad_back)).view(B, H, G, n_query, C, D)
-            grid = grid.permute(0, 1, 3, 2, 4, 5).reshape(B, H, n_query, G * C, D)
-            intra_k = intra_v = None
-            if not self.has_local:
-                # memory_only: the query chunks' own keys (the window holds exactly the current chunk).
-                own = slice((first_chunk - written) * C, None)
-                intra_k = F.pad(k[:, :, own], (0, 0, 0, pad_back)).view(B, H, n_query, C, D)
-                intra_v = F.pad(v[:, :, own], (0, 0, 0, pad_back)).view(B, H, n_query, C, D)
-            read = memory_read(grid, Ms[:, :, index], zs[:, :, index], self.config.memory_eps, intra_k, intra_v)
-        read = read.view(B, H, n_query, G, C, D).permute(0, 1, 3, 2, 4, 5).reshape(B, Hq, n_query * C, D)
-        return read[:, :, pad_front : pad_front + T], Ms[:, :, -1], zs[:, :, -1]
 
 
 class SenriDecoderLayer(nn.Module):

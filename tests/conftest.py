@@ -1,0 +1,31 @@
+"""Shared fixtures: tiny random Senri configs (for speed) and the real SmolLM2 checkpoint (for claims)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from senri import SenriConfig, SenriForCausalLM, load_local_smollm2
+
+
+def tiny_config(**overrides) -> SenriConfig:
+    """A 3-layer model: sliding, memory, sliding; window 16 in chunks of 4."""
+    fields = dict(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=16, chunk_size=4,
+        layer_types=["sliding_attention", "memory", "sliding_attention"], memory_gate_init=0.5,
+        max_position_embeddings=1 << 21, tie_word_embeddings=False,
+    )
+    fields.update(overrides)
+    return SenriConfig(**fields)
+
+
+def tiny_model(seed: int = 0, **overrides) -> SenriForCausalLM:
+    torch.manual_seed(seed)
+    return SenriForCausalLM(tiny_config(**overrides)).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(LlamaForCausalLM, tokenizer): the real SmolLM2-135M-Instruct from the pip-shipped GGUF."""
+    return load_local_smollm2()

@@ -1,0 +1,91 @@
+"""The chunked memory path equals a naive token loop: outputs, final state and every gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from senri.memory import empty_memory, memory_attention, memory_states, reference_memory_attention
+
+
+def _inputs(T: int, seed: int = 0, B: int = 2, Hq: int = 4, H: int = 2, D: int = 8):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, h, T, D, generator=g, dtype=torch.float64).requires_grad_() for h in (Hq, H, H))
+    return q, k, v
+
+
+def _chunked(q, k, v, C, window_chunks, update, pieces=None, intra=False):
+    """The fast path as the model drives it, fed in pieces (the keys not yet in memory carried along)."""
+    B, _, T, D = q.shape
+    M, z = empty_memory(B, k.shape[1], D)
+    M, z = M.double(), z.double()
+    pieces = pieces or [T]
+    outputs, start, written = [], 0, 0
+    for n in pieces:
+        end = start + n
+        new_written = max(written, (end - 1) // C - window_chunks)
+        out, M, z = memory_attention(
+            q[:, :, start:end], k[:, :, written * C : end], v[:, :, written * C : end], M, z, start, written,
+            new_written, C, window_chunks, update, 1e-6, intra_chunk=intra,
+        )
+        outputs.append(out)
+        start, written = end, new_written
+    return torch.cat(outputs, dim=2), M, z
+
+
+def _reference(q, k, v, C, window_chunks, update, intra=False):
+    out, M, z = reference_memory_attention(q, k, v, C, window_chunks, update, 1e-6, intra_chunk=intra)
+    return out, M, z
+
+
+@pytest.fixture(autouse=True)
+def _float64(monkeypatch):
+    # The reference runs in float64 so that differences are the algorithm's, not rounding's.
+    monkeypatch.setattr("senri.memory.MEMORY_DTYPE", torch.float64)
+
+
+@pytest.mark.parametrize("update", ["linear", "delta"])
+@pytest.mark.parametrize("window_chunks,intra", [(2, False), (0, True)])
+@pytest.mark.parametrize("pieces", [None, [5, 1, 1, 9, 3, 18], [1] * 37])
+def test_chunked_equals_naive_loop_outputs_state_and_gradients(update, window_chunks, intra, pieces):
+    T, C = 37, 4
+    q, k, v = _inputs(T)
+    fast, M_fast, z_fast = _chunked(q, k, v, C, window_chunks, update, pieces, intra)
+    slow, M_slow, z_slow = _reference(q, k, v, C, window_chunks, update, intra)
+    torch.testing.assert_close(fast, slow, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(M_fast, M_slow, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(z_fast, z_slow, rtol=1e-9, atol=1e-9)
+    weights = torch.randn_like(fast)
+    grads_fast = torch.autograd.grad((fast * weights).sum() + M_fast.sum() + z_fast.sum(), (q, k, v))
+    grads_slow = torch.autograd.grad((slow * weights).sum() + M_slow.sum() + z_slow.sum(), (q, k, v))
+    for name, a, b in zip("qkv", grads_fast, grads_slow):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8, msg=f"gradient of {name} differs")
+
+
+def test_gradient_reaches_early_tokens_through_memory():
+    q, k, v = _inputs(40)
+    out, _, _ = _chunked(q, k, v, 4, 2, "delta")
+    # The last query is 8 chunks after token 0; only the memory connects them.
+    grad_k, grad_v = torch.autograd.grad(out[:, :, -1].sum(), (k, v))
+    assert grad_v[:, :, 0].abs().sum() > 0 and grad_k[:, :, 0].abs().sum() > 0
+    # Tokens still inside the last query's window do not reach it through memory.
+    assert grad_v[:, :, -12:].abs().sum() == 0
+
+
+def test_delta_rule_stores_only_what_memory_does_not_already_predict():
+    k = torch.randn(1, 1, 2, 4, 8, dtype=torch.float64)
+    k[:, :, 1] = k[:, :, 0]  # the second chunk repeats the first chunk's keys and values
+    v = torch.randn(1, 1, 1, 4, 8, dtype=torch.float64).repeat(1, 1, 2, 1, 1)
+    M, z = (t.double() for t in empty_memory(1, 1, 8))
+    Ms_delta, _ = memory_states(k, v, M, z, "delta", 1e-6)
+    Ms_linear, _ = memory_states(k, v, M, z, "linear", 1e-6)
+    # Linear memory doubles; delta memory adds only the residual, so it grows less.
+    torch.testing.assert_close(Ms_linear[:, :, 2], 2 * Ms_linear[:, :, 1])
+    assert (Ms_delta[:, :, 2] - Ms_delta[:, :, 1]).norm() < 0.5 * Ms_delta[:, :, 1].norm()
+
+
+def test_unknown_update_rule_is_named():
+    k = torch.randn(1, 1, 1, 4, 8)
+    M, z = empty_memory(1, 1, 8)
+    with pytest.raises(ValueError, match="'hebbian'.*delta.*linear"):
+        memory_states(k, k, M, z, "hebbian", 1e-6)

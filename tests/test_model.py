@@ -1,0 +1,244 @@
+"""DESIGN.md invariants on tiny random models: exact coverage, streaming invariance, constant state, transfer."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from senri import SenriCache, SenriConfig, SenriForCausalLM, load_memory_state, save_memory_state
+from tests.conftest import tiny_config, tiny_model
+
+UPDATES = ["delta", "linear"]
+
+
+def _stream(model, ids, pieces, cache=None):
+    cache = cache or SenriCache(model.config, batch_size=ids.shape[0])
+    logits, start = [], 0
+    for n in pieces:
+        out = model(input_ids=ids[:, start : start + n], past_key_values=cache, use_cache=True)
+        logits.append(out.logits)
+        cache, start = out.past_key_values, start + n
+    assert start == ids.shape[1]
+    return torch.cat(logits, dim=1), cache
+
+
+@pytest.mark.parametrize("update", UPDATES)
+@pytest.mark.parametrize(
+    "layer_types",
+    [["sliding_attention", "memory", "sliding_attention"], ["memory_only", "memory", "full_attention"]],
+)
+def test_streaming_in_any_pieces_equals_one_pass(update, layer_types):
+    model = tiny_model(memory_update=update, layer_types=layer_types)
+    T = 260  # 16 windows; pieces straddle chunk (4) and window (16) boundaries
+    ids = torch.randint(0, 97, (2, T), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        one_pass = model(input_ids=ids).logits
+        for pieces in ([1] * T, [3, 5, 17, 1, 2, 64, 31, 137], [16] * 16 + [4]):
+            streamed, _ = _stream(model, ids, pieces)
+            torch.testing.assert_close(streamed, one_pass, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("update", UPDATES)
+def test_greedy_generate_matches_repeated_full_forwards(update):
+    model = tiny_model(memory_update=update)
+    prompt = torch.randint(0, 97, (1, 70), generator=torch.Generator().manual_seed(2))
+    generated = model.generate(
+        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40, do_sample=False, pad_token_id=0
+    )
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(40):
+            next_token = model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, next_token], dim=1)
+    assert torch.equal(generated, ids)
+
+
+def _last_logits_change_when_token_zero_changes(model, T: int) -> float:
+    ids = torch.randint(1, 97, (1, T), generator=torch.Generator().manual_seed(3))
+    other = ids.clone()
+    other[0, 0] = 0
+    with torch.no_grad():
+        return (model(input_ids=ids).logits[0, -1] - model(input_ids=other).logits[0, -1]).abs().max().item()
+
+
+def test_memory_carries_a_token_far_beyond_the_window():
+    # 400 tokens = 25 windows: with three layers, token 0 can only reach the end through memory.
+    assert _last_logits_change_when_token_zero_changes(tiny_model(memory_gate_init=0.5), 400) > 1e-6
+
+
+def test_sliding_window_only_model_provably_forgets():
+    # Each layer reaches back at most window + chunk tokens: 3 layers cannot span 400 tokens.
+    model = tiny_model(layer_types=["sliding_attention"] * 3)
+    assert _last_logits_change_when_token_zero_changes(model, 400) == 0.0
+    # ...and a closed memory gate (converted-model default) behaves the same.
+    assert _last_logits_change_when_token_zero_changes(tiny_model(memory_gate_init=0.0), 400) == 0.0
+
+
+def test_exact_coverage_every_earlier_token_through_exactly_one_path():
+    """Each earlier token reaches a query through the window or the memory, never both, never neither."""
+    config = tiny_config(num_hidden_layers=1, layer_types=["memory"], memory_gate_init=0.5)
+    model = SenriForCausalLM(config).eval()
+    attn = model.model.layers[0].self_attn
+    T = 45
+    x = torch.randn(1, T, config.hidden_size, requires_grad=True)
+    cos, sin = model.model.rotary_emb(x, torch.arange(T)[None])
+    from senri.cache import LayerState
+
+    for t in (3, 19, 20, 23, 24, 44):
+        # Gradient of query t's output w.r.t. each input token, through the local path and the memory path alone.
+        paths = {}
+        for name, gate in (("local", 0.0), ("memory", 1.0)):
+            with torch.no_grad():
+                attn.memory_gate.fill_(gate)
+            out, _ = attn(x, (cos, sin, 0), LayerState())
+            (grad,) = torch.autograd.grad(out[0, t].sum(), x)
+            paths[name] = grad[0].abs().sum(-1) > 0
+        window_start = max(0, (t // 4 - 4) * 4)
+        for s in range(t):
+            in_window = s >= window_start
+            assert paths["local"][s] == in_window, f"query {t}, token {s}: local path"
+            assert paths["memory"][s] == (not in_window), f"query {t}, token {s}: memory path"
+
+
+def test_cache_bytes_stop_growing_once_the_window_is_full():
+    model = tiny_model()
+    cache = SenriCache(model.config, batch_size=1)
+    sizes = []
+    with torch.no_grad():
+        for step in range(200):
+            model(input_ids=torch.tensor([[step % 97]]), past_key_values=cache, use_cache=True)
+            sizes.append(cache.nbytes())
+    # Full after window + chunk tokens (+ the memory allocated at the first write); bounded ever after.
+    assert max(sizes[40:]) == max(sizes[:40]) and sizes[-1] <= max(sizes)
+    assert all(layer.state.keys.shape[2] <= 16 + 4 for layer in cache.layers)
+
+
+def test_full_attention_cache_grows_and_memory_state_is_float32():
+    model = tiny_model(layer_types=["memory", "memory", "full_attention"])
+    _, cache = _stream(model, torch.randint(0, 97, (1, 120)), [60, 60])
+    assert cache.layers[2].state.keys.shape[2] == 120
+    assert cache.layers[0].state.M.dtype == torch.float32
+
+
+@pytest.mark.parametrize("update", UPDATES)
+def test_state_saved_to_disk_continues_identically_in_a_fresh_process(tmp_path, update):
+    model = tiny_model(memory_update=update)
+    model.save_pretrained(tmp_path / "model")
+    ids = torch.randint(0, 97, (1, 300), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits[:, 200:]
+        _, cache = _stream(model, ids[:, :200], [77, 123])
+    save_memory_state(cache.get_memory_state(include_window=True), tmp_path / "state.pt")
+    torch.save(ids[:, 200:], tmp_path / "rest.pt")
+    script = textwrap.dedent(f"""
+        import torch, senri
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'model')!r}).eval()
+        assert type(model).__name__ == "SenriForCausalLM"
+        cache = senri.SenriCache.from_memory_state(model.config, senri.load_memory_state({str(tmp_path / 'state.pt')!r}))
+        rest = torch.load({str(tmp_path / 'rest.pt')!r})
+        with torch.no_grad():
+            torch.save(model(input_ids=rest, past_key_values=cache, use_cache=True).logits, {str(tmp_path / 'out.pt')!r})
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, rtol=0, atol=1e-5)
+
+
+def test_memory_only_state_keeps_memory_and_drops_the_window():
+    model = tiny_model()
+    _, cache = _stream(model, torch.randint(0, 97, (1, 150)), [150])
+    state = cache.get_memory_state()
+    assert "keys" not in state["layers"]["1"] and state["layers"]["1"]["M"].dtype == torch.float32
+    restored = SenriCache.from_memory_state(model.config, state)
+    torch.testing.assert_close(restored.layers[1].state.M, cache.layers[1].state.M)
+    assert restored.seen_tokens == 148 and restored.layers[0].state.keys is None
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 97, (1, 30)), past_key_values=restored, use_cache=True)
+
+
+def test_mismatched_memory_states_are_refused_with_the_reason(tmp_path):
+    model = tiny_model()
+    _, cache = _stream(model, torch.randint(0, 97, (1, 60)), [60])
+    state = cache.get_memory_state(include_window=True)
+    with pytest.raises(ValueError, match="chunk_size: state has 4, model has 8"):
+        SenriCache.from_memory_state(tiny_config(chunk_size=8), state)
+    bad = save_memory_state(state, tmp_path / "s.pt")
+    loaded = load_memory_state(bad)
+    loaded["layers"]["1"]["M"] = loaded["layers"]["1"]["M"][:, :1]
+    with pytest.raises(ValueError, match=r"layer 1 M has shape \(1, 1, 8, 8\), expected \(1, 2, 8, 8\)"):
+        SenriCache.from_memory_state(model.config, loaded)
+    with pytest.raises(ValueError, match="not a Senri memory state"):
+        SenriCache.from_memory_state(model.config, {"M": 1})
+    with pytest.raises(TypeError, match="SenriCache"):
+        from transformers import DynamicCache
+
+        model(input_ids=torch.tensor([[1]]), past_key_values=DynamicCache(), use_cache=True)
+
+
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        (dict(sliding_window=18), "sliding_window \\(18\\) must be a non-negative multiple of chunk_size \\(4\\)"),
+        (dict(layer_types=["sliding_attention", "memroy", "memory"]), "'memroy' is unknown.*did you mean 'memory'"),
+        (dict(layer_types=["memory"]), "layer_types has 1 entries but num_hidden_layers is 3"),
+        (dict(layer_types=None, first_memory_layer=2, memory_layer_interval=2), "memory layer indices \\[4\\] are out of range"),
+        (dict(memory_update="hebbian"), "memory_update = 'hebbian' is unknown.*'delta', 'linear'"),
+        (dict(memory_gate_init=1.5), "memory_gate_init must be in \\[0, 1\\], got 1.5"),
+        (dict(chunk_size=0, sliding_window=0), "chunk_size must be a positive integer"),
+    ],
+)
+def test_bad_configs_raise_errors_naming_the_problem(fields, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**fields)
+
+
+def test_default_layout_is_the_seed_layout():
+    config = SenriConfig()
+    assert config.num_hidden_layers == 30 or len(config.layer_types) == config.num_hidden_layers
+    smol = SenriConfig(num_hidden_layers=30, hidden_size=576, num_attention_heads=9, num_key_value_heads=3)
+    assert smol.memory_layers == [10, 20] and smol.sliding_window == 1024 and smol.chunk_size == 64
+    assert smol.memory_update == "delta" and smol.memory_gate_init == 0.0
+
+
+def test_padding_is_refused_clearly():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="padding is not supported"):
+        model(input_ids=torch.tensor([[1, 2, 3]]), attention_mask=torch.tensor([[0, 1, 1]]))
+
+
+def test_training_forward_starts_from_empty_memory_each_call():
+    model = tiny_model().train()
+    ids = torch.randint(0, 97, (2, 100))
+    first = model(input_ids=ids, labels=ids).loss
+    second = model(input_ids=ids, labels=ids).loss
+    assert torch.equal(first, second)  # nothing is carried between independent samples
+    first.backward()
+    gate = model.model.layers[1].self_attn.memory_gate
+    assert gate.grad is not None and gate.grad.abs().sum() > 0
+
+
+def test_closed_gate_still_receives_gradient():
+    model = tiny_model(memory_gate_init=0.0).train()
+    ids = torch.randint(0, 97, (2, 100))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert model.model.layers[1].self_attn.memory_gate.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_million_token_stream_under_autocast_stays_finite_with_float32_memory(dtype):
+    model = tiny_model(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1,
+                       sliding_window=64, chunk_size=64, vocab_size=32)
+    cache = SenriCache(model.config, batch_size=1)
+    piece = 16384
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        for _ in range((1 << 20) // piece):
+            out = model(input_ids=torch.randint(0, 32, (1, piece), generator=g), past_key_values=cache, use_cache=True)
+            assert torch.isfinite(out.logits).all()
+    state = cache.layers[1].state
+    assert cache.seen_tokens == 1 << 20
+    assert state.M.dtype == torch.float32 and torch.isfinite(state.M).all() and torch.isfinite(state.z).all()
