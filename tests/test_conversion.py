@@ -64,4 +64,4 @@ def test_conversion_checks_every_key_and_shape():
         torch.testing.assert_close(converted.state_dict()[name], tensor, msg=name)
     small.model.layers[1].self_attn.k_proj.weight = torch.nn.Parameter(torch.zeros(8, 32))
     with pytest.raises(ValueError, match=r"model.layers.1.self_attn.k_proj.weight: source \(8, 32\) vs senri \(16, 32\)"):
-        convert_llama_to_senri(small, sliding_window=8, chunk_size=4)
+        convert_llama_to_senri(small, sliding_window=8, chunk_size=4, layer_types=["memory", "sliding_attention"])
