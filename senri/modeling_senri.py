@@ -20,12 +20,17 @@ from transformers.models.llama.modeling_llama import (
     LlamaMLP,
     LlamaRMSNorm,
     LlamaRotaryEmbedding,
-    apply_rotary_pos_emb,
+    rotate_half,
 )
 
 from .cache import LayerState, SenriCache
 from .configuration_senri import MEMORY_LAYER_TYPES, SenriConfig
 from .memory import empty_memory, memory_attention
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding of x (B, H, T, D) with cos/sin (1, T, D), as Llama applies it."""
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 
 def window_start_of(position: torch.Tensor | int, chunk_size: int, window_chunks: int):
@@ -40,30 +45,37 @@ def local_attention(
     """Softmax attention of queries at positions ``q_start..`` over keys at ``k_start..`` (both RoPE'd).
 
     q: (B, Hq, T, D); k, v: (B, H, L, D), the keys ending with the queries' own tokens. ``window_chunks=None`` is
-    full causal attention; otherwise query t sees keys s with window_start_of(t) <= s <= t. Queries are processed in
-    blocks of one window, each against only the keys its window can reach, so the cost is O(T · window), never an
-    L × L mask.
+    full causal attention; otherwise query t sees keys s with window_start_of(t) <= s <= t.
+
+    Queries are taken one chunk at a time: all queries of a chunk share their window's start, so each block's mask
+    is a lower-right causal mask over the keys from that start, the same for every full chunk (built once per
+    call), and the cost is O(T · window): no L × L mask on long inputs.
     """
     T = q.shape[2]
-    block = T if window_chunks is None else max(window_chunks * chunk_size, chunk_size)
+    masks: dict[tuple[int, int], torch.Tensor | None] = {}
     outputs = []
-    for b0 in range(0, T, block):
-        b1 = min(T, b0 + block)
-        first, last = q_start + b0, q_start + b1 - 1
+    b0 = 0
+    while b0 < T:
+        first = q_start + b0
+        b1 = T if window_chunks is None else min(T, b0 + chunk_size - first % chunk_size)  # to the chunk's end
+        last = q_start + b1 - 1
         lo = k_start if window_chunks is None else max(k_start, window_start_of(first, chunk_size, window_chunks))
-        q_pos = torch.arange(first, last + 1, device=q.device)
-        k_pos = torch.arange(lo, last + 1, device=q.device)
-        mask = k_pos[None, :] <= q_pos[:, None]
-        if window_chunks is not None:
-            mask &= k_pos[None, :] >= window_start_of(q_pos, chunk_size, window_chunks)[:, None]
-        k_block, v_block = k[:, :, lo - k_start : last + 1 - k_start], v[:, :, lo - k_start : last + 1 - k_start]
-        pure_causal = lo == first and bool(mask.equal(torch.ones_like(mask).tril()))
+        n_q, n_k = b1 - b0, last + 1 - lo
+        if (n_q, n_k) not in masks:
+            # Query i sees keys j <= i + (n_k - n_q); None when that is plain causal (square) attention.
+            allowed = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(diagonal=n_k - n_q)
+            masks[n_q, n_k] = None if n_q == n_k else torch.zeros(
+                n_q, n_k, dtype=q.dtype, device=q.device
+            ).masked_fill_(~allowed, float("-inf"))
+        mask = masks[n_q, n_k]
+        keys = slice(lo - k_start, last + 1 - k_start)
         outputs.append(
             F.scaled_dot_product_attention(
-                q[:, :, b0:b1], k_block, v_block, attn_mask=None if pure_causal else mask, is_causal=pure_causal,
-                scale=scaling, enable_gqa=True,
+                q[:, :, b0:b1], k[:, :, keys], v[:, :, keys], attn_mask=mask, is_causal=mask is None, scale=scaling,
+                enable_gqa=True,
             )
         )
+        b0 = b1
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
 
 
@@ -129,8 +141,7 @@ class SenriAttention(nn.Module):
             q_cos, q_sin = cos[:, P - rope_start :], sin[:, P - rope_start :]
             k_cos = cos[:, k_start - rope_start : P + T - rope_start]
             k_sin = sin[:, k_start - rope_start : P + T - rope_start]
-            q_rope, _ = apply_rotary_pos_emb(q, q, q_cos, q_sin)
-            k_rope, _ = apply_rotary_pos_emb(k, k, k_cos, k_sin)
+            q_rope, k_rope = rope(q, q_cos, q_sin), rope(k, k_cos, k_sin)
             output = local_attention(
                 q_rope, k_rope, v, P, k_start, self.scaling, self.chunk_size, self.window_chunks
             )  # (B, Hq, T, D)

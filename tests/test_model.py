@@ -242,3 +242,20 @@ def test_million_token_stream_under_autocast_stays_finite_with_float32_memory(dt
     state = cache.layers[1].state
     assert cache.seen_tokens == 1 << 20
     assert state.M.dtype == torch.float32 and torch.isfinite(state.M).all() and torch.isfinite(state.z).all()
+
+
+@pytest.mark.parametrize("q_start,T", [(0, 37), (5, 30), (23, 1), (40, 9)])
+def test_local_attention_equals_a_naive_masked_softmax(q_start, T):
+    from senri.modeling_senri import local_attention
+
+    C, window_chunks = 4, 2
+    k_start = max(0, (q_start // C - window_chunks) * C)
+    g = torch.Generator().manual_seed(6)
+    L = q_start + T - k_start
+    q, k, v = torch.randn(2, 4, T, 8, generator=g), torch.randn(2, 2, L, 8, generator=g), torch.randn(2, 2, L, 8, generator=g)
+    fast = local_attention(q, k, v, q_start, k_start, 8**-0.5, C, window_chunks)
+    q_pos, k_pos = torch.arange(q_start, q_start + T), torch.arange(k_start, q_start + T)
+    allowed = (k_pos[None] <= q_pos[:, None]) & (k_pos[None] >= ((q_pos // C - window_chunks) * C)[:, None])
+    scores = (q @ k.repeat_interleave(2, dim=1).transpose(-1, -2)) * 8**-0.5
+    naive = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v.repeat_interleave(2, dim=1)
+    torch.testing.assert_close(fast, naive, rtol=1e-5, atol=1e-5)
