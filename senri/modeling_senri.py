@@ -79,9 +79,24 @@ def local_attention(
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
 
 
-def straight_through_clamp(x: torch.Tensor) -> torch.Tensor:
-    """clamp(x, 0, 1) forward, identity backward: a gate at exactly 0 still receives a gradient."""
-    return x + (x.clamp(0.0, 1.0) - x).detach()
+class _GateClamp(torch.autograd.Function):
+    """clamp(x, 0, 1) whose gradient is kept inside [0, 1] (a gate at exactly 0 still learns) and, outside, only
+    where descent moves x back inside (so the raw parameter cannot drift away while having no effect)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x.clamp(0.0, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        inward = ((x >= 0) & (x <= 1)) | ((x < 0) & (grad < 0)) | ((x > 1) & (grad > 0))
+        return grad * inward
+
+
+def gate_clamp(x: torch.Tensor) -> torch.Tensor:
+    return _GateClamp.apply(x)
 
 
 class SenriAttention(nn.Module):
@@ -159,7 +174,7 @@ class SenriAttention(nn.Module):
             if output is None:
                 output = memory_output.to(q.dtype)
             else:
-                gate = straight_through_clamp(self.memory_gate).to(output.dtype)[None, :, None, None]
+                gate = gate_clamp(self.memory_gate).to(output.dtype)[None, :, None, None]
                 output = output + gate * (memory_output.to(output.dtype) - output)
 
         keep_from = (new_written - written) * self.chunk_size

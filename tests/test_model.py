@@ -259,3 +259,14 @@ def test_local_attention_equals_a_naive_masked_softmax(q_start, T):
     scores = (q @ k.repeat_interleave(2, dim=1).transpose(-1, -2)) * 8**-0.5
     naive = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v.repeat_interleave(2, dim=1)
     torch.testing.assert_close(fast, naive, rtol=1e-5, atol=1e-5)
+
+
+def test_gate_clamp_passes_gradient_at_zero_and_only_inward_outside():
+    from senri.modeling_senri import gate_clamp
+
+    x = torch.tensor([0.0, 0.5, 1.0, -0.2, -0.2, 1.3, 1.3], requires_grad=True)
+    grad = torch.tensor([1.0, 1.0, -1.0, -1.0, 1.0, 1.0, -1.0])
+    (gate_clamp(x) * grad).sum().backward()
+    assert torch.equal(gate_clamp(x).detach(), x.detach().clamp(0, 1))
+    # descent x -= lr * grad: -0.2 with grad -1 moves up (kept), with +1 would move further out (dropped)
+    assert x.grad.tolist() == [1.0, 1.0, -1.0, -1.0, 0.0, 1.0, -0.0]
