@@ -20,7 +20,7 @@ def test_local_attention_map_is_a_block_sliding_window():
     weights = local_attention_map(model, torch.randint(0, 97, (1, 40)), layer=0, head=1)
     torch.testing.assert_close(weights.sum(-1), torch.ones(40))
     assert weights[10, 11:].sum() == 0  # causal
-    assert weights[39, :16].sum() == 0 and weights[39, 16] > 0  # query 39 (chunk 9) sees chunks 5..9
+    assert weights[39, :20].sum() == 0 and weights[39, 20] > 0  # query 39 (chunk 9) sees chunks 5..9
 
 
 def test_gate_table_lists_each_memory_layer_head():
