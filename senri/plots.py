@@ -1,0 +1,135 @@
+"""Figures for 04_analysis: each function takes saved results (plain dicts/lists) and returns a Figure."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use(os.environ.get("MPLBACKEND", "Agg"))
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Records of a ``metrics.jsonl`` file (one JSON object per line)."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def save_figure(fig: Figure, run_dir: str | os.PathLike, name: str) -> Path:
+    """Save under ``{run_dir}/figures/{name}.png`` (temporary file + rename: never a half-written figure)."""
+    path = Path(run_dir) / "figures" / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+    return path
+
+
+def loss_curves(runs: Mapping[str, Sequence[Mapping]]) -> Figure:
+    """Training loss against step, one line per run (``{"senri": records, "swa_only": records}``)."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, records in runs.items():
+        points = [(r["step"], r["loss"]) for r in records if "loss" in r]
+        if points:
+            ax.plot(*zip(*points), label=name)
+    ax.set(xlabel="step", ylabel="training loss", title="Loss curves")
+    ax.legend()
+    return fig
+
+
+def gate_curves(records: Sequence[Mapping]) -> Figure:
+    """Mean memory-gate value per memory layer against step (keys ``gate/<layer>/mean`` in metrics.jsonl)."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for r in records:
+        for key, value in r.items():
+            if key.startswith("gate") and key.endswith("mean"):
+                series[key].append((r["step"], value))
+    for key, points in sorted(series.items()):
+        ax.plot(*zip(*points), label=key)
+    ax.set(xlabel="step", ylabel="memory weight", title="Memory gates during training", ylim=(-0.05, 1.05))
+    if series:
+        ax.legend()
+    return fig
+
+
+def gate_values(table: Mapping[str, Sequence[float]]) -> Figure:
+    """Memory weight per query head for each memory layer (from ``senri.analysis.gate_table``)."""
+    fig, ax = plt.subplots(figsize=(6, 3))
+    width = 0.8 / max(1, len(table))
+    for i, (layer, values) in enumerate(table.items()):
+        ax.bar([h + i * width for h in range(len(values))], values, width=width, label=layer)
+    ax.set(xlabel="query head", ylabel="memory weight", title="Gate values per head", ylim=(0, 1))
+    if table:
+        ax.legend()
+    return fig
+
+
+def memory_norms(trace: Sequence[Mapping[str, float]]) -> Figure:
+    """‖M‖ per memory layer against tokens streamed (from ``senri.analysis.memory_norm_trace``)."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    layers = sorted({k for r in trace for k in r if k.startswith("layer_")})
+    for layer in layers:
+        ax.plot([r["tokens"] for r in trace], [r[layer] for r in trace], label=layer)
+    ax.set(xlabel="tokens streamed", ylabel="‖M‖ (Frobenius)", title="Memory norm over the stream")
+    if layers:
+        ax.legend()
+    return fig
+
+
+def attention_map(weights, title: str = "Local attention") -> Figure:
+    """A (T, T) attention-weight matrix (from ``senri.analysis.local_attention_map``)."""
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    image = ax.imshow(weights, cmap="viridis", aspect="auto")
+    ax.set(xlabel="key position", ylabel="query position", title=title)
+    fig.colorbar(image, ax=ax)
+    return fig
+
+
+def niah_heatmaps(records: Iterable[Mapping]) -> Figure:
+    """Mean NIAH accuracy on a depth × length grid, one panel per model."""
+    cells: dict[str, dict[tuple[float, int], list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        cells[r.get("model", "model")][(float(r["depth"]), int(r["length"]))].append(float(r["accuracy"]))
+    models = sorted(cells)
+    fig, axes = plt.subplots(1, max(1, len(models)), figsize=(4.5 * max(1, len(models)), 3.5), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        depths = sorted({d for d, _ in cells[model]})
+        lengths = sorted({n for _, n in cells[model]})
+        grid = [[_mean(cells[model].get((d, n), [])) for n in lengths] for d in depths]
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], rotation=45)
+        ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths])
+        for i, row in enumerate(grid):
+            for j, value in enumerate(row):
+                ax.text(j, i, "–" if value != value else f"{value:.2f}", ha="center", va="center", fontsize=8)
+        ax.set(xlabel="context length (tokens)", ylabel="needle depth", title=f"NIAH: {model}")
+    fig.colorbar(image, ax=axes[0].tolist())
+    return fig
+
+
+def ppl_by_position(curves: Mapping[str, Mapping[str, Sequence[float]]]) -> Figure:
+    """Perplexity per position bucket, one line per model: ``{name: {"positions": [...], "ppl": [...]}}``."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, curve in curves.items():
+        ax.plot(curve["positions"], curve["ppl"], marker="o", label=name)
+    ax.set(xlabel="position (bucket start)", ylabel="perplexity", title="Perplexity by position", yscale="log")
+    if curves:
+        ax.legend()
+    return fig
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+__all__ = [
+    "read_jsonl", "save_figure", "loss_curves", "gate_curves", "gate_values", "memory_norms", "attention_map",
+    "niah_heatmaps", "ppl_by_position",
+]
