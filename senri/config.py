@@ -1,0 +1,323 @@
+"""Workspace configuration: config/{model,training,experiment}.yaml, named profiles, validated overrides.
+
+    cfg = ConfigManager(profile="auto", overrides={"max_steps": 30, "experiment.run_dir": "runs/x"})
+    cfg.model.sliding_window, cfg.training.learning_rate, cfg.experiment.run_dir
+
+Order: file defaults <- profile <- overrides. ``auto`` picks ``a100`` (compute capability >= 8.0), ``t4`` (any
+other GPU) or ``cpu-smoke`` (no GPU). Every key and value is checked; a bad one raises naming it and what is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+
+from .configuration_senri import LAYER_TYPES
+
+PROFILES = ("cpu-smoke", "cpu-proof", "t4", "a100")
+DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
+DRIVE_ROOT = Path("/content/drive/MyDrive")
+
+
+@dataclass
+class ModelSettings:
+    base_model: str = "HuggingFaceTB/SmolLM-135M"
+    init: Literal["convert", "scratch"] = "convert"
+    tokenizer: Literal["base", "synthetic"] = "base"
+    sliding_window: int = 1024
+    chunk_size: int = 64
+    memory_update: Literal["delta", "linear"] = "delta"
+    num_memory_layers: int = 2
+    first_memory_layer: int = 10
+    memory_layer_interval: int = 10
+    layer_types: list[str] | None = None
+    memory_gate_init: float = 0.0
+    hidden_size: int = 576
+    intermediate_size: int = 1536
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 9
+    num_key_value_heads: int = 3
+
+
+@dataclass
+class TrainingSettings:
+    max_steps: int = 1000
+    per_device_batch_size: int = 1
+    gradient_accumulation_steps: int = 8
+    learning_rate: float = 1e-4
+    gate_lr_multiplier: float = 100.0
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    lr_scheduler: Literal["constant", "linear", "cosine", "constant_with_warmup"] = "cosine"
+    max_grad_norm: float = 1.0
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    seq_len: int = 2048
+    save_steps: int = 200
+    save_total_limit: int = 3
+    logging_steps: int = 10
+    seed: int = 42
+    trainable: Literal["all", "memory"] = "memory"
+
+
+@dataclass
+class ExperimentSettings:
+    run_dir: str = "runs/default"
+    drive_dir: str | None = None
+    dataset: Literal["pg19", "text_files", "generated", "passkey"] = "pg19"
+    dataset_name: str = "emozilla/pg19"
+    data_files: list[str] = field(default_factory=list)
+    data_cache_dir: str = "data_cache"
+    num_train_samples: int = 20000
+    niah_ratio: float = 0.01
+    niah_lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096, 8192])
+    niah_depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
+    niah_samples: int = 2
+    niah_templates: list[str] = field(default_factory=lambda: ["passkey"])
+    ppl_seq_len: int = 4096
+    ppl_bucket_size: int = 512
+
+
+SECTIONS = {"model": ModelSettings, "training": TrainingSettings, "experiment": ExperimentSettings}
+# Keys that must be > 0 / >= 0, and fractions in [0, 1].
+POSITIVE = {
+    "sliding_window", "chunk_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "max_steps", "per_device_batch_size", "gradient_accumulation_steps", "learning_rate",
+    "seq_len", "save_steps", "save_total_limit", "logging_steps", "num_train_samples", "niah_samples",
+    "ppl_seq_len", "ppl_bucket_size", "gate_lr_multiplier", "memory_layer_interval",
+}
+NON_NEGATIVE = {"num_memory_layers", "first_memory_layer", "weight_decay", "warmup_steps", "max_grad_norm", "seed"}
+FRACTIONS = {"memory_gate_init", "niah_ratio"}
+
+
+def detect_profile() -> str:
+    """The profile ``auto`` stands for on this machine."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu-smoke"
+    # is_bf16_supported() is True on a T4 through emulation; the compute capability tells the truth.
+    return "a100" if torch.cuda.get_device_capability() >= (8, 0) else "t4"
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_type(name: str, value: Any, annotation: Any) -> Any:
+    """Return ``value`` converted to ``annotation`` where lossless, else raise naming the key."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ValueError(f"{name} must not be null")
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{name} = {value!r} is not valid; valid values are {list(args)}{_suggest(str(value), list(args))}")
+        return value
+    if args and type(None) in args:  # Optional[X]
+        inner = [a for a in args if a is not type(None)][0]
+        return _check_type(name, value, inner)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{name} must be a list, got {type(value).__name__} {value!r}")
+        return [_check_type(f"{name}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{name} must be a string, got {type(value).__name__} {value!r}")
+        return value
+    return value
+
+
+class ConfigManager:
+    """Loads, merges and validates the three config files for one profile."""
+
+    def __init__(self, profile: str = "auto", overrides: dict[str, Any] | None = None,
+                 config_dir: str | os.PathLike | None = None):
+        self.requested_profile = profile
+        self.profile = detect_profile() if profile == "auto" else profile
+        if self.profile not in PROFILES:
+            raise ValueError(f"profile {profile!r} is unknown; valid profiles are {['auto', *PROFILES]}{_suggest(profile, list(PROFILES))}")
+        self.config_dir = Path(config_dir) if config_dir else DEFAULT_CONFIG_DIR
+        merged = {section: {} for section in SECTIONS}
+        for section in SECTIONS:
+            path = self.config_dir / f"{section}.yaml"
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) if path.exists() else {}
+            unknown = set(data or {}) - {"defaults", "profiles"}
+            if unknown:
+                raise ValueError(f"{path}: unknown top-level keys {sorted(unknown)}; valid keys are ['defaults', 'profiles']")
+            merged[section].update(self._checked_keys(section, (data or {}).get("defaults") or {}, str(path)))
+            profiles = (data or {}).get("profiles") or {}
+            bad = set(profiles) - set(PROFILES)
+            if bad:
+                raise ValueError(f"{path}: unknown profiles {sorted(bad)}; valid profiles are {list(PROFILES)}")
+            merged[section].update(self._checked_keys(section, profiles.get(self.profile) or {}, f"{path} [{self.profile}]"))
+        for section, key, value in self._flatten_overrides(overrides or {}):
+            merged[section][key] = value
+        self.model: ModelSettings = self._build("model", merged["model"])
+        self.training: TrainingSettings = self._build("training", merged["training"])
+        self.experiment: ExperimentSettings = self._build("experiment", merged["experiment"])
+        self._validate_relations()
+
+    # --- loading ------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _checked_keys(section: str, values: dict[str, Any], where: str) -> dict[str, Any]:
+        valid = [f.name for f in dataclasses.fields(SECTIONS[section])]
+        for key in values:
+            if key not in valid:
+                raise ValueError(f"{where}: unknown key {section}.{key}{_suggest(key, valid)}; valid keys are {valid}")
+        return dict(values)
+
+    @staticmethod
+    def _flatten_overrides(overrides: dict[str, Any]) -> list[tuple[str, str, Any]]:
+        """Accept {"training.max_steps": 3}, {"training": {"max_steps": 3}} and unambiguous bare {"max_steps": 3}."""
+        owners: dict[str, list[str]] = {}
+        for section, cls in SECTIONS.items():
+            for f in dataclasses.fields(cls):
+                owners.setdefault(f.name, []).append(section)
+        flat = []
+        for key, value in overrides.items():
+            if key in SECTIONS and isinstance(value, dict):
+                flat += [(key, k, v) for k, v in ConfigManager._checked_keys(key, value, "overrides").items()]
+            elif "." in key:
+                section, name = key.split(".", 1)
+                if section not in SECTIONS:
+                    raise ValueError(f"override {key!r}: unknown section {section!r}; valid sections are {list(SECTIONS)}")
+                ConfigManager._checked_keys(section, {name: value}, "overrides")
+                flat.append((section, name, value))
+            elif key in owners:
+                if len(owners[key]) > 1:
+                    raise ValueError(f"override {key!r} is ambiguous; write one of {[f'{s}.{key}' for s in owners[key]]}")
+                flat.append((owners[key][0], key, value))
+            else:
+                raise ValueError(f"override {key!r} is not a known key{_suggest(key, list(owners))}; valid keys are {sorted(owners)}")
+        return flat
+
+    @staticmethod
+    def _build(section: str, values: dict[str, Any]):
+        cls = SECTIONS[section]
+        hints = get_type_hints(cls)
+        checked = {}
+        for key, value in values.items():
+            name = f"{section}.{key}"
+            value = _check_type(name, value, hints[key])
+            if key in POSITIVE and value is not None and value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+            if key in NON_NEGATIVE and value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+            if key in FRACTIONS and not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+            checked[key] = value
+        return cls(**checked)
+
+    def _validate_relations(self) -> None:
+        m, t, e = self.model, self.training, self.experiment
+        if m.sliding_window % m.chunk_size != 0:
+            raise ValueError(
+                f"model.sliding_window ({m.sliding_window}) must be a multiple of model.chunk_size ({m.chunk_size})"
+            )
+        if m.layer_types is not None:
+            for i, layer_type in enumerate(m.layer_types):
+                if layer_type not in LAYER_TYPES:
+                    raise ValueError(f"model.layer_types[{i}] = {layer_type!r} is not valid; valid values are {list(LAYER_TYPES)}")
+            if m.init == "scratch" and len(m.layer_types) != m.num_hidden_layers:
+                raise ValueError(
+                    f"model.layer_types has {len(m.layer_types)} entries but model.num_hidden_layers is {m.num_hidden_layers}"
+                )
+        for d in e.niah_depths:
+            if not 0.0 <= d <= 1.0:
+                raise ValueError(f"experiment.niah_depths entries must be in [0, 1], got {d}")
+        if any(n <= 0 for n in e.niah_lengths):
+            raise ValueError(f"experiment.niah_lengths entries must be > 0, got {e.niah_lengths}")
+        if m.tokenizer == "synthetic" and m.init != "scratch":
+            raise ValueError("model.tokenizer = 'synthetic' needs model.init = 'scratch' (a pretrained model has its own vocabulary)")
+        if e.dataset == "text_files" and not e.data_files:
+            raise ValueError("experiment.dataset = 'text_files' needs experiment.data_files (a list of .txt paths)")
+        if t.save_total_limit < 1:
+            raise ValueError("training.save_total_limit must be >= 1")
+
+    # --- derived ------------------------------------------------------------------------------------------------
+    def as_dict(self) -> dict[str, Any]:
+        return {"profile": self.profile, **{s: dataclasses.asdict(getattr(self, s)) for s in SECTIONS}}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the resolved configuration as YAML (temporary file + rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            yaml.safe_dump(self.as_dict(), f, sort_keys=False)
+        os.replace(tmp, path)
+        return path
+
+    def resolve_precision(self) -> str:
+        """fp16 on a T4-class GPU, bf16 from compute capability 8.0, fp32 on CPU (for precision: auto)."""
+        if self.training.precision != "auto":
+            return self.training.precision
+        import torch
+
+        if not torch.cuda.is_available():
+            return "fp32"
+        return "bf16" if torch.cuda.get_device_capability() >= (8, 0) else "fp16"
+
+    def resolve_drive_dir(self) -> Path | None:
+        """Where checkpoints are mirrored: experiment.drive_dir, else Drive's senri/<run name> when mounted."""
+        if self.experiment.drive_dir:
+            return Path(self.experiment.drive_dir)
+        if DRIVE_ROOT.exists():
+            return DRIVE_ROOT / "senri" / Path(self.experiment.run_dir).name
+        return None
+
+    def senri_config_kwargs(self) -> dict[str, Any]:
+        """The SenriConfig fields this configuration sets (architecture fields only for init: scratch)."""
+        m = self.model
+        fields = dict(
+            sliding_window=m.sliding_window, chunk_size=m.chunk_size, memory_update=m.memory_update,
+            num_memory_layers=m.num_memory_layers, first_memory_layer=m.first_memory_layer,
+            memory_layer_interval=m.memory_layer_interval, layer_types=m.layer_types,
+            memory_gate_init=m.memory_gate_init,
+        )
+        if m.init == "scratch":
+            fields.update(
+                hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+                num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
+                num_key_value_heads=m.num_key_value_heads,
+            )
+        return fields
+
+    def to_senri_config(self, vocab_size: int | None = None, **extra: Any):
+        """A SenriConfig for a model trained from scratch with this configuration."""
+        from .configuration_senri import SenriConfig
+
+        fields = self.senri_config_kwargs()
+        if vocab_size is not None:
+            fields["vocab_size"] = vocab_size
+        fields.setdefault("max_position_embeddings", 1 << 20)
+        fields.setdefault("tie_word_embeddings", False)
+        fields.update(extra)
+        return SenriConfig(**fields)
+
+    def __repr__(self) -> str:
+        return f"ConfigManager(profile={self.profile!r}, run_dir={self.experiment.run_dir!r})"
+
+
+__all__ = ["ConfigManager", "ModelSettings", "TrainingSettings", "ExperimentSettings", "PROFILES", "detect_profile"]

@@ -1,0 +1,76 @@
+"""Configuration: profiles merge in order, auto picks by hardware, every bad key or value is named."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from senri.config import ConfigManager
+
+
+def test_profile_overrides_defaults_and_overrides_win():
+    cfg = ConfigManager("cpu-smoke", overrides={"max_steps": 7, "experiment.run_dir": "runs/x", "model": {"chunk_size": 4}})
+    assert cfg.profile == "cpu-smoke" and cfg.training.max_steps == 7 and cfg.experiment.run_dir == "runs/x"
+    assert cfg.model.chunk_size == 4 and cfg.model.sliding_window == 32  # profile value kept
+    assert ConfigManager("t4").training.precision == "fp16" and ConfigManager("a100").training.precision == "bf16"
+    assert ConfigManager("t4").model.sliding_window == 1024  # file default
+
+
+def test_auto_picks_by_compute_capability(monkeypatch):
+    import torch
+
+    assert ConfigManager("auto").profile == "cpu-smoke"  # this machine has no GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # lies on a T4
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
+    assert ConfigManager("auto").profile == "t4" and ConfigManager("auto").resolve_precision() == "fp16"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    assert ConfigManager("auto").profile == "a100"
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"max_stepz": 3}, "'max_stepz' is not a known key \\(did you mean 'max_steps'\\?\\)"),
+        ({"training.max_steps": "ten"}, "training.max_steps must be an integer, got str 'ten'"),
+        ({"training.max_steps": 0}, "training.max_steps must be > 0, got 0"),
+        ({"model.memory_update": "hebb"}, "model.memory_update = 'hebb' is not valid; valid values are \\['delta', 'linear'\\]"),
+        ({"training.precision": "fp8"}, "valid values are \\['auto', 'fp32', 'fp16', 'bf16'\\]"),
+        ({"model.memory_gate_init": 2}, "model.memory_gate_init must be in \\[0, 1\\], got 2"),
+        ({"model.sliding_window": 30}, "model.sliding_window \\(30\\) must be a multiple of model.chunk_size \\(8\\)"),
+        ({"model.layer_types": ["memory", "slidng"]}, "model.layer_types\\[1\\] = 'slidng' is not valid"),
+        ({"experiment.niah_depths": [0.5, 1.5]}, "niah_depths entries must be in \\[0, 1\\], got 1.5"),
+        ({"experiment.dataset": "wikitext"}, "valid values are \\['pg19', 'text_files', 'generated', 'passkey'\\]"),
+        ({"experiment.dataset": "text_files"}, "needs experiment.data_files"),
+        ({"bogus.key": 1}, "unknown section 'bogus'; valid sections are \\['model', 'training', 'experiment'\\]"),
+    ],
+)
+def test_bad_values_raise_errors_naming_the_key(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        ConfigManager("cpu-smoke", overrides=overrides)
+
+
+def test_unknown_profile_and_unknown_file_keys_are_named(tmp_path):
+    with pytest.raises(ValueError, match="profile 'cpu-smok' is unknown.*did you mean 'cpu-smoke'"):
+        ConfigManager("cpu-smok")
+    (tmp_path / "training.yaml").write_text(yaml.safe_dump({"defaults": {"learning_rat": 1.0}}))
+    with pytest.raises(ValueError, match="unknown key training.learning_rat \\(did you mean 'learning_rate'\\?\\)"):
+        ConfigManager("cpu-smoke", config_dir=tmp_path)
+
+
+def test_to_senri_config_and_resolved_save(tmp_path):
+    cfg = ConfigManager("cpu-proof")
+    senri_config = cfg.to_senri_config(vocab_size=123)
+    assert senri_config.vocab_size == 123 and senri_config.layer_types == ["memory", "sliding_attention"]
+    assert senri_config.sliding_window == 64 and senri_config.memory_gate_init == 0.5
+    saved = yaml.safe_load(cfg.save(tmp_path / "config.yaml").read_text())
+    assert saved["profile"] == "cpu-proof" and saved["training"]["seq_len"] == 256
+
+
+def test_drive_dir_resolution(monkeypatch, tmp_path):
+    cfg = ConfigManager("cpu-smoke", overrides={"run_dir": "runs/abc"})
+    monkeypatch.setattr("senri.config.DRIVE_ROOT", tmp_path / "absent")
+    assert cfg.resolve_drive_dir() is None
+    monkeypatch.setattr("senri.config.DRIVE_ROOT", tmp_path)
+    assert cfg.resolve_drive_dir() == tmp_path / "senri" / "abc"
+    assert ConfigManager("cpu-smoke", overrides={"drive_dir": "/x/y"}).resolve_drive_dir().as_posix() == "/x/y"
