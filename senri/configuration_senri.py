@@ -10,6 +10,7 @@ from transformers import LlamaConfig
 LAYER_TYPES = ("sliding_attention", "memory", "memory_only", "full_attention")
 MEMORY_LAYER_TYPES = ("memory", "memory_only")
 MEMORY_UPDATES = ("delta", "linear")
+SERIALIZED_LAYER_TYPES = "senri_layer_types"
 
 
 def _suggest(value: object, valid: tuple[str, ...]) -> str:
@@ -49,6 +50,9 @@ class SenriConfig(LlamaConfig):
     memory_eps: float = 1e-6
 
     def __post_init__(self, **kwargs):
+        stored = kwargs.pop(SERIALIZED_LAYER_TYPES, None)
+        if stored is not None and self.layer_types is None:
+            self.layer_types = list(stored)
         if self.layer_types is None:
             self.layer_types = self.default_layer_types(
                 self.num_hidden_layers, self.num_memory_layers, self.first_memory_layer, self.memory_layer_interval
@@ -58,6 +62,13 @@ class SenriConfig(LlamaConfig):
         # Checked here, before transformers' strict validators, so that errors are plain ValueErrors.
         self._validate_senri()
         super().__post_init__(**kwargs)
+
+    def to_dict(self) -> dict:
+        output = super().to_dict()
+        # transformers reads a checkpoint's config.json as a plain PreTrainedConfig when a Trainer resumes, and that
+        # rejects layer types it does not know ("memory"): Senri's are stored under their own key.
+        output[SERIALIZED_LAYER_TYPES] = output.pop("layer_types", None)
+        return output
 
     @staticmethod
     def default_layer_types(

@@ -270,3 +270,15 @@ def test_gate_clamp_passes_gradient_at_zero_and_only_inward_outside():
     assert torch.equal(gate_clamp(x).detach(), x.detach().clamp(0, 1))
     # descent x -= lr * grad: -0.2 with grad -1 moves up (kept), with +1 would move further out (dropped)
     assert x.grad.tolist() == [1.0, 1.0, -1.0, -1.0, 0.0, 1.0, -0.0]
+
+
+def test_config_roundtrip_keeps_layer_types_and_loads_as_a_plain_transformers_config(tmp_path):
+    from transformers import AutoConfig, PreTrainedConfig
+
+    config = tiny_config(layer_types=["memory_only", "memory", "full_attention"], memory_update="linear")
+    config.save_pretrained(tmp_path)
+    again = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(again, SenriConfig) and again.layer_types == config.layer_types
+    assert again.memory_update == "linear" and again.chunk_size == 4
+    # transformers' Trainer reads a checkpoint's config as a plain PreTrainedConfig when resuming.
+    assert PreTrainedConfig.from_json_file(str(tmp_path / "config.json")).transformers_version
