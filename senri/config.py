@@ -76,6 +76,8 @@ class ExperimentSettings:
     data_cache_dir: str = "data_cache"
     num_train_samples: int = 20000
     niah_ratio: float = 0.01
+    needle_beyond_window: float = 1.0
+    train_twin: bool = False
     niah_lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096, 8192])
     niah_depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
     niah_samples: int = 2
@@ -93,7 +95,7 @@ POSITIVE = {
     "ppl_seq_len", "ppl_bucket_size", "gate_lr_multiplier", "memory_layer_interval",
 }
 NON_NEGATIVE = {"num_memory_layers", "first_memory_layer", "weight_decay", "warmup_steps", "max_grad_norm", "seed"}
-FRACTIONS = {"memory_gate_init", "niah_ratio"}
+FRACTIONS = {"memory_gate_init", "niah_ratio", "needle_beyond_window"}
 
 
 def detect_profile() -> str:
@@ -154,6 +156,7 @@ class ConfigManager:
     def __init__(self, profile: str = "auto", overrides: dict[str, Any] | None = None,
                  config_dir: str | os.PathLike | None = None):
         self.requested_profile = profile
+        self._overrides = dict(overrides or {})
         self.profile = detect_profile() if profile == "auto" else profile
         if self.profile not in PROFILES:
             raise ValueError(f"profile {profile!r} is unknown; valid profiles are {['auto', *PROFILES]}{_suggest(profile, list(PROFILES))}")

@@ -132,20 +132,22 @@ class LMBlockDataset(Dataset):
 
 
 class PasskeyRetrievalDataset(Dataset):
-    """The synthetic long-context retrieval task: every sample hides a needle beyond the local window.
+    """The synthetic long-context retrieval task: a needle in a haystack, by default beyond the local window.
 
-    Sample = haystack with the needle at least ``window + chunk`` tokens before the question, then the answer.
+    Sample = haystack with the needle (for a share ``beyond_window`` of samples) at least ``window + chunk`` tokens
+    before the question, then the answer.
     With ``loss_on="answer"`` only the answer tokens are labelled, so the loss is the retrieval loss.
     """
 
     def __init__(self, tokenizer: Any, seq_len: int, num_samples: int, seed: int, window: int, chunk_size: int = 0,
-                 template: str = "niah_words", loss_on: str = "answer"):
+                 template: str = "niah_words", loss_on: str = "answer", beyond_window: float = 1.0):
         if template not in TEMPLATES:
             raise ValueError(f"template {template!r} is unknown; valid templates are {list(TEMPLATES)}")
         if loss_on not in ("answer", "all"):
             raise ValueError(f"loss_on must be 'answer' or 'all', got {loss_on!r}")
         self.tokenizer, self.seq_len, self.num_samples, self.seed = tokenizer, seq_len, num_samples, seed
         self.window, self.chunk_size, self.template, self.loss_on = window, chunk_size, template, loss_on
+        self.beyond_window = beyond_window
         self.haystack = tokenizer(generate_haystack_text(seq_len * 8, seed), add_special_tokens=False)["input_ids"]
 
     def __len__(self) -> int:
@@ -160,14 +162,15 @@ class PasskeyRetrievalDataset(Dataset):
         question_len = len(self.tokenizer(" " + needle.question, add_special_tokens=False)["input_ids"])
         length = self.seq_len - len(answer)
         hay_len = length - needle_len - question_len
-        # The needle must end before the question's window: at least window + chunk tokens before it.
+        # A share ``beyond_window`` of the needles ends at least window + chunk tokens before the question (only the
+        # memory can reach them); the others lie anywhere, so local retrieval is learnt too.
         latest = hay_len - (self.window + self.chunk_size)
         if latest < 0:
             raise ValueError(
                 f"seq_len {self.seq_len} is too short to put the needle beyond the window ({self.window} + "
                 f"{self.chunk_size} tokens); use seq_len >= {self.seq_len - latest}"
             )
-        start = rng.randrange(latest + 1)
+        start = rng.randrange(latest + 1) if rng.random() < self.beyond_window else rng.randrange(hay_len + 1)
         offset = rng.randrange(len(self.haystack))
         haystack = self.haystack[offset:] + self.haystack[:offset]
         prompt, answer = build_niah_prompt(self.tokenizer, haystack, length, start / hay_len if hay_len else 0.0, needle)
@@ -201,7 +204,8 @@ def build_dataset(cfg: Any, tokenizer: Any) -> Dataset:
     e, t = cfg.experiment, cfg.training
     if e.dataset == "passkey":
         return PasskeyRetrievalDataset(tokenizer, t.seq_len, e.num_train_samples, t.seed, cfg.model.sliding_window,
-                                       cfg.model.chunk_size, template=e.niah_templates[0])
+                                       cfg.model.chunk_size, template=e.niah_templates[0],
+                                       beyond_window=e.needle_beyond_window)
     if e.dataset == "pg19":
         texts, source = iter_pg19_texts(e.dataset_name), f"hub:{e.dataset_name}"
     elif e.dataset == "text_files":

@@ -115,6 +115,14 @@ def _normalise(text: str) -> str:
     return "".join(text.split()).lower()
 
 
+def _answers_found(answers: Sequence[str], continuation: str) -> list[str]:
+    """A single answer must open the continuation; several answers must each appear in it (order free)."""
+    text = _normalise(continuation)
+    if len(answers) == 1:
+        return list(answers) if text.startswith(_normalise(answers[0])) else []
+    return [a for a in answers if _normalise(a) in text]
+
+
 def run_niah(
     model: Any, tokenizer: Any, lengths: Sequence[int], depths: Sequence[float], num_samples: int, seed: int = 0,
     templates: Sequence[str] = ("passkey",), haystack_text: str | None = None, chunk_tokens: int | None = None,
@@ -123,8 +131,8 @@ def run_niah(
     """Needle-in-a-haystack accuracy over a (template, length, depth, sample) grid.
 
     Each case: a fresh cache (memory reset), the prompt streamed in pieces of ``chunk_tokens`` (default: one
-    window for Senri), then greedy decoding. ``accuracy`` is the fraction of the needle's answers found in the
-    continuation (whitespace-insensitive): 1.0 / 0.0 for single-answer templates.
+    window for Senri), then greedy decoding. ``accuracy`` (whitespace- and case-insensitive): for one answer, 1.0 if
+    the continuation starts with it, else 0.0; for several, the fraction of them found in the continuation.
     """
     model.eval()
     chunk_tokens = chunk_tokens if chunk_tokens is not None else default_chunk_tokens(model)
@@ -146,7 +154,7 @@ def run_niah(
                     )
                     budget = max_new_tokens or len(answer_ids) + 4
                     continuation = tokenizer.decode(greedy_continue(model, prompt, budget, chunk_tokens))
-                    found = [a for a in needle.answers if _normalise(a) in _normalise(continuation)]
+                    found = _answers_found(needle.answers, continuation)
                     records.append({
                         "model": name, "template": template, "length": length, "depth": depth, "window": window,
                         "sample": sample, "needle": " ".join(needle.needle_texts), "answer": needle.answer.strip(),

@@ -23,6 +23,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, default_da
 
 from .cache import SenriCache
 from .config import ConfigManager
+from .configuration_senri import SenriConfig
 from .conversion import convert_llama_to_senri, load_local_smollm2
 from .data import build_dataset, build_tokenizer
 from .evaluation import save_records
@@ -185,6 +186,26 @@ def memory_norms(model: SenriForCausalLM, probe: torch.Tensor) -> dict[str, floa
 
 
 # --- training -----------------------------------------------------------------------------------------------------
+def model_runs(cfg: ConfigManager) -> dict[str, ConfigManager]:
+    """The models a run trains, each in ``{run_dir}/{name}``: ``senri`` and, with ``experiment.train_twin``, a
+    ``swa_only`` twin of identical size and training budget whose layers are all sliding-window attention."""
+    run_dir = Path(cfg.experiment.run_dir)
+    overrides = dict(cfg._overrides)
+    runs = {"senri": ConfigManager(cfg.requested_profile, {**overrides, "experiment.run_dir": str(run_dir / "senri")},
+                                   cfg.config_dir)}
+    if cfg.experiment.train_twin:
+        layers = cfg.model.layer_types or SenriConfig.default_layer_types(
+            cfg.model.num_hidden_layers, cfg.model.num_memory_layers, cfg.model.first_memory_layer,
+            cfg.model.memory_layer_interval,
+        )
+        runs["swa_only"] = ConfigManager(cfg.requested_profile, {
+            **overrides, "experiment.run_dir": str(run_dir / "swa_only"),
+            "model.layer_types": ["sliding_attention"] * len(layers),
+        }, cfg.config_dir)
+    return runs
+
+
+
 def training_arguments(cfg: ConfigManager, run_dir: Path) -> TrainingArguments:
     t = cfg.training
     precision = cfg.resolve_precision()
@@ -258,5 +279,5 @@ def train(cfg: ConfigManager, model: SenriForCausalLM | None = None, tokenizer: 
 
 __all__ = [
     "build_model", "optimizer_param_groups", "find_resume_checkpoint", "mirror_checkpoint", "is_complete",
-    "training_arguments", "train", "memory_norms", "COMPLETE_MARKER",
+    "training_arguments", "train", "memory_norms", "model_runs", "COMPLETE_MARKER",
 ]

@@ -17,7 +17,7 @@ import torch
 
 from senri.config import ConfigManager
 from senri.training import (
-    COMPLETE_MARKER, build_model, find_resume_checkpoint, mirror_checkpoint, optimizer_param_groups, train,
+    COMPLETE_MARKER, build_model, find_resume_checkpoint, mirror_checkpoint, model_runs, optimizer_param_groups, train,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -142,3 +142,18 @@ def test_two_process_cpu_ddp_trains(tmp_path):
     assert len(_losses(run_dir)) == 6
     state = json.loads((run_dir / "checkpoint-6" / "trainer_state.json").read_text())
     assert state["global_step"] == 6
+
+
+def test_model_runs_add_a_sliding_window_twin_of_the_same_size(tmp_path):
+    cfg = ConfigManager("cpu-proof", overrides={"run_dir": str(tmp_path), "max_steps": 3})
+    runs = model_runs(cfg)
+    assert sorted(runs) == ["senri", "swa_only"]
+    assert runs["swa_only"].model.layer_types == ["sliding_attention", "sliding_attention"]
+    assert runs["senri"].training.max_steps == runs["swa_only"].training.max_steps == 3
+    assert runs["swa_only"].experiment.run_dir == str(tmp_path / "swa_only")
+    senri_model, _ = build_model(runs["senri"])
+    twin_model, _ = build_model(runs["swa_only"])
+    senri_size = sum(p.numel() for p in senri_model.parameters())
+    twin_size = sum(p.numel() for p in twin_model.parameters())
+    assert senri_size - twin_size == 4  # the four per-head gates
+    assert list(model_runs(ConfigManager("t4"))) == ["senri"]
