@@ -84,6 +84,9 @@ class ExperimentSettings:
     niah_templates: list[str] = field(default_factory=lambda: ["passkey"])
     ppl_seq_len: int = 4096
     ppl_bucket_size: int = 512
+    real_model_window: int = 1024
+    real_model_niah_lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096])
+    real_model_niah_samples: int = 1
 
 
 SECTIONS = {"model": ModelSettings, "training": TrainingSettings, "experiment": ExperimentSettings}
@@ -92,7 +95,8 @@ POSITIVE = {
     "sliding_window", "chunk_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "max_steps", "per_device_batch_size", "gradient_accumulation_steps", "learning_rate",
     "seq_len", "save_steps", "save_total_limit", "logging_steps", "num_train_samples", "niah_samples",
-    "ppl_seq_len", "ppl_bucket_size", "gate_lr_multiplier", "memory_layer_interval",
+    "ppl_seq_len", "ppl_bucket_size", "gate_lr_multiplier", "memory_layer_interval", "real_model_window",
+    "real_model_niah_samples",
 }
 NON_NEGATIVE = {"num_memory_layers", "first_memory_layer", "weight_decay", "warmup_steps", "max_grad_norm", "seed"}
 FRACTIONS = {"memory_gate_init", "niah_ratio", "needle_beyond_window"}

@@ -123,4 +123,11 @@ def load_local_smollm2() -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
     return copy.deepcopy(model), tokenizer
 
 
-__all__ = ["convert_llama_to_senri", "load_local_smollm2", "senri_config_from"]
+def load_base_model(name: str) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
+    """``(model, tokenizer)`` of a base checkpoint: ``"local-smollm2"`` (offline) or a Hub name / local path."""
+    if name == "local-smollm2":
+        return load_local_smollm2()
+    return LlamaForCausalLM.from_pretrained(name, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(name)
+
+
+__all__ = ["convert_llama_to_senri", "load_local_smollm2", "load_base_model", "senri_config_from"]

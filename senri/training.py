@@ -24,7 +24,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, default_da
 from .cache import SenriCache
 from .config import ConfigManager
 from .configuration_senri import SenriConfig
-from .conversion import convert_llama_to_senri, load_local_smollm2
+from .conversion import convert_llama_to_senri, load_base_model
 from .data import build_dataset, build_tokenizer
 from .evaluation import save_records
 from .modeling_senri import SenriForCausalLM
@@ -43,13 +43,7 @@ def build_model(cfg: ConfigManager) -> tuple[SenriForCausalLM, Any]:
         torch.manual_seed(cfg.training.seed)
         model = SenriForCausalLM(cfg.to_senri_config(vocab_size=len(tokenizer)))
     else:
-        if cfg.model.base_model == "local-smollm2":
-            base = load_local_smollm2()[0]
-        else:
-            from transformers import LlamaForCausalLM
-
-            base = LlamaForCausalLM.from_pretrained(cfg.model.base_model, dtype=torch.float32)
-        model = convert_llama_to_senri(base, **cfg.senri_config_kwargs())
+        model = convert_llama_to_senri(load_base_model(cfg.model.base_model)[0], **cfg.senri_config_kwargs())
     if cfg.training.trainable == "memory":
         memory_layers = set(model.config.memory_layers)
         for name, param in model.named_parameters():

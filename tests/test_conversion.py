@@ -65,3 +65,16 @@ def test_conversion_checks_every_key_and_shape():
     small.model.layers[1].self_attn.k_proj.weight = torch.nn.Parameter(torch.zeros(8, 32))
     with pytest.raises(ValueError, match=r"model.layers.1.self_attn.k_proj.weight: source \(8, 32\) vs senri \(16, 32\)"):
         convert_llama_to_senri(small, sliding_window=8, chunk_size=4, layer_types=["memory", "sliding_attention"])
+
+
+def test_real_model_streaming_beyond_the_window_is_exact_in_float64(smollm2):
+    llama, tokenizer = smollm2
+    senri = convert_llama_to_senri(llama, sliding_window=256, chunk_size=64, memory_gate_init=0.3).double()
+    ids = _text_ids(tokenizer, 600)
+    cache, pieces, start = SenriCache(senri.config, batch_size=1), [], 0
+    with torch.no_grad():
+        one_pass = senri(input_ids=ids).logits
+        for n in (100, 1, 57, 200, 242):
+            pieces.append(senri(input_ids=ids[:, start : start + n], past_key_values=cache, use_cache=True).logits)
+            start += n
+    torch.testing.assert_close(torch.cat(pieces, dim=1), one_pass, rtol=0, atol=1e-8)
