@@ -4,7 +4,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .cache import SenriCache, load_memory_state, save_memory_state
 from .configuration_senri import SenriConfig
-from .conversion import convert_llama_to_senri, load_base_model, load_local_smollm2
+from .conversion import convert_llama_to_senri, convert_qwen2_to_senri, load_base_model, load_local_smollm2
 from .modeling_senri import SenriForCausalLM, SenriModel
 
 AutoConfig.register("senri", SenriConfig, exist_ok=True)
@@ -14,5 +14,5 @@ AutoModelForCausalLM.register(SenriConfig, SenriForCausalLM, exist_ok=True)
 __version__ = "0.1.0"
 __all__ = [
     "SenriConfig", "SenriModel", "SenriForCausalLM", "SenriCache", "convert_llama_to_senri", "load_local_smollm2",
-    "save_memory_state", "load_memory_state", "load_base_model",
+    "save_memory_state", "load_memory_state", "load_base_model", "convert_qwen2_to_senri",
 ]

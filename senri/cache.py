@@ -141,6 +141,46 @@ class SenriCache(Cache):
                 norms[idx] = 0.0 if M is None else float(M.detach().float().norm())
         return norms
 
+    # --- maintenance --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def svd_clean(self, energy_threshold: float = 0.95, max_rank: int | None = None) -> dict[int, dict[str, Any]]:
+        """Replace each memory ``M`` by its best low-rank approximation (Eckart–Young), per batch row and head.
+
+        The rank kept is the smallest whose singular values hold ``energy_threshold`` of Σσ², capped by
+        ``max_rank``. Returns, per memory layer, tensors (B, H) ``original_rank``, ``retained_rank``,
+        ``energy_retained`` and the singular values (B, H, D) before cleaning. ``z`` is left as it is.
+        """
+        if not 0.0 < energy_threshold <= 1.0:
+            raise ValueError(f"energy_threshold must be in (0, 1], got {energy_threshold}")
+        if max_rank is not None and max_rank < 1:
+            raise ValueError(f"max_rank must be >= 1 or None, got {max_rank}")
+        stats = {}
+        for idx, layer in enumerate(self.layers):
+            if layer.layer_type not in MEMORY_LAYER_TYPES:
+                continue
+            M = layer.state.M
+            if M is None or layer.state.written_chunks == 0:
+                raise RuntimeError(
+                    f"layer {idx}: the memory is empty (no chunk written yet); stream more than one window first"
+                )
+            U, S, Vh = torch.linalg.svd(M, full_matrices=False)  # (B, H, D, D), (B, H, D)
+            energy = S.square()
+            total = energy.sum(-1, keepdim=True).clamp_min(torch.finfo(S.dtype).tiny)
+            cumulative = energy.cumsum(-1) / total
+            rank = (cumulative < energy_threshold).sum(-1) + 1  # smallest k with cumulative[k-1] >= threshold
+            if max_rank is not None:
+                rank = rank.clamp(max=max_rank)
+            keep = torch.arange(S.shape[-1], device=S.device) < rank[..., None]
+            layer.state = replace(layer.state, M=(U * (S * keep)[..., None, :]) @ Vh)
+            tolerance = S[..., :1] * S.shape[-1] * torch.finfo(S.dtype).eps
+            stats[idx] = {
+                "original_rank": (S > tolerance).sum(-1),
+                "retained_rank": rank,
+                "energy_retained": (energy * keep).sum(-1) / total.squeeze(-1),
+                "singular_values": S,
+            }
+        return stats
+
     # --- transfer ------------------------------------------------------------------------------------------------
     def get_memory_state(self, include_window: bool = False) -> dict[str, Any]:
         """The cache as a dict of tensors plus metadata (safe for ``torch.save`` / ``torch.load(weights_only=True)``).

@@ -11,6 +11,17 @@ LAYER_TYPES = ("sliding_attention", "memory", "memory_only", "full_attention")
 MEMORY_LAYER_TYPES = ("memory", "memory_only")
 MEMORY_UPDATES = ("delta", "linear")
 SERIALIZED_LAYER_TYPES = "senri_layer_types"
+JAPANESE_TOKENIZER = "cyberagent/open-calm-small"
+
+
+def load_japanese_tokenizer():
+    """The OpenCALM tokenizer of the Japanese preset (needs the Hugging Face Hub)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(JAPANESE_TOKENIZER)
+    except OSError as error:
+        raise OSError(f"cannot load the Japanese tokenizer {JAPANESE_TOKENIZER!r}: the Hub is not reachable ({error})") from error
 
 
 def _suggest(value: object, valid: tuple[str, ...]) -> str:
@@ -48,6 +59,7 @@ class SenriConfig(LlamaConfig):
     layer_types: list[str] | None = None
     memory_gate_init: float = 0.0
     memory_eps: float = 1e-6
+    attention_output_bias: bool | None = None  # o_proj bias; None: same as attention_bias (Qwen2: q/k/v only)
 
     def __post_init__(self, **kwargs):
         stored = kwargs.pop(SERIALIZED_LAYER_TYPES, None)
@@ -89,6 +101,36 @@ class SenriConfig(LlamaConfig):
                 f"num_memory_layers={num_memory_layers}); valid indices are 0..{num_hidden_layers - 1}"
             )
         return ["memory" if i in memory_layers else "sliding_attention" for i in range(num_hidden_layers)]
+
+    # --- presets (from the seeds) -------------------------------------------------------------------------------
+    @classmethod
+    def smollm_135m(cls, **overrides) -> "SenriConfig":
+        """SmolLM-135M's shapes with the seed's layout: window 1024, chunk 64, memory on layers 10 and 20."""
+        fields = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, rms_norm_eps=1e-5,
+                      tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
+        return cls(**{**fields, **overrides})
+
+    @classmethod
+    def pythia_70m(cls, **overrides) -> "SenriConfig":
+        """A from-scratch model of Pythia-70M's size (512 hidden, 6 layers, 8 heads) with the Infini-Pythia seed's
+        composition: layer 0 memory-only, the rest sliding windows. Llama blocks, not GPT-NeoX's."""
+        fields = dict(vocab_size=50304, hidden_size=512, intermediate_size=2048, num_hidden_layers=6,
+                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1 << 20,
+                      layer_types=["memory_only"] + ["sliding_attention"] * 5, sliding_window=1024, chunk_size=64)
+        return cls(**{**fields, **overrides})
+
+    @classmethod
+    def full_attention_baseline(cls, **overrides) -> "SenriConfig":
+        """SmolLM-135M's shapes with full attention in every layer (no window, no memory): the baseline."""
+        layers = overrides.get("num_hidden_layers", 30)
+        return cls.smollm_135m(**{"layer_types": ["full_attention"] * layers, **overrides})
+
+    @classmethod
+    def japanese(cls, **overrides) -> "SenriConfig":
+        """SmolLM-135M's shapes with the OpenCALM vocabulary (52,000 tokens; see JAPANESE_TOKENIZER)."""
+        return cls.smollm_135m(**{"vocab_size": 52000, "bos_token_id": 0, "eos_token_id": 0, **overrides})
 
     @property
     def memory_layers(self) -> list[int]:
@@ -133,4 +175,5 @@ class SenriConfig(LlamaConfig):
             raise ValueError(f"memory_eps must be > 0, got {self.memory_eps}")
 
 
-__all__ = ["SenriConfig", "LAYER_TYPES", "MEMORY_LAYER_TYPES", "MEMORY_UPDATES"]
+__all__ = ["SenriConfig", "LAYER_TYPES", "MEMORY_LAYER_TYPES", "MEMORY_UPDATES", "JAPANESE_TOKENIZER",
+           "load_japanese_tokenizer"]

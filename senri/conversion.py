@@ -29,6 +29,8 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def senri_config_from(base_config: Any, **overrides: Any) -> SenriConfig:
     """A SenriConfig with the source's architecture and Senri's settings (defaults, then ``overrides``)."""
     fields = {k: v for k, v in base_config.to_dict().items() if k not in _DROPPED_SOURCE_FIELDS}
+    if base_config.model_type == "qwen2":  # Qwen2 has q/k/v biases but no o_proj bias
+        fields.update(attention_bias=True, attention_output_bias=False)
     fields.update(overrides)
     return SenriConfig(**fields)
 
@@ -66,6 +68,15 @@ def convert_llama_to_senri(base: LlamaForCausalLM | str, **config_overrides: Any
                 tensor.copy_(source[name])
     model.tie_weights()
     return model.eval() if not base.training else model
+
+
+def convert_qwen2_to_senri(base: Any, **config_overrides: Any) -> SenriForCausalLM:
+    """Qwen2 (e.g. Qwen2.5-0.5B) → Senri: the same conversion, with Qwen2's q/k/v biases carried over."""
+    if isinstance(base, (str, Path)):
+        from transformers import Qwen2ForCausalLM
+
+        base = Qwen2ForCausalLM.from_pretrained(str(base))
+    return convert_llama_to_senri(base, **config_overrides)
 
 
 def _smollm2_dir() -> Path:
@@ -130,4 +141,4 @@ def load_base_model(name: str) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBas
     return LlamaForCausalLM.from_pretrained(name, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(name)
 
 
-__all__ = ["convert_llama_to_senri", "load_local_smollm2", "load_base_model", "senri_config_from"]
+__all__ = ["convert_llama_to_senri", "convert_qwen2_to_senri", "load_local_smollm2", "load_base_model", "senri_config_from"]
