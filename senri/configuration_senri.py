@@ -46,6 +46,8 @@ class SenriConfig(LlamaConfig):
     * ``memory_gate_init``: weight of the memory path at initialisation, in [0, 1]. 0 (default) makes a converted
       model compute exactly what its source computed, while the gate still receives a gradient.
     * ``memory_eps``: the epsilon of the memory read's normaliser.
+    * ``use_alibi`` / ``alibi_scale``: older segments' memory contributions decay as exp(−slope_h · distance in
+      segments), with ALiBi's per-head geometric slopes times ``alibi_scale``.
     """
 
     model_type = "senri"
@@ -59,6 +61,8 @@ class SenriConfig(LlamaConfig):
     layer_types: list[str] | None = None
     memory_gate_init: float = 0.0
     memory_eps: float = 1e-6
+    use_alibi: bool = False
+    alibi_scale: float = 1.0
     attention_output_bias: bool | None = None  # o_proj bias; None: same as attention_bias (Qwen2: q/k/v only)
 
     def __post_init__(self, **kwargs):
@@ -171,6 +175,8 @@ class SenriConfig(LlamaConfig):
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
                 f"({kv_heads})"
             )
+        if self.alibi_scale <= 0:
+            raise ValueError(f"alibi_scale must be > 0, got {self.alibi_scale}")
         if self.memory_eps <= 0:
             raise ValueError(f"memory_eps must be > 0, got {self.memory_eps}")
 

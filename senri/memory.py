@@ -37,8 +37,15 @@ def empty_memory(batch_size: int, num_heads: int, head_dim: int, device: torch.d
     return M, z
 
 
+def alibi_decay(num_heads: int, scale: float = 1.0) -> torch.Tensor:
+    """Per-head decay factor per written segment, exp(−slope_h), with ALiBi's geometric slopes 2^(−8(h+1)/H)."""
+    slopes = 2.0 ** (-8.0 * torch.arange(1, num_heads + 1, dtype=torch.float64) / num_heads) * scale
+    return torch.exp(-slopes).to(MEMORY_DTYPE)
+
+
 def memory_states(
-    k: torch.Tensor, v: torch.Tensor, M: torch.Tensor, z: torch.Tensor, update: str, eps: float
+    k: torch.Tensor, v: torch.Tensor, M: torch.Tensor, z: torch.Tensor, update: str, eps: float,
+    decay: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Write ``N`` chunks into memory, one chunk at a time, and return every intermediate state.
 
@@ -48,8 +55,12 @@ def memory_states(
     * linear (eq. 4):  M_j+1 = M_j + φ(K_j)ᵀ V_j
     * delta  (eq. 5):  M_j+1 = M_j + φ(K_j)ᵀ (V_j − φ(K_j) M_j / (φ(K_j) z_j + eps))
     and in both z_j+1 = z_j + Σ_t φ(K_j,t).
+    With ``decay`` (H,) (ALiBi-style, ``use_alibi``), the old state is scaled by it before each write:
+    M_j+1 = γ M_j + ..., z_j+1 = γ z_j + ..., so a segment written d segments ago weighs γ^d — a fixed-size state.
     """
     sk, v = phi(k.to(MEMORY_DTYPE)), v.to(MEMORY_DTYPE)
+    if decay is not None:
+        return _decayed_memory_states(sk, v, M, z, update, eps, decay.to(sk.device))
     dz = sk.sum(dim=3)  # (B, H, N, D)
     zs = torch.cat([z.unsqueeze(2), z.unsqueeze(2) + dz.cumsum(dim=2)], dim=2)
     if update == "linear":
@@ -65,6 +76,20 @@ def memory_states(
         retrieved = (sk_j @ states[-1]) / ((sk_j @ zs[:, :, j].unsqueeze(-1)) + eps)  # (B, H, C, D)
         states.append(states[-1] + sk_j.transpose(-1, -2) @ (v[:, :, j] - retrieved))
     return torch.stack(states, dim=2), zs
+
+
+def _decayed_memory_states(sk, v, M, z, update, eps, decay):
+    if update not in ("delta", "linear"):
+        raise ValueError(f"memory update {update!r} is unknown; valid values are ['delta', 'linear']")
+    Ms, zs = [M], [z]
+    for j in range(sk.shape[2]):
+        sk_j, M_j, z_j = sk[:, :, j], Ms[-1], zs[-1]
+        values = v[:, :, j]
+        if update == "delta":
+            values = values - (sk_j @ M_j) / ((sk_j @ z_j.unsqueeze(-1)) + eps)
+        Ms.append(decay[:, None, None] * M_j + sk_j.transpose(-1, -2) @ values)
+        zs.append(decay[:, None] * z_j + sk_j.sum(dim=2))
+    return torch.stack(Ms, dim=2), torch.stack(zs, dim=2)
 
 
 def memory_read(
@@ -96,6 +121,7 @@ def memory_read(
 def memory_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, M: torch.Tensor, z: torch.Tensor, q_start: int, written: int,
     new_written: int, chunk_size: int, window_chunks: int, update: str, eps: float, intra_chunk: bool = False,
+    decay: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The memory path of one layer for queries at positions ``q_start..``: write, then read chunk by chunk.
 
@@ -114,7 +140,7 @@ def memory_attention(
     with float32_memory(q.device):
         write_k = k[:, :, : n_write * C].reshape(B, H, n_write, C, D)
         write_v = v[:, :, : n_write * C].reshape(B, H, n_write, C, D)
-        Ms, zs = memory_states(write_k, write_v, M, z, update, eps)
+        Ms, zs = memory_states(write_k, write_v, M, z, update, eps, decay)
         chunks = torch.arange(first_chunk, last_chunk + 1, device=q.device)
         index = (chunks - window_chunks - written).clamp(0, n_write)
         # Lay the queries on the chunk grid: (B, Hq, T, D) -> (B, H, n_query, G*C, D), heads of a group stacked.
@@ -133,7 +159,7 @@ def memory_attention(
 
 def reference_memory_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int, window_chunks: int, update: str, eps: float,
-    intra_chunk: bool = False,
+    intra_chunk: bool = False, decay: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Naive token-by-token memory path of a sequence starting at position 0, for testing.
 
@@ -153,6 +179,9 @@ def reference_memory_attention(
         while written < t // chunk_size - window_chunks:
             # Every token of the chunk reads the memory as it was before the chunk (delta rule, eq. 5).
             M_old, z_old = M, z
+            if decay is not None:  # older segments fade by γ per newer segment
+                M = M * decay.to(M.dtype)[:, None, None]
+                z = z * decay.to(z.dtype)[:, None]
             for s in range(written * chunk_size, (written + 1) * chunk_size):
                 sk = phi(k[:, :, s].to(MEMORY_DTYPE))  # (B, H, D)
                 vs = v[:, :, s].to(MEMORY_DTYPE)
@@ -177,6 +206,6 @@ def reference_memory_attention(
 
 
 __all__ = [
-    "MEMORY_DTYPE", "phi", "float32_memory", "empty_memory", "memory_states", "memory_read", "memory_attention",
+    "MEMORY_DTYPE", "phi", "alibi_decay", "float32_memory", "empty_memory", "memory_states", "memory_read", "memory_attention",
     "reference_memory_attention",
 ]

@@ -25,7 +25,7 @@ from transformers.models.llama.modeling_llama import (
 
 from .cache import LayerState, SenriCache
 from .configuration_senri import MEMORY_LAYER_TYPES, SenriConfig
-from .memory import empty_memory, memory_attention
+from .memory import alibi_decay, empty_memory, memory_attention
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -126,6 +126,9 @@ class SenriAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         output_bias = bias if config.attention_output_bias is None else config.attention_output_bias
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=output_bias)
+        self.memory_decay = (
+            alibi_decay(self.num_kv_heads, config.alibi_scale) if self.has_memory and config.use_alibi else None
+        )
         if self.layer_type == "memory":
             # Weight of the memory path per query head (eq. 6 mixes with sigmoid(β); we use a clamped linear gate
             # so that 0 is reachable exactly and the gradient at 0 is not squashed).
@@ -171,6 +174,7 @@ class SenriAttention(nn.Module):
             memory_output, M, z = memory_attention(
                 q, k, v, M, z, P, written, new_written, self.chunk_size, self.window_chunks,
                 self.config.memory_update, self.config.memory_eps, intra_chunk=not self.has_local,
+                decay=self.memory_decay,
             )
             if output is None:
                 output = memory_output.to(q.dtype)

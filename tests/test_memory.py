@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from senri.memory import empty_memory, memory_attention, memory_states, reference_memory_attention
+from senri.memory import alibi_decay, empty_memory, memory_attention, memory_states, reference_memory_attention
 
 
 def _inputs(T: int, seed: int = 0, B: int = 2, Hq: int = 4, H: int = 2, D: int = 8):
@@ -14,7 +14,7 @@ def _inputs(T: int, seed: int = 0, B: int = 2, Hq: int = 4, H: int = 2, D: int =
     return q, k, v
 
 
-def _chunked(q, k, v, C, window_chunks, update, pieces=None, intra=False):
+def _chunked(q, k, v, C, window_chunks, update, pieces=None, intra=False, decay=None):
     """The fast path as the model drives it, fed in pieces (the keys not yet in memory carried along)."""
     B, _, T, D = q.shape
     M, z = empty_memory(B, k.shape[1], D)
@@ -26,15 +26,15 @@ def _chunked(q, k, v, C, window_chunks, update, pieces=None, intra=False):
         new_written = max(written, (end - 1) // C - window_chunks)
         out, M, z = memory_attention(
             q[:, :, start:end], k[:, :, written * C : end], v[:, :, written * C : end], M, z, start, written,
-            new_written, C, window_chunks, update, 1e-6, intra_chunk=intra,
+            new_written, C, window_chunks, update, 1e-6, intra_chunk=intra, decay=decay,
         )
         outputs.append(out)
         start, written = end, new_written
     return torch.cat(outputs, dim=2), M, z
 
 
-def _reference(q, k, v, C, window_chunks, update, intra=False):
-    out, M, z = reference_memory_attention(q, k, v, C, window_chunks, update, 1e-6, intra_chunk=intra)
+def _reference(q, k, v, C, window_chunks, update, intra=False, decay=None):
+    out, M, z = reference_memory_attention(q, k, v, C, window_chunks, update, 1e-6, intra_chunk=intra, decay=decay)
     return out, M, z
 
 
@@ -47,11 +47,13 @@ def _float64(monkeypatch):
 @pytest.mark.parametrize("update", ["linear", "delta"])
 @pytest.mark.parametrize("window_chunks,intra", [(2, False), (0, True)])
 @pytest.mark.parametrize("pieces", [None, [5, 1, 1, 9, 3, 18], [1] * 37])
-def test_chunked_equals_naive_loop_outputs_state_and_gradients(update, window_chunks, intra, pieces):
+@pytest.mark.parametrize("alibi", [False, True])
+def test_chunked_equals_naive_loop_outputs_state_and_gradients(update, window_chunks, intra, pieces, alibi):
     T, C = 37, 4
     q, k, v = _inputs(T)
-    fast, M_fast, z_fast = _chunked(q, k, v, C, window_chunks, update, pieces, intra)
-    slow, M_slow, z_slow = _reference(q, k, v, C, window_chunks, update, intra)
+    decay = alibi_decay(2, scale=4.0).double() if alibi else None
+    fast, M_fast, z_fast = _chunked(q, k, v, C, window_chunks, update, pieces, intra, decay)
+    slow, M_slow, z_slow = _reference(q, k, v, C, window_chunks, update, intra, decay)
     torch.testing.assert_close(fast, slow, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(M_fast, M_slow, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(z_fast, z_slow, rtol=1e-9, atol=1e-9)
@@ -73,15 +75,17 @@ def test_gradient_reaches_early_tokens_through_memory():
 
 
 def test_delta_rule_stores_only_what_memory_does_not_already_predict():
-    k = torch.randn(1, 1, 2, 4, 8, dtype=torch.float64)
-    k[:, :, 1] = k[:, :, 0]  # the second chunk repeats the first chunk's keys and values
-    v = torch.randn(1, 1, 1, 4, 8, dtype=torch.float64).repeat(1, 1, 2, 1, 1)
+    # A key whose features are one-hot (φ(k) = e_0) written twice with the same value: the second time the
+    # memory already predicts v exactly, so the delta rule adds (almost) nothing while the linear rule doubles.
+    k = torch.full((1, 1, 2, 1, 8), -60.0, dtype=torch.float64)
+    k[..., 0] = 0.0
+    v = torch.randn(1, 1, 1, 1, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).repeat(1, 1, 2, 1, 1)
     M, z = (t.double() for t in empty_memory(1, 1, 8))
     Ms_delta, _ = memory_states(k, v, M, z, "delta", 1e-6)
     Ms_linear, _ = memory_states(k, v, M, z, "linear", 1e-6)
-    # Linear memory doubles; delta memory adds only the residual, so it grows less.
     torch.testing.assert_close(Ms_linear[:, :, 2], 2 * Ms_linear[:, :, 1])
-    assert (Ms_delta[:, :, 2] - Ms_delta[:, :, 1]).norm() < 0.5 * Ms_delta[:, :, 1].norm()
+    torch.testing.assert_close(Ms_delta[:, :, 1], Ms_linear[:, :, 1])
+    assert (Ms_delta[:, :, 2] - Ms_delta[:, :, 1]).norm() < 1e-5 * Ms_delta[:, :, 1].norm()
 
 
 def test_unknown_update_rule_is_named():
@@ -89,3 +93,18 @@ def test_unknown_update_rule_is_named():
     M, z = empty_memory(1, 1, 8)
     with pytest.raises(ValueError, match="'hebbian'.*delta.*linear"):
         memory_states(k, k, M, z, "hebbian", 1e-6)
+
+
+def test_alibi_weights_each_segment_by_decay_to_the_power_of_its_age():
+    k = torch.randn(1, 2, 5, 4, 8, dtype=torch.float64)
+    v = torch.randn(1, 2, 5, 4, 8, dtype=torch.float64)
+    M, z = (t.double() for t in empty_memory(1, 2, 8))
+    decay = alibi_decay(2, scale=2.0).double()
+    Ms, zs = memory_states(k, v, M, z, "linear", 1e-6, decay)
+    sk = torch.nn.functional.elu(k) + 1
+    # After 5 writes, segment j weighs γ^(4 - j): an explicit weighted sum of the per-segment outer products.
+    expected = sum(decay[:, None, None] ** (4 - j) * (sk[:, :, j].transpose(-1, -2) @ v[:, :, j]) for j in range(5))
+    torch.testing.assert_close(Ms[:, :, -1], expected)
+    torch.testing.assert_close(zs[:, :, -1], sum(decay[:, None] ** (4 - j) * sk[:, :, j].sum(2) for j in range(5)))
+    slopes = -torch.log(alibi_decay(4))
+    torch.testing.assert_close(slopes.float(), torch.tensor([2.0 ** (-8 * h / 4) for h in (1, 2, 3, 4)]))

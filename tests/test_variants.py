@@ -99,3 +99,19 @@ def test_qwen2_conversion_with_qkv_biases_equals_the_source_within_the_window():
     ids = torch.randint(0, 64, (2, 20))
     with torch.no_grad():
         torch.testing.assert_close(senri(input_ids=ids).logits, qwen(ids).logits, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("update", ["delta", "linear"])
+def test_alibi_model_streams_like_one_pass_and_transfers(update):
+    model = tiny_model(use_alibi=True, alibi_scale=2.0, memory_update=update)
+    ids = torch.randint(0, 97, (1, 150), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        one = model(input_ids=ids).logits
+        cache = SenriCache(model.config, 1)
+        first = [model(input_ids=ids[:, s : s + 13], past_key_values=cache, use_cache=True).logits for s in range(0, 91, 13)]
+        restored = SenriCache.from_memory_state(model.config, cache.get_memory_state(include_window=True))
+        rest = model(input_ids=ids[:, 91:], past_key_values=restored, use_cache=True).logits
+    torch.testing.assert_close(torch.cat(first + [rest], 1), one, rtol=0, atol=1e-5)
+    plain = tiny_model(memory_update=update)
+    with torch.no_grad():
+        assert not torch.allclose(plain(input_ids=ids).logits[:, -1], one[:, -1])
