@@ -50,7 +50,8 @@ def evaluate_trained(cfg: ConfigManager) -> dict[str, Any]:
     niah, ppl = [], {}
     ids = _held_out_ids(tokenizer, e.ppl_seq_len, cfg.training.seed)
     for name, model in models.items():
-        niah += run_niah(model, tokenizer, e.niah_lengths, e.niah_depths, e.niah_samples, seed=cfg.training.seed,
+        # seed + 1: a haystack (and needles) the training data never contained.
+        niah += run_niah(model, tokenizer, e.niah_lengths, e.niah_depths, e.niah_samples, seed=cfg.training.seed + 1,
                          templates=e.niah_templates, model_name=name, window=model.config.sliding_window)
         ppl[name] = position_ppl(model, ids, e.ppl_bucket_size)
     senri = models["senri"]
