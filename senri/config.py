@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -117,13 +118,22 @@ def _suggest(key: str, valid: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    """``value`` as a dict (an empty YAML entry is an empty mapping); anything else raises naming ``where``."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{where} must be a mapping of key: value, got {type(value).__name__} {value!r}")
+    return value
+
+
 def _check_type(name: str, value: Any, annotation: Any) -> Any:
     """Return ``value`` converted to ``annotation`` where lossless, else raise naming the key."""
     origin, args = get_origin(annotation), get_args(annotation)
     if value is None:
         if type(None) in args:
             return None
-        raise ValueError(f"{name} must not be null")
+        raise ValueError(f"{name} must not be null; expected {getattr(annotation, '__name__', annotation)}")
     if origin is Literal:
         if value not in args:
             raise ValueError(f"{name} = {value!r} is not valid; valid values are {list(args)}{_suggest(str(value), list(args))}")
@@ -144,9 +154,16 @@ def _check_type(name: str, value: Any, annotation: Any) -> Any:
             raise ValueError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
         return value
     if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-        return float(value)
+        # YAML 1.1 reads `1e-4` (no dot) as a string; accept any string that is a plain number.
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
+            raise ValueError(f"{name} must be a finite number, got {type(value).__name__} {value!r}")
+        return float(number)
     if annotation is str:
         if not isinstance(value, str):
             raise ValueError(f"{name} must be a string, got {type(value).__name__} {value!r}")
@@ -168,16 +185,18 @@ class ConfigManager:
         merged = {section: {} for section in SECTIONS}
         for section in SECTIONS:
             path = self.config_dir / f"{section}.yaml"
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) if path.exists() else {}
-            unknown = set(data or {}) - {"defaults", "profiles"}
+            data = _mapping(yaml.safe_load(path.read_text(encoding="utf-8")) if path.exists() else None, str(path))
+            unknown = set(data) - {"defaults", "profiles"}
             if unknown:
                 raise ValueError(f"{path}: unknown top-level keys {sorted(unknown)}; valid keys are ['defaults', 'profiles']")
-            merged[section].update(self._checked_keys(section, (data or {}).get("defaults") or {}, str(path)))
-            profiles = (data or {}).get("profiles") or {}
+            defaults = _mapping(data.get("defaults"), f"{path}: defaults")
+            merged[section].update(self._checked_keys(section, defaults, str(path)))
+            profiles = _mapping(data.get("profiles"), f"{path}: profiles")
             bad = set(profiles) - set(PROFILES)
             if bad:
                 raise ValueError(f"{path}: unknown profiles {sorted(bad)}; valid profiles are {list(PROFILES)}")
-            merged[section].update(self._checked_keys(section, profiles.get(self.profile) or {}, f"{path} [{self.profile}]"))
+            where = f"{path} [{self.profile}]"
+            merged[section].update(self._checked_keys(section, _mapping(profiles.get(self.profile), where), where))
         for section, key, value in self._flatten_overrides(overrides or {}):
             merged[section][key] = value
         self.model: ModelSettings = self._build("model", merged["model"])

@@ -1,7 +1,8 @@
 """Training data: long documents cut into fixed-length token blocks (cached on disk), NIAH injection, and the
 synthetic long-context retrieval task of the CPU memory proof.
 
-Everything is a function of (seed, sample index): a resumed run or another worker sees identical samples.
+Every sample is a function of (seed, sample index) alone, never of global RNG state: a resumed run or another
+worker sees identical samples.
 """
 
 from __future__ import annotations
@@ -21,79 +22,112 @@ from torch.utils.data import Dataset
 from .niah import TEMPLATES, build_niah_prompt, build_synthetic_tokenizer, generate_haystack_text, make_needle
 
 DATASETS = ("pg19", "text_files", "generated", "passkey")
+TOKENIZERS = ("base", "synthetic")
+LOSS_ON = ("answer", "all")
+
+
+def _digest(*parts: Any) -> bytes:
+    return hashlib.sha256("|".join(str(p) for p in parts).encode()).digest()
+
+
+def _unit(seed: int, index: int, salt: str) -> float:
+    """A uniform number in [0, 1) fixed by (seed, index, salt), independent of any global RNG state."""
+    return int.from_bytes(_digest(seed, index, salt)[:8], "big") / 2**64
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    # verbose=False: a whole book is longer than model_max_length, which is expected here, not worth a warning.
+    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
 
 # --- text sources ---------------------------------------------------------------------------------------------
-def iter_pg19_texts(dataset_name: str = "emozilla/pg19", split: str = "train") -> Iterator[str]:
-    """Books from PG19 on the Hub, streamed (Colab path; ``emozilla/pg19`` is parquet with a ``text`` column)."""
+def iter_pg19_texts(dataset_name: str = "emozilla/pg19", split: str = "train", streaming: bool = True) -> Iterator[str]:
+    """Books from PG19 on the Hub (the Colab path; ``emozilla/pg19`` is parquet with a ``text`` column).
+
+    Streaming reads only as many books as the blocks need instead of downloading ~11 GB.
+    """
     from datasets import load_dataset
 
-    for row in load_dataset(dataset_name, split=split, streaming=True):
-        yield row["text"]
+    for row in load_dataset(dataset_name, split=split, streaming=streaming):
+        if row["text"]:
+            yield row["text"]
 
 
 def iter_text_files(paths: Sequence[str | os.PathLike]) -> Iterator[str]:
     """Local text files, one document each (the offline path for real text)."""
-    for path in paths:
-        path = Path(path)
+    for path in map(Path, paths):
         if not path.is_file():
             raise FileNotFoundError(f"data file {str(path)!r} does not exist")
         yield path.read_text(encoding="utf-8", errors="replace")
 
 
+def describe_text_files(paths: Sequence[str | os.PathLike]) -> str:
+    """A cache key for local files that changes when a file is edited (path, size and mtime of each)."""
+    stats = [(str(p), Path(p).stat().st_size, Path(p).stat().st_mtime_ns) if Path(p).is_file() else (str(p),)
+             for p in paths]
+    return f"files:{stats}"
+
+
 def iter_generated_texts(seed: int, words_per_document: int = 2000) -> Iterator[str]:
-    """Endless generated prose (the offline default when no text is available)."""
+    """Endless generated prose (the offline default when no text is available).
+
+    Document seeds are hashed from (seed, index), so they never coincide with the small integer seeds that
+    evaluation uses for its held-out text.
+    """
     index = 0
     while True:
-        yield generate_haystack_text(words_per_document, seed=seed * 1_000_003 + index)
+        document_seed = int.from_bytes(_digest("generated", seed, index)[:8], "big")
+        yield generate_haystack_text(words_per_document, seed=document_seed)
         index += 1
 
 
 # --- token blocks ---------------------------------------------------------------------------------------------
-def _fingerprint(*parts: Any) -> str:
-    return hashlib.sha256("|".join(str(p) for p in parts).encode()).hexdigest()[:16]
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Identifies a tokenizer by what it does (vocabulary and EOS), not by where it was loaded from."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(repr((len(tokenizer), tokenizer.eos_token_id, vocab)).encode()).hexdigest()[:16]
+
+
+def token_blocks_path(cache_dir: str | os.PathLike, source: str, tokenizer: Any, seq_len: int, num_blocks: int) -> Path:
+    """Where :func:`build_token_blocks` caches the blocks of (source, tokenizer, seq_len, num_blocks)."""
+    key = _digest(source, tokenizer_fingerprint(tokenizer), seq_len, num_blocks).hex()[:16]
+    return Path(cache_dir) / f"blocks-{key}.npy"
 
 
 def build_token_blocks(
-    texts: Iterable[str], tokenizer: Any, seq_len: int, num_blocks: int, cache_dir: str | os.PathLike,
-    source: str,
+    texts: Iterable[str], tokenizer: Any, seq_len: int, num_blocks: int, cache_dir: str | os.PathLike, source: str,
 ) -> np.ndarray:
-    """(num_blocks, seq_len) int32 blocks of consecutive tokens (documents separated by EOS), cached on disk.
+    """(num_blocks, seq_len) int32 blocks of consecutive tokens, documents separated by EOS, cached on disk.
 
-    The cache file name hashes (source, tokenizer, seq_len, num_blocks); it is written to a temporary file and
-    renamed, so an interrupted build is never read. A second call loads it without tokenising.
+    ``source`` describes ``texts`` for the cache key (e.g. ``"hub:emozilla/pg19"``). The file is written under a
+    temporary name and renamed, so an interrupted build is never read; a second call loads it without tokenising.
     """
-    name = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
-    path = Path(cache_dir) / f"blocks-{_fingerprint(source, name, len(tokenizer), seq_len, num_blocks)}.npy"
+    path = token_blocks_path(cache_dir, source, tokenizer, seq_len, num_blocks)
     if path.exists():
         return np.load(path)
     eos = tokenizer.eos_token_id
-    buffer: list[int] = []
-    blocks = []
+    blocks = np.empty((num_blocks, seq_len), dtype=np.int32)  # preallocated: 4 bytes a token, not a Python int
+    filled, pending = 0, np.empty(0, dtype=np.int32)  # pending: tokens not yet in a full block
     for text in texts:
-        buffer.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            buffer.append(eos)
-        while len(buffer) >= seq_len and len(blocks) < num_blocks:
-            blocks.append(buffer[:seq_len])
-            buffer = buffer[seq_len:]
-        if len(blocks) >= num_blocks:
+        ids = _encode(tokenizer, text) + ([eos] if eos is not None else [])
+        pending = np.concatenate([pending, np.asarray(ids, dtype=np.int32)])
+        usable = min(len(pending) // seq_len, num_blocks - filled)
+        blocks[filled : filled + usable] = pending[: usable * seq_len].reshape(usable, seq_len)
+        filled, pending = filled + usable, pending[usable * seq_len :]
+        if filled == num_blocks:
             break
-    if len(blocks) < num_blocks:
-        raise ValueError(f"source {source!r} gave only {len(blocks)} blocks of {seq_len} tokens, {num_blocks} needed")
-    array = np.asarray(blocks, dtype=np.int32)
+    if filled < num_blocks:
+        raise ValueError(f"source {source!r} gave only {filled} blocks of {seq_len} tokens, {num_blocks} needed")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npy")
-    with os.fdopen(fd, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
-    return array
-
-
-def _unit(seed: int, index: int, salt: str) -> float:
-    """A uniform number in [0, 1) fixed by (seed, index, salt), independent of any global RNG state."""
-    digest = hashlib.sha256(f"{seed}:{index}:{salt}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, blocks)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return blocks
 
 
 class LMBlockDataset(Dataset):
@@ -107,6 +141,14 @@ class LMBlockDataset(Dataset):
                  templates: Sequence[str] = ("passkey",)):
         if not 0.0 <= niah_ratio <= 1.0:
             raise ValueError(f"niah_ratio must be in [0, 1], got {niah_ratio}")
+        unknown = [t for t in templates if t not in TEMPLATES]
+        if unknown or not templates:
+            # Checked here: an unknown template would otherwise fail only at the first injected sample, mid-run.
+            raise ValueError(
+                f"NIAH templates {unknown or list(templates)} are not valid; valid templates are {list(TEMPLATES)}"
+            )
+        if blocks.ndim != 2:
+            raise ValueError(f"blocks must be (num_blocks, seq_len), got shape {blocks.shape}")
         self.blocks, self.tokenizer, self.niah_ratio, self.seed = blocks, tokenizer, niah_ratio, seed
         self.templates = tuple(templates)
 
@@ -120,69 +162,73 @@ class LMBlockDataset(Dataset):
         return [i for i in range(len(self)) if self.is_injected(i)]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        ids = [int(t) for t in self.blocks[index]]
+        ids = self.blocks[index].tolist()
         if self.is_injected(index):
-            rng = random.Random(f"{self.seed}:{index}:needle")
+            rng = random.Random(f"{self.seed}:{index}:needle")  # string seeds hash the same in every process
             needle = make_needle(self.templates[rng.randrange(len(self.templates))], rng)
-            answer = self.tokenizer(needle.answer, add_special_tokens=False)["input_ids"]
+            answer = _encode(self.tokenizer, needle.answer)
             prompt, answer = build_niah_prompt(self.tokenizer, ids, len(ids) - len(answer), rng.random(), needle)
             ids = prompt + answer
-        tensor = torch.tensor(ids, dtype=torch.long)
-        return {"input_ids": tensor, "labels": tensor.clone()}
+        input_ids = torch.tensor(ids, dtype=torch.long)
+        return {"input_ids": input_ids, "labels": input_ids.clone()}
 
 
 class PasskeyRetrievalDataset(Dataset):
     """The synthetic long-context retrieval task: a needle in a haystack, by default beyond the local window.
 
-    Sample = haystack with the needle (for a share ``beyond_window`` of samples) at least ``window + chunk`` tokens
-    before the question, then the answer.
-    With ``loss_on="answer"`` only the answer tokens are labelled, so the loss is the retrieval loss.
+    A sample is ``seq_len`` tokens: haystack with the needle, the question, the answer. For a share
+    ``beyond_window`` of samples the needle ends at least ``min_distance`` tokens (default ``window + chunk_size``,
+    the most a block-sliding window can see) before the question, so only the memory can reach it; the others
+    put it anywhere, so local retrieval is learnt too. With ``loss_on="answer"`` only the answer tokens are
+    labelled, so the loss is the retrieval loss.
     """
 
     def __init__(self, tokenizer: Any, seq_len: int, num_samples: int, seed: int, window: int, chunk_size: int = 0,
-                 template: str = "niah_words", loss_on: str = "answer", beyond_window: float = 1.0):
+                 template: str = "niah_words", loss_on: str = "answer", beyond_window: float = 1.0,
+                 min_distance: int | None = None):
         if template not in TEMPLATES:
             raise ValueError(f"template {template!r} is unknown; valid templates are {list(TEMPLATES)}")
-        if loss_on not in ("answer", "all"):
-            raise ValueError(f"loss_on must be 'answer' or 'all', got {loss_on!r}")
+        if loss_on not in LOSS_ON:
+            raise ValueError(f"loss_on = {loss_on!r} is not valid; valid values are {list(LOSS_ON)}")
         self.tokenizer, self.seq_len, self.num_samples, self.seed = tokenizer, seq_len, num_samples, seed
-        self.window, self.chunk_size, self.template, self.loss_on = window, chunk_size, template, loss_on
-        self.beyond_window = beyond_window
-        self.haystack = tokenizer(generate_haystack_text(seq_len * 8, seed), add_special_tokens=False)["input_ids"]
+        self.template, self.loss_on, self.beyond_window = template, loss_on, beyond_window
+        self.min_distance = window + chunk_size if min_distance is None else min_distance
+        self.haystack = _encode(tokenizer, generate_haystack_text(seq_len * 8, seed))
 
     def __len__(self) -> int:
         return self.num_samples
 
     def sample(self, index: int) -> tuple[list[int], list[int], dict[str, Any]]:
-        """(prompt ids, answer ids, {"needle_start", "needle_end", "depth"}) of sample ``index``."""
+        """(prompt ids, answer ids, {"needle_start", "needle_end", "question_start"}) of sample ``index``."""
         rng = random.Random(f"{self.seed}:{index}:passkey")
         needle = make_needle(self.template, rng)
-        answer = self.tokenizer(needle.answer, add_special_tokens=False)["input_ids"]
-        needle_len = len(self.tokenizer(" " + " ".join(needle.needle_texts), add_special_tokens=False)["input_ids"])
-        question_len = len(self.tokenizer(" " + needle.question, add_special_tokens=False)["input_ids"])
+        answer = _encode(self.tokenizer, needle.answer)
+        # The same encodings build_niah_prompt makes, to know where the needle lands.
+        needle_len = len(_encode(self.tokenizer, " " + " ".join(needle.needle_texts)))
+        question_len = len(_encode(self.tokenizer, " " + needle.question))
         length = self.seq_len - len(answer)
         hay_len = length - needle_len - question_len
-        # A share ``beyond_window`` of the needles ends at least window + chunk tokens before the question (only the
-        # memory can reach them); the others lie anywhere, so local retrieval is learnt too.
-        latest = hay_len - (self.window + self.chunk_size)
+        latest = hay_len - self.min_distance  # the last needle start still min_distance before the question
         if latest < 0:
             raise ValueError(
-                f"seq_len {self.seq_len} is too short to put the needle beyond the window ({self.window} + "
-                f"{self.chunk_size} tokens); use seq_len >= {self.seq_len - latest}"
+                f"seq_len {self.seq_len} is too short to put the needle beyond the window ({self.min_distance} "
+                f"tokens before the question); use seq_len >= {self.seq_len - latest}"
             )
         start = rng.randrange(latest + 1) if rng.random() < self.beyond_window else rng.randrange(hay_len + 1)
-        offset = rng.randrange(len(self.haystack))
+        offset = rng.randrange(len(self.haystack))  # a different stretch of haystack per sample
         haystack = self.haystack[offset:] + self.haystack[:offset]
-        prompt, answer = build_niah_prompt(self.tokenizer, haystack, length, start / hay_len if hay_len else 0.0, needle)
-        return prompt, answer, {"needle_start": start, "needle_end": start + needle_len, "question_start": length - question_len}
+        depth = start / hay_len if hay_len else 0.0
+        prompt, answer = build_niah_prompt(self.tokenizer, haystack, length, depth, needle)
+        where = {"needle_start": start, "needle_end": start + needle_len, "question_start": length - question_len}
+        return prompt, answer, where
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         prompt, answer, _ = self.sample(index)
-        ids = torch.tensor(prompt + answer, dtype=torch.long)
-        labels = ids.clone()
+        input_ids = torch.tensor(prompt + answer, dtype=torch.long)
+        labels = input_ids.clone()
         if self.loss_on == "answer":
-            labels[: len(prompt)] = -100
-        return {"input_ids": ids, "labels": labels}
+            labels[: len(prompt)] = -100  # ignored by the loss: only retrieving the answer is learnt
+        return {"input_ids": input_ids, "labels": labels}
 
 
 # --- from the workspace configuration --------------------------------------------------------------------------
@@ -190,6 +236,8 @@ def build_tokenizer(cfg: Any) -> Any:
     """The tokenizer a configuration trains with (synthetic, the offline SmolLM2's, or a Hub tokenizer)."""
     if cfg.model.tokenizer == "synthetic":
         return build_synthetic_tokenizer()
+    if cfg.model.tokenizer != "base":
+        raise ValueError(f"model.tokenizer = {cfg.model.tokenizer!r} is unknown; valid values are {list(TOKENIZERS)}")
     if cfg.model.base_model == "local-smollm2":
         from .conversion import load_local_smollm2
 
@@ -209,7 +257,7 @@ def build_dataset(cfg: Any, tokenizer: Any) -> Dataset:
     if e.dataset == "pg19":
         texts, source = iter_pg19_texts(e.dataset_name), f"hub:{e.dataset_name}"
     elif e.dataset == "text_files":
-        texts, source = iter_text_files(e.data_files), "files:" + ",".join(map(str, e.data_files))
+        texts, source = iter_text_files(e.data_files), describe_text_files(e.data_files)
     elif e.dataset == "generated":
         texts, source = iter_generated_texts(t.seed), f"generated:{t.seed}"
     else:
@@ -219,6 +267,7 @@ def build_dataset(cfg: Any, tokenizer: Any) -> Dataset:
 
 
 __all__ = [
-    "iter_pg19_texts", "iter_text_files", "iter_generated_texts", "build_token_blocks", "LMBlockDataset",
-    "PasskeyRetrievalDataset", "build_tokenizer", "build_dataset",
+    "DATASETS", "iter_pg19_texts", "iter_text_files", "describe_text_files", "iter_generated_texts",
+    "tokenizer_fingerprint", "token_blocks_path", "build_token_blocks", "LMBlockDataset", "PasskeyRetrievalDataset",
+    "build_tokenizer", "build_dataset",
 ]

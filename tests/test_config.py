@@ -34,6 +34,9 @@ def test_auto_picks_by_compute_capability(monkeypatch):
         ({"max_stepz": 3}, "'max_stepz' is not a known key \\(did you mean 'max_steps'\\?\\)"),
         ({"training.max_steps": "ten"}, "training.max_steps must be an integer, got str 'ten'"),
         ({"training.max_steps": 0}, "training.max_steps must be > 0, got 0"),
+        ({"training.max_steps": None}, "training.max_steps must not be null; expected int"),
+        ({"training.learning_rate": "fast"}, "training.learning_rate must be a finite number, got str 'fast'"),
+        ({"training.learning_rate": float("nan")}, "training.learning_rate must be a finite number, got float nan"),
         ({"model.memory_update": "hebb"}, "model.memory_update = 'hebb' is not valid; valid values are \\['delta', 'linear'\\]"),
         ({"training.precision": "fp8"}, "valid values are \\['auto', 'fp32', 'fp16', 'bf16'\\]"),
         ({"model.memory_gate_init": 2}, "model.memory_gate_init must be in \\[0, 1\\], got 2"),
@@ -56,6 +59,18 @@ def test_unknown_profile_and_unknown_file_keys_are_named(tmp_path):
     (tmp_path / "training.yaml").write_text(yaml.safe_dump({"defaults": {"learning_rat": 1.0}}))
     with pytest.raises(ValueError, match="unknown key training.learning_rat \\(did you mean 'learning_rate'\\?\\)"):
         ConfigManager("cpu-smoke", config_dir=tmp_path)
+
+
+def test_yaml_quirks_and_malformed_files(tmp_path):
+    # YAML 1.1 reads 1e-4 (no dot) as the string '1e-4': it is still the number it looks like.
+    (tmp_path / "training.yaml").write_text("defaults:\n  learning_rate: 1e-4\n")
+    assert ConfigManager("t4", config_dir=tmp_path).training.learning_rate == 1e-4
+    (tmp_path / "model.yaml").write_text("- sliding_window: 64\n")
+    with pytest.raises(ValueError, match="model.yaml must be a mapping of key: value, got list"):
+        ConfigManager("t4", config_dir=tmp_path)
+    (tmp_path / "model.yaml").write_text("defaults: {}\nprofiles:\n  t4: [1, 2]\n")
+    with pytest.raises(ValueError, match="model.yaml \\[t4\\] must be a mapping"):
+        ConfigManager("t4", config_dir=tmp_path)
 
 
 def test_to_senri_config_and_resolved_save(tmp_path):
