@@ -4,9 +4,19 @@
     from senri.training import train
     summary = train(ConfigManager("cpu-smoke", overrides={"run_dir": "runs/x", "max_steps": 30}))
 
-A restarted run with the same configuration resumes from the newest *complete* checkpoint, local or on Drive,
-and reproduces the per-step losses of an uninterrupted run. Checkpoints are mirrored to Google Drive under a
-temporary name and renamed once complete, so a half-copied checkpoint is never resumed from.
+Trainer runs the loop (mixed precision with GradScaler, accumulation, DDP, checkpoint save/load, logging); this
+module adds what Senri needs around it:
+
+* memory gates learn at ``learning_rate × gate_lr_multiplier`` with no weight decay (published reproductions
+  failed with gates stuck near their initial value), and their values and the memory norms are logged;
+* every checkpoint gets a manifest (``SENRI_COMPLETE``: each file and its size) once all processes have written
+  it; only a checkpoint whose manifest matches its files is resumed from, so a save, copy or deletion cut short
+  by a kill is never mistaken for a checkpoint;
+* the last ``save_total_limit`` complete checkpoints are kept, locally and on Google Drive, where each is copied
+  under a temporary name and renamed once complete;
+* a run restarted with the same configuration resumes from the newest complete checkpoint, local or on Drive,
+  and logs the same per-step losses as an uninterrupted run (Trainer restores the RNG states and skips the
+  batches already seen; the sampler is seeded by ``data_seed`` and the epoch).
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,138 +40,269 @@ from .data import build_dataset, build_tokenizer
 from .evaluation import save_records
 from .modeling_senri import SenriForCausalLM
 
+# Parameters of the memory path: the per-head gates, and whatever else the model names "memory".
+GATE_PARAMETER_SUFFIXES = ("memory_gate",)
+MEMORY_PARAMETER_FRAGMENTS = ("memory",)
+GATE_GROUP = "memory_gates"  # name of the optimizer param group holding the gates
 COMPLETE_MARKER = "SENRI_COMPLETE"
-# Parameters trained with trainable: memory — the gates and the attention projections of memory layers.
-MEMORY_PARAMETER_PATTERN = re.compile(r"memory_gate$")
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_LAYER_ATTENTION = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.")
 
 
 # --- model --------------------------------------------------------------------------------------------------------
+def is_gate_parameter(name: str) -> bool:
+    return name.endswith(GATE_PARAMETER_SUFFIXES)
+
+
 def build_model(cfg: ConfigManager) -> tuple[SenriForCausalLM, Any]:
-    """(model, tokenizer) as the configuration describes: converted from ``base_model`` or random from scratch."""
+    """(model, tokenizer) as the configuration describes: converted from ``base_model`` or random from scratch.
+
+    With ``training.trainable: memory`` only the memory path learns: parameters named ``*memory*`` (the gates)
+    and the attention projections of memory layers (they produce the q, k, v the memory reads and writes).
+    """
     tokenizer = build_tokenizer(cfg)
     if cfg.model.init == "scratch":
         torch.manual_seed(cfg.training.seed)
         model = SenriForCausalLM(cfg.to_senri_config(vocab_size=len(tokenizer)))
     else:
+        # load_base_model: the offline GGUF for "local-smollm2", LlamaForCausalLM.from_pretrained otherwise (fp32).
         model = convert_llama_to_senri(load_base_model(cfg.model.base_model)[0], **cfg.senri_config_kwargs())
     if cfg.training.trainable == "memory":
         memory_layers = set(model.config.memory_layers)
         for name, param in model.named_parameters():
-            layer = re.match(r"model\.layers\.(\d+)\.self_attn\.", name)
-            param.requires_grad = bool(MEMORY_PARAMETER_PATTERN.search(name)) or (
+            layer = _LAYER_ATTENTION.search(name)
+            param.requires_grad = any(f in name for f in MEMORY_PARAMETER_FRAGMENTS) or (
                 layer is not None and int(layer.group(1)) in memory_layers
             )
     return model, tokenizer
 
 
-def optimizer_param_groups(model: torch.nn.Module, lr: float, weight_decay: float, gate_lr_multiplier: float):
-    """Gates: lr × multiplier and no weight decay (they must move); norms and biases: no decay; the rest: decay."""
-    gates, no_decay, decay = [], [], []
+def make_optimizer_param_groups(model: torch.nn.Module, lr: float, weight_decay: float,
+                                gate_lr_multiplier: float) -> list[dict[str, Any]]:
+    """Gates: lr × multiplier, no weight decay; other 1-D parameters (norms, biases): no decay; the rest: decay.
+
+    Frozen parameters are left out. Groups are named (``decay``, ``no_decay``, ``memory_gates``); the learning-rate
+    schedule scales each group's own lr, so gates keep their multiplier through warm-up and decay.
+    """
+    groups: dict[str, list[torch.nn.Parameter]] = {"decay": [], "no_decay": [], GATE_GROUP: []}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if MEMORY_PARAMETER_PATTERN.search(name):
-            gates.append(param)
+        if is_gate_parameter(name):
+            groups[GATE_GROUP].append(param)
         elif param.dim() < 2:
-            no_decay.append(param)
+            groups["no_decay"].append(param)
         else:
-            decay.append(param)
-    groups = [
-        {"params": decay, "lr": lr, "weight_decay": weight_decay},
-        {"params": no_decay, "lr": lr, "weight_decay": 0.0},
-        {"params": gates, "lr": lr * gate_lr_multiplier, "weight_decay": 0.0},
+            groups["decay"].append(param)
+    settings = {"decay": (lr, weight_decay), "no_decay": (lr, 0.0), GATE_GROUP: (lr * gate_lr_multiplier, 0.0)}
+    return [
+        {"name": name, "params": params, "lr": settings[name][0], "weight_decay": settings[name][1]}
+        for name, params in groups.items() if params
     ]
-    return [g for g in groups if g["params"]]
+
+
+class SenriTrainer(Trainer):
+    """Trainer whose optimizer (``args.optim``, AdamW by default) uses :func:`make_optimizer_param_groups`."""
+
+    def __init__(self, *args: Any, gate_lr_multiplier: float = 1.0, **kwargs: Any):
+        self.gate_lr_multiplier = gate_lr_multiplier
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            opt_model = self.model if model is None else model
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            groups = make_optimizer_param_groups(opt_model, self.args.learning_rate, self.args.weight_decay,
+                                                 self.gate_lr_multiplier)
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
 
 
 # --- checkpoints --------------------------------------------------------------------------------------------------
-def _checkpoints(directory: Path) -> list[tuple[int, Path]]:
-    if not directory or not directory.is_dir():
+def _checkpoints(directory: Path | None) -> list[tuple[int, Path]]:
+    """``checkpoint-N`` directories in ``directory``, oldest first (temporary names never match)."""
+    if directory is None or not directory.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in directory.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))]
     return sorted(found)
 
 
+def _manifest(directory: Path) -> dict[str, int]:
+    return {
+        str(p.relative_to(directory)): p.stat().st_size
+        for p in sorted(directory.rglob("*")) if p.is_file() and p.name != COMPLETE_MARKER
+    }
+
+
+def mark_complete(checkpoint: Path) -> None:
+    """Write the manifest (every file and its size) under a temporary name, then rename it into place."""
+    tmp = checkpoint / f".{COMPLETE_MARKER}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps({"files": _manifest(checkpoint)}, indent=0))
+    os.replace(tmp, checkpoint / COMPLETE_MARKER)
+
+
 def is_complete(checkpoint: Path) -> bool:
-    return (checkpoint / COMPLETE_MARKER).exists() and (checkpoint / "trainer_state.json").exists()
+    """True when the checkpoint's manifest exists and every file it lists is there with its size."""
+    try:
+        files = json.loads((Path(checkpoint) / COMPLETE_MARKER).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if "trainer_state.json" not in files:
+        return False
+    for name, size in files.items():
+        path = Path(checkpoint) / name
+        if not path.is_file() or path.stat().st_size != size:
+            return False
+    return True
 
 
-def find_resume_checkpoint(run_dir: str | os.PathLike, drive_dir: str | os.PathLike | None = None) -> Path | None:
-    """The newest complete checkpoint in ``run_dir`` or ``drive_dir``; one only on Drive is copied back first."""
-    run_dir = Path(run_dir)
-    local = [(step, p) for step, p in _checkpoints(run_dir) if is_complete(p)]
-    remote = [(step, p) for step, p in _checkpoints(Path(drive_dir)) if is_complete(p)] if drive_dir else []
-    best_local = local[-1] if local else None
-    best_remote = remote[-1] if remote else None
-    if best_remote and (not best_local or best_remote[0] > best_local[0]):
-        target = run_dir / best_remote[1].name
-        tmp = run_dir / f".{best_remote[1].name}.restore-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(best_remote[1], tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
-        return target
-    return best_local[1] if best_local else None
+def _remove(path: Path) -> None:
+    """Delete a directory so that no kill leaves a half-deleted ``checkpoint-N`` behind: rename, then delete."""
+    doomed = path.with_name(f".{path.name}.deleting-{os.getpid()}")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
-def mirror_checkpoint(checkpoint: Path, drive_dir: Path, keep: int) -> Path:
-    """Copy a complete checkpoint to Drive under a temporary name, then rename; keep the newest ``keep``."""
-    drive_dir.mkdir(parents=True, exist_ok=True)
-    for leftover in drive_dir.glob(".*.tmp-*"):  # copies interrupted earlier are never resumed from
-        shutil.rmtree(leftover, ignore_errors=True)
-    tmp = drive_dir / f".{checkpoint.name}.tmp-{os.getpid()}"
+def _copy_complete(checkpoint: Path, target: Path) -> Path:
+    """Copy ``checkpoint`` to ``target`` under a temporary name, check the copy, then rename it into place."""
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(checkpoint, tmp)
-    target = drive_dir / checkpoint.name
-    shutil.rmtree(target, ignore_errors=True)
+    if not is_complete(tmp):
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"copy of {checkpoint} to {tmp} does not match its manifest")
+    if target.exists():
+        _remove(target)
     os.replace(tmp, target)
-    complete = [p for _, p in _checkpoints(drive_dir) if is_complete(p)]
-    for old in complete[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
     return target
 
 
-# --- callbacks ----------------------------------------------------------------------------------------------------
-class CheckpointCallback(TrainerCallback):
-    """Marks each checkpoint complete once Trainer has written all of it, then mirrors it to Drive."""
+def prune_checkpoints(directory: Path, keep: int) -> None:
+    """Keep the newest ``keep`` complete checkpoints in ``directory``; remove older ones, checkpoints without a
+    matching manifest and interrupted copies or deletions (``.checkpoint-N.*`` names)."""
+    for leftover in directory.glob(".checkpoint-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    complete = []
+    for _, path in _checkpoints(directory):
+        if is_complete(path):
+            complete.append(path)
+        else:
+            _remove(path)
+    for path in complete[:-keep]:
+        _remove(path)
 
-    def __init__(self, drive_dir: Path | None, keep: int):
-        self.drive_dir, self.keep = drive_dir, keep
+
+def find_resume_checkpoint(run_dir: str | os.PathLike, drive_dir: str | os.PathLike | None = None) -> Path | None:
+    """The newest complete checkpoint in ``run_dir`` or ``drive_dir`` (copied back to ``run_dir`` if only there).
+
+    Incomplete local checkpoints newer than it (a save cut short) are removed: Trainer would write into them.
+    """
+    run_dir = Path(run_dir)
+    for leftover in run_dir.glob(".checkpoint-*") if run_dir.is_dir() else []:
+        shutil.rmtree(leftover, ignore_errors=True)
+    local = [(step, p) for step, p in _checkpoints(run_dir) if is_complete(p)]
+    remote = [(step, p) for step, p in _checkpoints(Path(drive_dir) if drive_dir else None) if is_complete(p)]
+    best = local[-1] if local else None
+    if remote and (best is None or remote[-1][0] > best[0]):
+        best = (remote[-1][0], _copy_complete(remote[-1][1], run_dir / remote[-1][1].name))
+    newest = best[0] if best else -1
+    for step, path in _checkpoints(run_dir):
+        if step > newest and not is_complete(path):
+            _remove(path)
+    return best[1] if best else None
+
+
+def mirror_checkpoint(checkpoint: Path, drive_dir: Path, keep: int) -> Path:
+    """Copy a complete checkpoint to Drive (temporary name, then rename); keep the newest ``keep`` there."""
+    drive_dir.mkdir(parents=True, exist_ok=True)
+    target = _copy_complete(checkpoint, drive_dir / checkpoint.name)
+    prune_checkpoints(drive_dir, keep)  # copies interrupted earlier are removed, never resumed from
+    return target
+
+
+def _checkpoint_step(checkpoint: Path | None) -> int:
+    return int(_CHECKPOINT.match(checkpoint.name).group(1)) if checkpoint else 0
+
+
+# --- callbacks ----------------------------------------------------------------------------------------------------
+def _wait_for_everyone() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+class CheckpointCallback(TrainerCallback):
+    """Adds the metrics logged so far to each checkpoint and marks it complete once every process has written its
+    part, then mirrors it to Drive (so a run restored from Drive keeps its metrics history)."""
+
+    def __init__(self, drive_dir: Path | None, keep: int, metrics_path: Path):
+        self.drive_dir, self.keep, self.metrics_path = drive_dir, keep, metrics_path
 
     def on_save(self, args, state, control, **kwargs):
+        _wait_for_everyone()  # each DDP process writes its own rng_state_<rank>.pth; no barrier in Trainer
         if state.is_world_process_zero:
             checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            (checkpoint / COMPLETE_MARKER).write_text(str(state.global_step))
+            if self.metrics_path.exists():  # Trainer logs a step before saving it: lines up to this step
+                shutil.copyfile(self.metrics_path, checkpoint / self.metrics_path.name)
+            mark_complete(checkpoint)
+            # Rotation happens here, not in Trainer (which deletes before this marker exists): at every moment the
+            # newest complete checkpoint is intact.
+            prune_checkpoints(checkpoint.parent, self.keep)
             if self.drive_dir is not None:
                 mirror_checkpoint(checkpoint, self.drive_dir, self.keep)
+        _wait_for_everyone()
         return control
 
 
 class MetricsCallback(TrainerCallback):
-    """Appends one JSON object per logged step to ``metrics.jsonl``: loss, lr, gate values and memory norms."""
+    """Appends one JSON object per logged step to ``metrics.jsonl``: loss, learning rates, grad norm, gate values
+    (mean/min/max per memory layer) and ‖M‖ per memory layer after reading ``probe`` into a fresh cache."""
 
-    def __init__(self, path: Path, probe: torch.Tensor | None):
+    def __init__(self, path: Path, probe: torch.Tensor | None = None):
         self.path, self.probe = path, probe
 
-    def truncate_after(self, step: int) -> None:
-        """On resume: drop lines logged after the checkpoint, so the file has each step once."""
-        if self.path.exists():
-            lines = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-            self.path.write_text("".join(line + "\n" for line in lines))
+    def restore(self, checkpoint: Path | None) -> None:
+        """Start the file as it was when ``checkpoint`` was saved (empty for a new run), so it has each step once."""
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        if checkpoint is None:
+            self.path.unlink(missing_ok=True)
+        elif (checkpoint / self.path.name).exists():
+            shutil.copyfile(checkpoint / self.path.name, tmp)
+            os.replace(tmp, self.path)
+        else:
+            self.truncate_after(_checkpoint_step(checkpoint))
 
-    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+    def truncate_after(self, step: int) -> None:
+        """Keep only the lines logged up to ``step``; a line cut short by a kill is dropped too."""
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_log = True  # the file always ends with the last step, whatever logging_steps is
+        return control
+
+    def on_log(self, args, state, control, logs=None, model=None, optimizer=None, **kwargs):
         if not state.is_world_process_zero or not logs or "loss" not in logs:
             return control
-        record = {"step": state.global_step, "loss": float(logs["loss"])}
+        record = {"step": state.global_step, "epoch": state.epoch, "loss": float(logs["loss"])}
         for key in ("learning_rate", "grad_norm"):
             if key in logs:
                 record[key] = float(logs[key])
-        model = getattr(model, "module", model)
+        for group in getattr(optimizer, "param_groups", []):
+            if group.get("name") == GATE_GROUP:
+                record["gate_learning_rate"] = float(group["lr"])
         if isinstance(model, SenriForCausalLM):
-            for layer, values in model.memory_gate_values().items():
-                record[f"gate/{layer}/mean"] = float(values.mean())
-                record[f"gate/{layer}/min"] = float(values.min())
-                record[f"gate/{layer}/max"] = float(values.max())
+            record.update(gate_stats(model))
             if self.probe is not None:
                 record.update(memory_norms(model, self.probe))
         with self.path.open("a", encoding="utf-8") as f:
@@ -168,12 +310,21 @@ class MetricsCallback(TrainerCallback):
         return control
 
 
+def gate_stats(model: SenriForCausalLM) -> dict[str, float]:
+    """``gate/<layer>/{mean,min,max}`` of the per-head memory weights."""
+    stats = {}
+    for layer, values in model.memory_gate_values().items():
+        stats.update({f"gate/{layer}/mean": float(values.mean()), f"gate/{layer}/min": float(values.min()),
+                      f"gate/{layer}/max": float(values.max())})
+    return stats
+
+
 @torch.no_grad()
 def memory_norms(model: SenriForCausalLM, probe: torch.Tensor) -> dict[str, float]:
-    """‖M‖ per memory layer after reading ``probe`` (1, T) into a fresh cache."""
+    """``memory_norm/<layer>``: ‖M‖ (Frobenius) per memory layer after reading ``probe`` (B, T) into a new cache."""
     was_training = model.training
     model.eval()
-    cache = SenriCache(model.config, batch_size=1)
+    cache = SenriCache(model.config, batch_size=probe.shape[0])
     model(input_ids=probe.to(model.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
     model.train(was_training)
     return {f"memory_norm/{layer}": norm for layer, norm in cache.memory_norms().items()}
@@ -181,26 +332,29 @@ def memory_norms(model: SenriForCausalLM, probe: torch.Tensor) -> dict[str, floa
 
 # --- training -----------------------------------------------------------------------------------------------------
 def model_runs(cfg: ConfigManager) -> dict[str, ConfigManager]:
-    """The models a run trains, each in ``{run_dir}/{name}``: ``senri`` and, with ``experiment.train_twin``, a
-    ``swa_only`` twin of identical size and training budget whose layers are all sliding-window attention."""
-    run_dir = Path(cfg.experiment.run_dir)
-    overrides = dict(cfg._overrides)
-    runs = {"senri": ConfigManager(cfg.requested_profile, {**overrides, "experiment.run_dir": str(run_dir / "senri")},
-                                   cfg.config_dir)}
+    """The models a run trains, each in ``{run_dir}/{name}`` (and ``{drive_dir}/{name}``): ``senri`` and, with
+    ``experiment.train_twin``, a ``swa_only`` twin of identical size and training budget whose layers are all
+    sliding-window attention."""
+    run_dir, drive_dir = Path(cfg.experiment.run_dir), cfg.resolve_drive_dir()
+
+    def run(name: str, **extra: Any) -> ConfigManager:
+        overrides = {**cfg._overrides, "experiment.run_dir": str(run_dir / name), **extra}
+        if drive_dir is not None:  # one Drive directory per model, so the two never resume from each other
+            overrides["experiment.drive_dir"] = str(drive_dir / name)
+        return ConfigManager(cfg.requested_profile, overrides, cfg.config_dir)
+
+    runs = {"senri": run("senri")}
     if cfg.experiment.train_twin:
         layers = cfg.model.layer_types or SenriConfig.default_layer_types(
             cfg.model.num_hidden_layers, cfg.model.num_memory_layers, cfg.model.first_memory_layer,
             cfg.model.memory_layer_interval,
         )
-        runs["swa_only"] = ConfigManager(cfg.requested_profile, {
-            **overrides, "experiment.run_dir": str(run_dir / "swa_only"),
-            "model.layer_types": ["sliding_attention"] * len(layers),
-        }, cfg.config_dir)
+        runs["swa_only"] = run("swa_only", **{"model.layer_types": ["sliding_attention"] * len(layers)})
     return runs
 
 
-
 def training_arguments(cfg: ConfigManager, run_dir: Path) -> TrainingArguments:
+    """Trainer's arguments from the ``training`` section (precision from ``cfg.resolve_precision()``)."""
     t = cfg.training
     precision = cfg.resolve_precision()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -214,11 +368,11 @@ def training_arguments(cfg: ConfigManager, run_dir: Path) -> TrainingArguments:
         warmup_steps=t.warmup_steps,
         lr_scheduler_type=t.lr_scheduler,
         max_grad_norm=t.max_grad_norm,
-        fp16=precision == "fp16",
+        fp16=precision == "fp16",  # Trainer scales the loss (GradScaler); the model keeps M and z in float32
         bf16=precision == "bf16",
         save_strategy="steps",
         save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
+        save_total_limit=None,  # CheckpointCallback keeps the last training.save_total_limit complete ones
         logging_steps=t.logging_steps,
         seed=t.seed,
         data_seed=t.seed,
@@ -227,51 +381,71 @@ def training_arguments(cfg: ConfigManager, run_dir: Path) -> TrainingArguments:
         remove_unused_columns=False,
         use_cpu=not torch.cuda.is_available(),
         ddp_backend="gloo" if distributed and not torch.cuda.is_available() else None,
-        ddp_find_unused_parameters=False,
-        disable_tqdm=not os.isatty(1),
+        # Every Senri parameter takes part in every forward today (gates too, even with an empty memory); True
+        # keeps DDP working for variants that skip a path, for one extra autograd-graph walk per step.
+        ddp_find_unused_parameters=True,
+        # Progress bars in a terminal or a notebook; one printed line per log in a headless run.
+        disable_tqdm=not (sys.stdout.isatty() or "ipykernel" in sys.modules),
     )
+
+
+def _read_losses(path: Path) -> list[list[float]]:
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    return [[r["step"], r["loss"]] for r in records]
 
 
 def train(cfg: ConfigManager, model: SenriForCausalLM | None = None, tokenizer: Any = None,
-          train_dataset: Any = None) -> dict[str, Any]:
-    """Train (or resume) the run described by ``cfg``; returns a summary also written to train_summary.json."""
+          train_dataset: Any = None, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
+    """Train (or resume) the run described by ``cfg``; return a summary, also written to ``train_summary.json``.
+
+    Writes ``{run_dir}/config.yaml``, ``metrics.jsonl``, ``checkpoint-N/`` (mirrored to Drive when
+    ``cfg.resolve_drive_dir()`` gives a directory), ``final/`` (model and tokenizer) and ``train_summary.json``.
+    Works unchanged under ``torchrun --nproc_per_node N`` (gloo on CPU).
+    """
     run_dir = Path(cfg.experiment.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if model is None:
-        model, tokenizer = build_model(cfg)
-    if train_dataset is None:
-        train_dataset = build_dataset(cfg, tokenizer)
+    args = training_arguments(cfg, run_dir)  # sets up the process group under torchrun
     drive_dir = cfg.resolve_drive_dir()
-    resume = find_resume_checkpoint(run_dir, drive_dir)
-    args = training_arguments(cfg, run_dir)
-    probe = train_dataset[0]["input_ids"][None]
+    with args.main_process_first(local=False, desc="resume checkpoint and data"):
+        # The main process restores a Drive copy and builds the token cache; the others then find them ready.
+        run_dir.mkdir(parents=True, exist_ok=True)
+        resume = find_resume_checkpoint(run_dir, drive_dir)
+        if model is None:
+            model, tokenizer = build_model(cfg)
+        if train_dataset is None:
+            train_dataset = build_dataset(cfg, tokenizer)
+    probe = torch.as_tensor(train_dataset[0]["input_ids"])[None]  # (1, T): memory norms are read on this sample
     metrics = MetricsCallback(run_dir / "metrics.jsonl", probe)
     if args.process_index == 0:
         cfg.save(run_dir / "config.yaml")
-        metrics.truncate_after(int(resume.name.split("-")[1]) if resume else 0)
-    optimizer = torch.optim.AdamW(
-        optimizer_param_groups(model, cfg.training.learning_rate, cfg.training.weight_decay,
-                               cfg.training.gate_lr_multiplier)
-    )
-    trainer = Trainer(
+        metrics.restore(resume)
+    trainer = SenriTrainer(
         model=model, args=args, train_dataset=train_dataset, data_collator=default_data_collator,
-        optimizers=(optimizer, None), callbacks=[metrics, CheckpointCallback(drive_dir, cfg.training.save_total_limit)],
+        callbacks=[metrics, CheckpointCallback(drive_dir, cfg.training.save_total_limit, metrics.path),
+                   *(callbacks or [])],
+        gate_lr_multiplier=cfg.training.gate_lr_multiplier,
     )
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    summary = {
+    trainer.save_model(str(run_dir / "final"))  # writes on the main process only
+    summary: dict[str, Any] = {
         "profile": cfg.profile, "run_dir": str(run_dir), "global_step": trainer.state.global_step,
-        "train_loss": result.training_loss, "resumed_from": str(resume) if resume else None,
-        "gates": {str(k): v.tolist() for k, v in model.memory_gate_values().items()},
+        "resumed_from": str(resume) if resume else None, "train_loss": result.training_loss,
+        "gates": {str(k): v.tolist() for k, v in getattr(model, "memory_gate_values", dict)().items()},
     }
     if trainer.is_world_process_zero():
-        trainer.save_model(str(run_dir / "final"))
+        losses = _read_losses(metrics.path)
+        summary.update(final_loss=losses[-1][1] if losses else None, losses=losses)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(run_dir / "final"))
         save_records(run_dir / "train_summary.json", summary)
+    _wait_for_everyone()
     return summary
 
 
 __all__ = [
-    "build_model", "optimizer_param_groups", "find_resume_checkpoint", "mirror_checkpoint", "is_complete",
-    "training_arguments", "train", "memory_norms", "model_runs", "COMPLETE_MARKER",
+    "build_model", "make_optimizer_param_groups", "SenriTrainer", "training_arguments", "train", "model_runs",
+    "find_resume_checkpoint", "mirror_checkpoint", "prune_checkpoints", "mark_complete", "is_complete",
+    "gate_stats", "memory_norms", "COMPLETE_MARKER", "GATE_GROUP", "GATE_PARAMETER_SUFFIXES",
+    "MEMORY_PARAMETER_FRAGMENTS",
 ]

@@ -1,10 +1,11 @@
-"""Training: gates learn at their own rate, metrics are logged, a killed run resumes to the same losses,
-the Drive mirror never exposes a partial checkpoint, two-process CPU DDP trains."""
+"""Training: gates learn at their own rate and move, metrics are logged per step, a run SIGKILLed after a checkpoint
+resumes to the same losses, the Drive mirror never exposes a partial checkpoint, two-process CPU DDP trains."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,105 +18,165 @@ import torch
 
 from senri.config import ConfigManager
 from senri.training import (
-    COMPLETE_MARKER, build_model, find_resume_checkpoint, mirror_checkpoint, model_runs, optimizer_param_groups, train,
+    COMPLETE_MARKER, GATE_GROUP, build_model, find_resume_checkpoint, is_complete, make_optimizer_param_groups,
+    mark_complete, mirror_checkpoint, model_runs, prune_checkpoints, train,
 )
 
 REPO = Path(__file__).resolve().parent.parent
+ENTRY = REPO / "tests" / "training_run.py"
+# Tiny and fast: 16 samples of 64 tokens (window 32 + chunks of 8, so memory is written), 8 steps per epoch.
+SMALL = {"seq_len": 64, "per_device_batch_size": 2, "num_train_samples": 16}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run ~10x faster on one thread than on two contended ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _overrides(run_dir: Path, **extra) -> dict:
-    return {"run_dir": str(run_dir), "data_cache_dir": str(run_dir.parent / "cache"), **extra}
+    return {"run_dir": str(run_dir), "data_cache_dir": str(run_dir.parent / "cache"), **SMALL, **extra}
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    steps = [json.loads(line)["step"] for line in lines]
-    assert len(steps) == len(set(steps)), "a step was logged twice"
-    return {json.loads(line)["step"]: json.loads(line)["loss"] for line in lines}
+    records = _records(run_dir)
+    steps = [r["step"] for r in records]
+    assert len(steps) == len(set(steps)), f"a step was logged twice: {steps}"
+    return {r["step"]: r["loss"] for r in records}
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
 def test_gates_get_their_own_learning_rate_and_no_weight_decay():
     model, _ = build_model(ConfigManager("cpu-smoke"))
-    groups = optimizer_param_groups(model, lr=1e-3, weight_decay=0.1, gate_lr_multiplier=50)
-    gate_group = [g for g in groups if any(p is model.model.layers[0].self_attn.memory_gate for p in g["params"])]
-    assert len(gate_group) == 1 and gate_group[0]["lr"] == 5e-2 and gate_group[0]["weight_decay"] == 0.0
+    groups = make_optimizer_param_groups(model, lr=1e-3, weight_decay=0.1, gate_lr_multiplier=50)
+    gate = model.model.layers[0].self_attn.memory_gate
+    (gate_group,) = [g for g in groups if any(p is gate for p in g["params"])]
+    assert gate_group["name"] == GATE_GROUP and gate_group["lr"] == pytest.approx(5e-2)
+    assert gate_group["weight_decay"] == 0.0
+    norm = model.model.layers[0].input_layernorm.weight
+    assert [g["weight_decay"] for g in groups if any(p is norm for p in g["params"])] == [0.0]
+    q_proj = model.model.layers[0].self_attn.q_proj.weight
+    assert [(g["lr"], g["weight_decay"]) for g in groups if any(p is q_proj for p in g["params"])] == [(1e-3, 0.1)]
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
 def test_trainable_memory_freezes_everything_but_the_memory_path():
-    cfg = ConfigManager("cpu-smoke", overrides={"trainable": "memory"})
-    model, _ = build_model(cfg)
+    model, _ = build_model(ConfigManager("cpu-smoke", overrides={"trainable": "memory"}))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert "model.layers.0.self_attn.memory_gate" in trainable and "model.layers.0.self_attn.q_proj.weight" in trainable
-    assert not any(n.startswith(("model.layers.1.", "model.embed_tokens", "lm_head")) for n in trainable)
+    assert {"model.layers.0.self_attn.memory_gate", "model.layers.0.self_attn.q_proj.weight"} <= trainable
+    assert not any(n.startswith(("model.layers.1.", "model.embed_tokens", "lm_head", "model.norm")) for n in trainable)
+    groups = make_optimizer_param_groups(model, lr=1e-3, weight_decay=0.1, gate_lr_multiplier=10)
+    assert sum(len(g["params"]) for g in groups) == len(trainable)
 
 
-def test_training_logs_metrics_and_moves_the_gates(tmp_path):
-    summary = train(ConfigManager("cpu-smoke", overrides=_overrides(tmp_path / "run", max_steps=8, save_steps=4)))
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == list(range(1, 9))
-    assert all("loss" in r and "gate/0/mean" in r and "memory_norm/0" in r for r in records)
-    assert any(abs(v - 0.5) > 1e-3 for v in summary["gates"]["0"])  # gates started at 0.5 and moved
-    assert (tmp_path / "run" / "checkpoint-8" / COMPLETE_MARKER).exists()
-    assert (tmp_path / "run" / "final" / "config.json").exists()
+def test_training_logs_metrics_moves_the_gates_and_resumes_from_drive(tmp_path):
+    run_dir, drive = tmp_path / "run", tmp_path / "drive"
+    settings = dict(save_steps=4, save_total_limit=1, logging_steps=3, drive_dir=str(drive), memory_gate_init=0.0)
+    summary = train(ConfigManager("cpu-smoke", overrides=_overrides(run_dir, max_steps=8, **settings)))
+    records = _records(run_dir)
+    assert [r["step"] for r in records] == [3, 6, 8]  # every logging step, and the last one
+    assert all({"loss", "learning_rate", "gate_learning_rate", "gate/0/mean", "gate/0/min", "gate/0/max",
+                "memory_norm/0"} <= set(r) for r in records)
+    assert records[0]["gate_learning_rate"] == pytest.approx(records[0]["learning_rate"] * 10)
+    assert records[-1]["memory_norm/0"] > 0  # the probe (64 tokens) is longer than the window: memory is written
+    assert max(abs(v) for v in summary["gates"]["0"]) > 1e-3, "gates started at 0 and must move"
+    assert summary["global_step"] == 8 and summary["losses"][-1] == [8, records[-1]["loss"]]
+    assert json.loads((run_dir / "train_summary.json").read_text())["global_step"] == 8
+    assert (run_dir / "config.yaml").exists() and (run_dir / "final" / "config.json").exists()
+    # Local and Drive keep the last save_total_limit (1) checkpoints, each complete.
+    assert [p.name for p in run_dir.glob("checkpoint-*")] == ["checkpoint-8"]
+    assert sorted(p.name for p in drive.iterdir()) == ["checkpoint-8"] and is_complete(drive / "checkpoint-8")
+    # A fresh machine (local run directory lost) resumes from the Drive copy, metrics history included.
+    shutil.rmtree(run_dir)
+    summary = train(ConfigManager("cpu-smoke", overrides=_overrides(run_dir, max_steps=11, **settings)))
+    assert summary["resumed_from"] == str(run_dir / "checkpoint-8") and summary["global_step"] == 11
+    assert [r["step"] for r in _records(run_dir)] == [3, 6, 8, 9, 11]
+    assert sorted(p.name for p in drive.iterdir()) == ["checkpoint-11"]
 
 
-def _train_command(run_dir: Path, max_steps: int) -> list[str]:
-    code = (
-        "from senri.config import ConfigManager; from senri.training import train; "
-        f"train(ConfigManager('cpu-smoke', overrides={_overrides(run_dir, max_steps=max_steps, save_steps=10)!r}))"
-    )
-    return [sys.executable, "-c", code]
-
-
-@pytest.mark.slow
-def test_run_killed_after_a_checkpoint_resumes_to_the_same_losses(tmp_path):
-    steps = 40
-    subprocess.run(_train_command(tmp_path / "straight", steps), check=True, cwd=REPO, capture_output=True)
-    run_dir = tmp_path / "killed"
-    process = subprocess.Popen(_train_command(run_dir, steps), cwd=REPO, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (run_dir / "checkpoint-10" / COMPLETE_MARKER).exists():
-        assert process.poll() is None and time.time() < deadline, "training ended before its first checkpoint"
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (run_dir / "train_summary.json").exists()
-    subprocess.run(_train_command(run_dir, steps), check=True, cwd=REPO, capture_output=True)
-    summary = json.loads((run_dir / "train_summary.json").read_text())
-    assert summary["resumed_from"] is not None
-    straight, resumed = _losses(tmp_path / "straight"), _losses(run_dir)
-    assert sorted(resumed) == sorted(straight) == list(range(1, steps + 1))
-    for step in straight:
-        assert resumed[step] == pytest.approx(straight[step], abs=1e-6), f"step {step}"
+def _fake_checkpoint(directory: Path, step: int, complete: bool = True) -> Path:
+    checkpoint = directory / f"checkpoint-{step}"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (checkpoint / "model.safetensors").write_bytes(bytes(1000))
+    if complete:
+        mark_complete(checkpoint)
+    return checkpoint
 
 
 def test_drive_mirror_exposes_only_complete_checkpoints(tmp_path):
     local, drive = tmp_path / "run", tmp_path / "drive"
     for step in (10, 20, 30):
-        checkpoint = local / f"checkpoint-{step}"
-        checkpoint.mkdir(parents=True)
-        (checkpoint / "trainer_state.json").write_text("{}")
-        (checkpoint / COMPLETE_MARKER).write_text(str(step))
-        mirror_checkpoint(checkpoint, drive, keep=2)
+        mirror_checkpoint(_fake_checkpoint(local, step), drive, keep=2)
     assert sorted(p.name for p in drive.iterdir()) == ["checkpoint-20", "checkpoint-30"]
-    # An interrupted copy (temporary name) and a checkpoint without its marker are never resumed from.
+    assert all(is_complete(p) for p in drive.iterdir())
+    # Interrupted copies: a temporary name, a checkpoint without its manifest, and one whose file was cut short.
     (drive / ".checkpoint-40.tmp-123").mkdir()
-    (drive / "checkpoint-50").mkdir()
-    (drive / "checkpoint-50" / "trainer_state.json").write_text("{}")
-    for step in (10, 20, 30):
-        import shutil
-
-        shutil.rmtree(local / f"checkpoint-{step}")
+    _fake_checkpoint(drive, 50, complete=False)
+    shutil.copytree(drive / "checkpoint-30", drive / "checkpoint-60")
+    (drive / "checkpoint-60" / "model.safetensors").write_bytes(bytes(10))
+    shutil.rmtree(local)
     resumed = find_resume_checkpoint(local, drive)
-    assert resumed == local / "checkpoint-30" and (resumed / COMPLETE_MARKER).exists()
-    checkpoint = local / "checkpoint-60"
-    checkpoint.mkdir()
-    (checkpoint / "trainer_state.json").write_text("{}")
-    (checkpoint / COMPLETE_MARKER).write_text("60")
-    mirror_checkpoint(checkpoint, drive, keep=2)
-    assert not (drive / ".checkpoint-40.tmp-123").exists()  # leftovers cleaned on the next save
+    assert resumed == local / "checkpoint-30" and is_complete(resumed)  # copied back from Drive
+    assert not list(local.glob(".*")), "no temporary copy is left behind"
+    mirror_checkpoint(_fake_checkpoint(local, 70), drive, keep=2)
+    assert sorted(p.name for p in drive.iterdir()) == ["checkpoint-30", "checkpoint-70"]  # leftovers cleaned
+
+
+def test_a_save_cut_short_is_not_resumed_from(tmp_path):
+    _fake_checkpoint(tmp_path, 10)
+    (_fake_checkpoint(tmp_path, 20) / "model.safetensors").unlink()  # a deletion cut short: manifest still there
+    _fake_checkpoint(tmp_path, 30, complete=False)
+    assert find_resume_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
+    # Incomplete checkpoints newer than the one resumed from are removed (Trainer would write into them).
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10"]
+
+
+def test_pruning_keeps_the_newest_complete_checkpoints(tmp_path):
+    for step in (10, 20, 30):
+        _fake_checkpoint(tmp_path, step)
+    (_fake_checkpoint(tmp_path, 25) / "model.safetensors").unlink()
+    (tmp_path / ".checkpoint-40.deleting-123").mkdir()
+    prune_checkpoints(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-20", "checkpoint-30"]
+
+
+@pytest.mark.slow
+def test_run_killed_after_a_checkpoint_resumes_to_the_same_losses(tmp_path):
+    # 20 steps over 2.5 epochs; checkpoint-10 lies in the second epoch; the run is killed at step 13, so its log
+    # lines 11-12 must be dropped on resume. The uninterrupted run trains in this process meanwhile.
+    straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
+    command = [sys.executable, str(ENTRY), json.dumps(_overrides(killed_dir, max_steps=20, save_steps=10))]
+    killed = subprocess.Popen(command, cwd=REPO, env={**_env(), "SENRI_TEST_PAUSE_AT_STEP": "13"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    train(ConfigManager("cpu-smoke", overrides=_overrides(straight_dir, max_steps=20, save_steps=10)))
+    deadline = time.time() + 240
+    while not (killed_dir / "paused-13").exists():
+        assert killed.poll() is None, killed.stderr.read().decode()[-3000:]
+        assert time.time() < deadline, "the run did not reach step 13"
+        time.sleep(0.05)
+    assert is_complete(killed_dir / "checkpoint-10") and [r["step"] for r in _records(killed_dir)][-1] == 12
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not (killed_dir / "train_summary.json").exists()
+    rerun = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, timeout=240)
+    assert rerun.returncode == 0, rerun.stderr.decode()[-3000:]
+    summary = json.loads((killed_dir / "train_summary.json").read_text())
+    assert summary["resumed_from"] == str(killed_dir / "checkpoint-10")
+    straight_losses, resumed_losses = _losses(straight_dir), _losses(killed_dir)
+    assert sorted(resumed_losses) == sorted(straight_losses) == list(range(1, 21))
+    for step, loss in straight_losses.items():
+        assert resumed_losses[step] == pytest.approx(loss, abs=1e-6), f"step {step}"
 
 
 def _free_port() -> int:
@@ -127,21 +188,21 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_two_process_cpu_ddp_trains(tmp_path):
     run_dir = tmp_path / "ddp"
-    code = (
-        "from senri.config import ConfigManager; from senri.training import train; "
-        f"train(ConfigManager('cpu-smoke', overrides={_overrides(run_dir, max_steps=6, save_steps=3)!r}))"
+    (tmp_path / "cache").mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+         str(ENTRY), json.dumps(_overrides(run_dir, max_steps=4, save_steps=2))],
+        cwd=REPO, env=_env(), capture_output=True, timeout=240,
     )
-    script = tmp_path / "ddp_train.py"
-    script.write_text(code)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                    str(_free_port()), str(script)], check=True, cwd=REPO, env=env, capture_output=True, timeout=300)
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
     summary = json.loads((run_dir / "train_summary.json").read_text())
-    assert summary["global_step"] == 6
-    assert (run_dir / "checkpoint-6" / COMPLETE_MARKER).exists()
-    assert len(_losses(run_dir)) == 6
-    state = json.loads((run_dir / "checkpoint-6" / "trainer_state.json").read_text())
-    assert state["global_step"] == 6
+    assert summary["global_step"] == 4 and [step for step, _ in summary["losses"]] == [1, 2, 3, 4]
+    assert sorted(_losses(run_dir)) == [1, 2, 3, 4]  # logged once, by the main process
+    state = json.loads((run_dir / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4 and state["train_batch_size"] == 2
+    manifest = json.loads((run_dir / "checkpoint-4" / COMPLETE_MARKER).read_text())["files"]
+    assert {"rng_state_0.pth", "rng_state_1.pth", "optimizer.pt", "model.safetensors"} <= set(manifest)
+    assert is_complete(run_dir / "checkpoint-4")
 
 
 def test_model_runs_add_a_sliding_window_twin_of_the_same_size(tmp_path):
@@ -157,3 +218,6 @@ def test_model_runs_add_a_sliding_window_twin_of_the_same_size(tmp_path):
     twin_size = sum(p.numel() for p in twin_model.parameters())
     assert senri_size - twin_size == 4  # the four per-head gates
     assert list(model_runs(ConfigManager("t4"))) == ["senri"]
+    drive = tmp_path / "drive"
+    runs = model_runs(ConfigManager("cpu-smoke", overrides={"run_dir": str(tmp_path), "drive_dir": str(drive)}))
+    assert {name: c.resolve_drive_dir() for name, c in runs.items()} == {n: drive / n for n in ("senri", "swa_only")}
