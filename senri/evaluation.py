@@ -102,13 +102,12 @@ def greedy_continue(model: Any, prompt_ids: Sequence[int], max_new_tokens: int, 
     """Greedy decoding after streaming the prompt through a fresh cache."""
     device = _device(model)
     logits, cache = stream_logits(model, torch.tensor([list(prompt_ids)], device=device), chunk_tokens)
-    generated = []
-    for _ in range(max_new_tokens):
-        token = int(logits[0, -1].argmax())
-        generated.append(token)
-        out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache, use_cache=True)
-        logits, cache = out.logits, out.past_key_values
-    return generated
+    generated = [int(logits[0, -1].argmax())]
+    while len(generated) < max_new_tokens:  # no forward after the last token: its logits would go unused
+        out = model(input_ids=torch.tensor([[generated[-1]]], device=device), past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        generated.append(int(out.logits[0, -1].argmax()))
+    return generated[:max_new_tokens]
 
 
 def _normalise(text: str) -> str:
@@ -116,10 +115,16 @@ def _normalise(text: str) -> str:
 
 
 def _answers_found(answers: Sequence[str], continuation: str) -> list[str]:
-    """A single answer must open the continuation; several answers must each appear in it (order free)."""
+    """A single answer must open the continuation; several answers must each appear in it (order free).
+
+    Whitespace is dropped before comparing because word-level tokenizers decode digits as "7 1 4 3 2"; a number
+    must then not run on into another digit ("714325" does not answer 71432).
+    """
     text = _normalise(continuation)
     if len(answers) == 1:
-        return list(answers) if text.startswith(_normalise(answers[0])) else []
+        answer = _normalise(answers[0])
+        runs_on = answer[-1:].isdigit() and text[len(answer) : len(answer) + 1].isdigit()
+        return list(answers) if text.startswith(answer) and not runs_on else []
     return [a for a in answers if _normalise(a) in text]
 
 
@@ -158,7 +163,8 @@ def run_niah(
                     records.append({
                         "model": name, "template": template, "length": length, "depth": depth, "window": window,
                         "sample": sample, "needle": " ".join(needle.needle_texts), "answer": needle.answer.strip(),
-                        "prediction": continuation, "accuracy": len(found) / len(needle.answers),
+                        "answers": needle.answers, "prediction": continuation,
+                        "accuracy": len(found) / len(needle.answers),
                     })
     return records
 
@@ -197,7 +203,9 @@ def perplexity(model: Any, input_ids: torch.Tensor, chunk_tokens: int | None = N
     return math.exp(token_nlls(model, input_ids, chunk_tokens).mean().item())
 
 
-def position_ppl(model: Any, input_ids: torch.Tensor, bucket_size: int, chunk_tokens: int | None = None) -> dict[str, list]:
+def position_ppl(
+    model: Any, input_ids: torch.Tensor, bucket_size: int, chunk_tokens: int | None = None
+) -> dict[str, list]:
     """Perplexity per position bucket of a long document: ``{"positions": starts, "nll": [...], "ppl": [...]}``.
 
     Position p is the predicted token's index (1..T-1); bucket b holds positions [b*size, (b+1)*size).
@@ -228,10 +236,12 @@ def _continuation_ppl(model: Any, tokenizer: Any, prefix: str, continuation: str
 
 
 def reversal_curse(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str, str]] | None = None) -> dict[str, Any]:
-    """Forward vs backward perplexity on fictional "A is B" facts.
+    """Forward vs backward perplexity on fictional "A is B" facts (metrics as in the New-LLM seed).
 
-    forward: ppl of "B" after "A is <relation>"; backward: ppl of "A" after "<Relation> B is". ``gap`` is
-    backward / forward (1.0 = symmetric; the reversal curse shows as a gap well above 1 after training on A→B).
+    forward: ppl of "B" after "A is <relation>" ("Velmora Quint is the inventor of" → "the tidal clock");
+    backward: ppl of "A" after "<Relation> B is" ("The inventor of the tidal clock is" → "Velmora Quint").
+    Means are geometric over pairs. ``gap`` = backward − forward (0 is symmetric) and ``ratio`` = forward /
+    backward (1 is symmetric); after training on A→B only, the reversal curse shows as gap ≫ 0, ratio ≪ 1.
     """
     model.eval()
     rows = []
@@ -242,7 +252,8 @@ def reversal_curse(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str, s
                      "backward_ppl": backward})
     forward_mean = math.exp(sum(math.log(r["forward_ppl"]) for r in rows) / len(rows))
     backward_mean = math.exp(sum(math.log(r["backward_ppl"]) for r in rows) / len(rows))
-    return {"pairs": rows, "forward_ppl": forward_mean, "backward_ppl": backward_mean, "gap": backward_mean / forward_mean}
+    return {"pairs": rows, "forward_ppl": forward_mean, "backward_ppl": backward_mean,
+            "gap": backward_mean - forward_mean, "ratio": forward_mean / backward_mean}
 
 
 def baseline_perplexity(base_model: Any, senri_model: Any, input_ids: torch.Tensor,
@@ -257,9 +268,13 @@ def save_records(path: str | os.PathLike, records: Any) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(records, f, indent=1)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(records, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:  # e.g. a value json cannot write: leave no stray temporary file behind
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -40,3 +40,22 @@ def test_needles_are_deterministic_and_errors_are_clear():
         make_needle("passkee", random.Random(0))
     with pytest.raises(ValueError, match="length 10 is too short"):
         build_niah_prompt(TOKENIZER, HAYSTACK, 10, 0.5, make_needle("passkey", random.Random(0)))
+
+
+def test_synthetic_tokenizer_is_deterministic_and_round_trips_haystack_text():
+    again = build_synthetic_tokenizer()
+    assert again.get_vocab() == TOKENIZER.get_vocab() and TOKENIZER.unk_token_id not in HAYSTACK
+    text = generate_haystack_text(60, seed=4)
+    decoded = TOKENIZER.decode(TOKENIZER(text, add_special_tokens=False)["input_ids"])
+    assert decoded.replace(" ", "") == text.lower().replace(" ", "")
+
+
+def test_prompts_are_deterministic_under_a_seed_and_bad_arguments_are_named():
+    def prompt(seed):
+        return build_niah_prompt(TOKENIZER, HAYSTACK, 200, 0.4, make_needle("multikey", random.Random(seed)))
+
+    assert prompt(7) == prompt(7) != prompt(8)
+    with pytest.raises(ValueError, match="depth must be in"):
+        build_niah_prompt(TOKENIZER, HAYSTACK, 200, 1.5, make_needle("passkey", random.Random(0)))
+    with pytest.raises(ValueError, match="haystack_ids is empty"):
+        build_niah_prompt(TOKENIZER, [], 200, 0.5, make_needle("passkey", random.Random(0)))
