@@ -24,7 +24,7 @@ STATE_VERSION = 1
 # The configuration fields a saved state depends on: a state only continues a model that agrees on all of them.
 STATE_CONFIG_FIELDS = (
     "num_hidden_layers", "num_key_value_heads", "head_dim", "sliding_window", "chunk_size", "memory_update",
-    "layer_types",
+    "layer_types", "memory_type", "num_memories", "num_memory_banks", "segments_per_bank",
 )
 
 
@@ -33,7 +33,8 @@ class LayerState:
     """The state one decoder layer reads and returns (a layer never mutates it: recomputation stays safe).
 
     keys/values: (B, H, L, D) raw window tokens, positions ``written_chunks * chunk_size`` .. ``seen_tokens - 1``
-    (all tokens since 0 for full_attention layers); M: (B, H, D, D), z: (B, H, D) float32 or None.
+    (all tokens since 0 for full_attention layers); M: (B, H, D, D), z: (B, H, D) float32 or None — or, for layers
+    with S memories per head (SenriConfig.memory_slots), M: (B, H, S, D, D), z: (B, H, S, D).
     """
 
     keys: torch.Tensor | None = None
@@ -148,7 +149,9 @@ class SenriCache(Cache):
 
         The rank kept is the smallest whose singular values hold ``energy_threshold`` of Σσ², capped by
         ``max_rank``. Returns, per memory layer, tensors (B, H) ``original_rank``, ``retained_rank``,
-        ``energy_retained`` and the singular values (B, H, D) before cleaning. ``z`` is left as it is.
+        ``energy_retained`` and the singular values (B, H, D) before cleaning — (B, H, S) and (B, H, S, D) for layers
+        of S memories, where a still-empty memory (M_i = 0) keeps rank 0 and counts as energy_retained 1.
+        ``z`` is left as it is.
         """
         if not 0.0 < energy_threshold <= 1.0:
             raise ValueError(f"energy_threshold must be in (0, 1], got {energy_threshold}")
@@ -167,16 +170,21 @@ class SenriCache(Cache):
             energy = S.square()
             total = energy.sum(-1, keepdim=True).clamp_min(torch.finfo(S.dtype).tiny)
             cumulative = energy.cumsum(-1) / total
+            tolerance = S[..., :1] * S.shape[-1] * torch.finfo(S.dtype).eps
+            original_rank = (S > tolerance).sum(-1)
             rank = (cumulative < energy_threshold).sum(-1) + 1  # smallest k with cumulative[k-1] >= threshold
+            # Never above the numerical rank (rounding can leave cumulative[-1] a hair below a threshold of 1; a zero
+            # memory has rank 0).
+            rank = torch.minimum(rank, original_rank)
             if max_rank is not None:
                 rank = rank.clamp(max=max_rank)
             keep = torch.arange(S.shape[-1], device=S.device) < rank[..., None]
             layer.state = replace(layer.state, M=(U * (S * keep)[..., None, :]) @ Vh)
-            tolerance = S[..., :1] * S.shape[-1] * torch.finfo(S.dtype).eps
+            retained = (energy * keep).sum(-1) / total.squeeze(-1)
             stats[idx] = {
-                "original_rank": (S > tolerance).sum(-1),
+                "original_rank": original_rank,
                 "retained_rank": rank,
-                "energy_retained": (energy * keep).sum(-1) / total.squeeze(-1),
+                "energy_retained": torch.where(original_rank > 0, retained, torch.ones_like(retained)),
                 "singular_values": S,
             }
         return stats
@@ -226,23 +234,29 @@ class SenriCache(Cache):
         batch_size = int(state["batch_size"])
         cache = cls(config, batch_size=batch_size)
         H, D = config.num_key_value_heads, config.head_dim
+        # A memory layer's (M, z) shapes; routed layers have two (training: single memory, eval: head_dim memories).
+        memory_shapes = config.memory_state_shapes(batch_size)
         seen = int(state["seen_tokens"])
         for idx, layer in enumerate(cache.layers):
             entry = state["layers"].get(str(idx))
             if entry is None:
                 raise ValueError(f"memory state has no entry for layer {idx}")
             written = int(entry["written_chunks"])
-            expected = {"M": (batch_size, H, D, D), "z": (batch_size, H, D)}
+            expected = {"M": [m for m, _ in memory_shapes], "z": [z for _, z in memory_shapes]}
+            if "M" in entry and tuple(entry["M"].shape) in expected["M"]:
+                expected["z"] = [memory_shapes[expected["M"].index(tuple(entry["M"].shape))][1]]  # z goes with M
             tensors = {}
             for name in ("M", "z", "keys", "values"):
                 if name not in entry:
                     continue
                 tensor = entry[name]
-                shape = expected.get(name)
-                if shape is None:
-                    shape = (batch_size, H, tensor.shape[2] if tensor.dim() == 4 else -1, D)
-                if tuple(tensor.shape) != shape:
-                    raise ValueError(f"layer {idx} {name} has shape {tuple(tensor.shape)}, expected {shape}")
+                shapes = expected.get(name)
+                if shapes is None:
+                    shapes = [(batch_size, H, tensor.shape[2] if tensor.dim() == 4 else -1, D)]
+                if tuple(tensor.shape) not in shapes:
+                    raise ValueError(
+                        f"layer {idx} {name} has shape {tuple(tensor.shape)}, expected {' or '.join(map(str, shapes))}"
+                    )
                 if name in ("M", "z") and tensor.dtype != MEMORY_DTYPE:
                     raise ValueError(f"layer {idx} {name} has dtype {tensor.dtype}, expected {MEMORY_DTYPE}")
                 tensors[name] = tensor

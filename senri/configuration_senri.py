@@ -10,6 +10,7 @@ from transformers import LlamaConfig
 LAYER_TYPES = ("sliding_attention", "memory", "memory_only", "full_attention")
 MEMORY_LAYER_TYPES = ("memory", "memory_only")
 MEMORY_UPDATES = ("delta", "linear")
+MEMORY_TYPES = ("single", "multi", "hierarchical", "routed")
 SERIALIZED_LAYER_TYPES = "senri_layer_types"
 JAPANESE_TOKENIZER = "cyberagent/open-calm-small"
 
@@ -47,7 +48,35 @@ class SenriConfig(LlamaConfig):
       model compute exactly what its source computed, while the gate still receives a gradient.
     * ``memory_eps``: the epsilon of the memory read's normaliser.
     * ``use_alibi`` / ``alibi_scale``: older segments' memory contributions decay as exp(−slope_h · distance in
-      segments), with ALiBi's per-head geometric slopes times ``alibi_scale``.
+      segments), with ALiBi's per-head geometric slopes times ``alibi_scale``. Implemented as a decay of the whole
+      state (every memory of the layer) by exp(−slope_h) per written chunk, which weighs a segment written d chunks
+      ago by exactly exp(−slope_h · d) and keeps the state fixed-size and streaming exact.
+
+    Memory variants (the seeds'; a *segment* is one chunk of ``chunk_size`` tokens, numbered from 0 in the stream).
+    Except ``"single"`` with one bank, a memory layer holds S memories, ``M: (B, H, S, D, D)``, ``z: (B, H, S, D)``:
+
+    * ``memory_type="single"`` (default): one memory per KV head (Infini-attention).
+    * ``"multi"``: ``num_memories`` independent memories; segment j is written to memory ``j % num_memories``. A query
+      reads every memory (A_i = φ(q) M_i / (φ(q) z_i + eps)) and mixes them by attention-based selection: relevance
+      r_i = φ(q)·z_i, output Σ_i softmax(r)_i A_i. No extra parameters.
+    * ``"hierarchical"``: the memories of ``"multi"`` are the *fine* level; the *coarse* memory is their sum
+      (M_c = Σ_i M_i, z_c = Σ_i z_i, what a single memory would hold under the linear rule). A query reads the coarse
+      memory A_c = φ(q) M_c / (φ(q) z_c + eps) and expands into the fine level by a learned per-head expansion gate
+      g = sigmoid(w_h · q + b_h) ∈ (0, 1) on the raw query: output (1 − g) A_c + g Σ_i softmax(r)_i A_i.
+      Parameters ``memory_expansion_weight`` (Hq, D), ``memory_expansion_bias`` (Hq,), initialised to 0 (g = 0.5).
+    * ``"routed"`` (the Senri-LLM seed's orthogonal-basis routing, basis B = I): in training mode (``model.train()``)
+      exactly ``"single"``. In eval mode every KV head has D = head_dim memories; each key is written to memory
+      argmax_i |k_i| and a query reads the ``top_k_memories`` memories with the largest |q_i|, weighted by
+      softmax over those |q_i|. The state shapes differ ((B, H, D, D) in training, (B, H, D, D, D) in eval): a
+      state made in one mode is refused, with an error, by the other.
+    * ``num_memory_banks`` / ``segments_per_bank`` (any memory_type but ``"routed"``): segment j goes to bank
+      (j // segments_per_bank) % num_memory_banks, i.e. the layer switches to the next bank after
+      ``segments_per_bank`` written segments and wraps around after the last bank (banks keep accumulating). Each
+      bank holds ``num_memories`` memories (1 for ``"single"``), written round-robin inside the bank; memory
+      ``bank * num_memories + j % num_memories``. Reads treat all S = banks × memories as the memories of
+      ``"multi"`` (relevance softmax mix; for ``"hierarchical"`` the coarse memory is the sum of all of them).
+    * ``memory_only`` layers read their own chunk's earlier tokens as if already written (linear rule) to the
+      memory they will be written to.
     """
 
     model_type = "senri"
@@ -63,6 +92,12 @@ class SenriConfig(LlamaConfig):
     memory_eps: float = 1e-6
     use_alibi: bool = False
     alibi_scale: float = 1.0
+    memory_type: str = "single"
+    num_memories: int = 4
+    top_k_memories: int = 8
+    num_memory_banks: int = 1
+    segments_per_bank: int = 4
+    tokenizer_name: str | None = None  # the tokenizer a preset is meant for (japanese(): JAPANESE_TOKENIZER)
     attention_output_bias: bool | None = None  # o_proj bias; None: same as attention_bias (Qwen2: q/k/v only)
 
     def __post_init__(self, **kwargs):
@@ -133,12 +168,35 @@ class SenriConfig(LlamaConfig):
 
     @classmethod
     def japanese(cls, **overrides) -> "SenriConfig":
-        """SmolLM-135M's shapes with the OpenCALM vocabulary (52,000 tokens; see JAPANESE_TOKENIZER)."""
-        return cls.smollm_135m(**{"vocab_size": 52000, "bos_token_id": 0, "eos_token_id": 0, **overrides})
+        """The Senri-Japanese seed: the Pythia-70M-shaped composition (memory-only layer 0, then sliding windows)
+        with the OpenCALM vocabulary (52,000 tokens); ``tokenizer_name`` is JAPANESE_TOKENIZER, loaded by
+        :func:`load_japanese_tokenizer`."""
+        fields = dict(vocab_size=52000, tokenizer_name=JAPANESE_TOKENIZER, bos_token_id=0, eos_token_id=0)
+        return cls.pythia_70m(**{**fields, **overrides})
 
     @property
     def memory_layers(self) -> list[int]:
         return [i for i, t in enumerate(self.layer_types) if t in MEMORY_LAYER_TYPES]
+
+    def memory_slots(self, training: bool) -> int | None:
+        """Number S of memories per KV head of a memory layer, or None for the single memory's (B, H, D, D) layout.
+
+        ``training`` matters only for ``memory_type="routed"`` (single memory in training, head_dim memories in eval).
+        """
+        if self.memory_type == "routed":
+            return None if training else self.head_dim
+        per_bank = 1 if self.memory_type == "single" else self.num_memories
+        slots = per_bank * self.num_memory_banks
+        return None if self.memory_type == "single" and slots == 1 else slots
+
+    def memory_state_shapes(self, batch_size: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        """The (M, z) shapes a memory layer's state may have (routed: the training shape, then the eval shape)."""
+        B, H, D = batch_size, self.num_key_value_heads, self.head_dim
+        shapes = []
+        for training in ((True, False) if self.memory_type == "routed" else (True,)):
+            S = self.memory_slots(training)
+            shapes.append(((B, H, D, D), (B, H, D)) if S is None else ((B, H, S, D, D), (B, H, S, D)))
+        return shapes
 
     @property
     def window_chunks(self) -> int:
@@ -175,11 +233,28 @@ class SenriConfig(LlamaConfig):
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
                 f"({kv_heads})"
             )
+        if self.memory_type not in MEMORY_TYPES:
+            raise ValueError(f"memory_type = {self.memory_type!r} is unknown; {_suggest(self.memory_type, MEMORY_TYPES)}")
+        for name in ("num_memories", "top_k_memories", "num_memory_banks", "segments_per_bank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.memory_type == "routed":
+            head_dim = self.head_dim or self.hidden_size // self.num_attention_heads  # set by Llama's __post_init__
+            if self.top_k_memories > head_dim:
+                raise ValueError(
+                    f"top_k_memories ({self.top_k_memories}) must be <= head_dim ({head_dim}): routed memories "
+                    "have one memory per basis vector, head_dim per head"
+                )
+            if self.num_memory_banks != 1:
+                raise ValueError(
+                    f"num_memory_banks = {self.num_memory_banks} is not supported with memory_type='routed' "
+                    "(routing already assigns each key to a memory); use num_memory_banks=1"
+                )
         if self.alibi_scale <= 0:
             raise ValueError(f"alibi_scale must be > 0, got {self.alibi_scale}")
         if self.memory_eps <= 0:
             raise ValueError(f"memory_eps must be > 0, got {self.memory_eps}")
 
 
-__all__ = ["SenriConfig", "LAYER_TYPES", "MEMORY_LAYER_TYPES", "MEMORY_UPDATES", "JAPANESE_TOKENIZER",
+__all__ = ["SenriConfig", "LAYER_TYPES", "MEMORY_LAYER_TYPES", "MEMORY_UPDATES", "MEMORY_TYPES", "JAPANESE_TOKENIZER",
            "load_japanese_tokenizer"]

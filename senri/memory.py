@@ -5,12 +5,18 @@ A memory is ``M: (B, H, D, D)`` and ``z: (B, H, D)``, always float32 (fp16 overf
 
 ``memory_states`` is the fast chunked path; ``reference_memory_attention`` is the naive token loop that the tests
 hold it equal to (outputs, final state and gradients).
+
+Layers with several memories per KV head (multi, hierarchical, routed at inference, banks: see SenriConfig) hold
+``M: (B, H, S, D, D)`` and ``z: (B, H, S, D)``; a :class:`MemoryLayout` says which memory each key is written to and
+how a query combines them. ``slotted_memory_attention`` is their path, ``reference_slotted_memory_attention`` its
+naive token loop.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,10 +36,14 @@ def float32_memory(device: torch.device) -> Iterator[None]:
         yield
 
 
-def empty_memory(batch_size: int, num_heads: int, head_dim: int, device: torch.device | str | None = None):
-    """A fresh (reset) memory: M = 0, z = 0."""
-    M = torch.zeros(batch_size, num_heads, head_dim, head_dim, dtype=MEMORY_DTYPE, device=device)
-    z = torch.zeros(batch_size, num_heads, head_dim, dtype=MEMORY_DTYPE, device=device)
+def empty_memory(
+    batch_size: int, num_heads: int, head_dim: int, device: torch.device | str | None = None,
+    num_slots: int | None = None,
+):
+    """A fresh (reset) memory: M = 0, z = 0; (B, H, D, D) / (B, H, D), or (B, H, S, D, D) / (B, H, S, D) with slots."""
+    slots = () if num_slots is None else (num_slots,)
+    M = torch.zeros(batch_size, num_heads, *slots, head_dim, head_dim, dtype=MEMORY_DTYPE, device=device)
+    z = torch.zeros(batch_size, num_heads, *slots, head_dim, dtype=MEMORY_DTYPE, device=device)
     return M, z
 
 
@@ -205,7 +215,248 @@ def reference_memory_attention(
     return torch.stack(outputs, dim=2), M, z
 
 
+# --- several memories per head -------------------------------------------------------------------------------------
+SLOTTED_READS = ("multi", "hierarchical", "routed")
+
+
+@dataclass(frozen=True)
+class MemoryLayout:
+    """How a layer's S memories per KV head are written and read (SenriConfig's docstring defines the variants).
+
+    read: ``"multi"`` (relevance-softmax mix; also used for banks of single memories), ``"hierarchical"`` (coarse sum
+    plus gated expansion into the mix) or ``"routed"`` (orthogonal basis B = I, S = head_dim).
+    Segment-assigned layouts write chunk j to memory ``bank * num_memories + j % num_memories`` with
+    ``bank = (j // segments_per_bank) % num_banks``; routed layouts write each key to argmax_i |k_i|.
+    """
+
+    read: str
+    num_slots: int
+    num_memories: int = 1
+    num_banks: int = 1
+    segments_per_bank: int = 1
+    top_k: int = 1
+
+    def __post_init__(self):
+        if self.read not in SLOTTED_READS:
+            raise ValueError(f"memory layout read {self.read!r} is unknown; valid values are {list(SLOTTED_READS)}")
+        if self.read != "routed" and self.num_slots != self.num_memories * self.num_banks:
+            raise ValueError(
+                f"num_slots ({self.num_slots}) must be num_memories × num_banks "
+                f"({self.num_memories} × {self.num_banks})"
+            )
+
+    def segment_slot(self, chunk: int) -> int:
+        """The memory a segment-assigned layout writes chunk ``chunk`` (absolute index in the stream) to."""
+        bank = (chunk // self.segments_per_bank) % self.num_banks
+        return bank * self.num_memories + chunk % self.num_memories
+
+    def slots(self, chunk: int, k: torch.Tensor) -> int | torch.Tensor:
+        """Where chunk ``chunk`` (absolute index) with raw keys k: (B, H, C, D) is written: one memory index for the
+        whole chunk (segment-assigned layouts) or, routed, a memory index per key (B, H, C)."""
+        if self.read == "routed":
+            return k.abs().argmax(dim=-1)  # the basis vector e_i with the largest |<k, e_i>|
+        return self.segment_slot(chunk)
+
+
+def write_slots(
+    k: torch.Tensor, v: torch.Tensor, slots: int | torch.Tensor, M: torch.Tensor, z: torch.Tensor, update: str,
+    eps: float, decay: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write one chunk into S memories: all of it into memory ``slots`` (an int), or each key (and its value) into
+    its own memory ``slots[b, h, c]`` (a (B, H, C) long tensor).
+
+    k, v: (B, H, C, D) raw keys/values; M: (B, H, S, D, D), z: (B, H, S, D). Memory i takes the rules of
+    :func:`memory_states` with the chunk's keys assigned to it (delta: each key retrieves from its own memory as it
+    was before the chunk); with ``decay`` (H,) every memory of the head is first scaled by γ_h.
+    """
+    if update not in ("delta", "linear"):
+        raise ValueError(f"memory update {update!r} is unknown; valid values are ['delta', 'linear']")
+    sk, v = phi(k.to(MEMORY_DTYPE)), v.to(MEMORY_DTYPE)
+    B, H, C, D = sk.shape
+    S = M.shape[2]
+    if isinstance(slots, int):
+        if update == "delta":
+            v = v - (sk @ M[:, :, slots]) / ((sk @ z[:, :, slots].unsqueeze(-1)) + eps)
+        one_hot = F.one_hot(torch.tensor(slots, device=sk.device), S).to(sk.dtype)  # (S,)
+        dM = one_hot[:, None, None] * (sk.transpose(-1, -2) @ v).unsqueeze(2)  # (B, H, S, D, D), zero but in `slots`
+        dz = one_hot[:, None] * sk.sum(dim=2).unsqueeze(2)
+    else:
+        # Row (b, h, slots[b, h, c]) of the memories flattened to (B * H * S, ...) takes key c's write.
+        rows = ((torch.arange(B, device=sk.device)[:, None, None] * H
+                 + torch.arange(H, device=sk.device)[None, :, None]) * S + slots).flatten()
+        if update == "delta":
+            own_M, own_z = M.flatten(0, 2)[rows], z.flatten(0, 2)[rows]  # (B*H*C, D, D), (B*H*C, D)
+            flat_sk = sk.flatten(0, 2)
+            retrieved = (flat_sk.unsqueeze(-2) @ own_M).squeeze(-2) / ((flat_sk * own_z).sum(-1, keepdim=True) + eps)
+            v = v - retrieved.view(B, H, C, D)
+        outer = sk.unsqueeze(-1) * v.unsqueeze(-2)  # (B, H, C, D, D)
+        dM = torch.zeros_like(M).flatten(0, 2).index_add(0, rows, outer.flatten(0, 2)).view_as(M)
+        dz = torch.zeros_like(z).flatten(0, 2).index_add(0, rows, sk.flatten(0, 2)).view_as(z)
+    if decay is not None:
+        decay = decay.to(device=sk.device, dtype=sk.dtype)
+        M, z = decay[:, None, None, None] * M, decay[:, None, None] * z
+    return M + dM, z + dz
+
+
+def read_slots(
+    q: torch.Tensor, M: torch.Tensor, z: torch.Tensor, layout: MemoryLayout, eps: float,
+    expansion: torch.Tensor | None = None, intra_k: torch.Tensor | None = None, intra_v: torch.Tensor | None = None,
+    intra_slots: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Read S memories and combine them as ``layout.read`` says.
+
+    q: (B, H, R, D) raw queries (R rows: the G query heads' tokens of one chunk, head-major); M: (B, H, S, D, D),
+    z: (B, H, S, D). Per memory A_i = φ(q) M_i / (φ(q) z_i + eps), relevance r_i = φ(q)·z_i, then
+      multi:        Σ_i softmax(r)_i A_i
+      hierarchical: (1 − g) A_c + g Σ_i softmax(r)_i A_i with the coarse read
+                    A_c = φ(q) Σ_i M_i / (φ(q) Σ_i z_i + eps) and g = expansion (B, H, R)
+      routed:       Σ_{i ∈ top-k |q_i|} softmax_{top-k}(|q_i|) A_i
+    ``intra_k``/``intra_v`` (B, H, C, D) and ``intra_slots`` (int or (B, H, C), as ``MemoryLayout.slots``), for
+    memory_only layers: the query chunk's own keys up to the query's token as if already written (linearly) to
+    their memories. Returns (B, H, R, D).
+    """
+    sq = phi(q.to(MEMORY_DTYPE))
+    numerator = torch.einsum("bhrd,bhsde->bhrse", sq, M)  # (B, H, R, S, D)
+    denominator = torch.einsum("bhrd,bhsd->bhrs", sq, z)  # (B, H, R, S)
+    if intra_k is not None:
+        chunk = intra_k.shape[-2]
+        scores = sq @ phi(intra_k.to(MEMORY_DTYPE)).transpose(-1, -2)  # (B, H, R, C)
+        rows = torch.arange(scores.shape[-2], device=q.device) % chunk
+        scores = scores * (torch.arange(chunk, device=q.device)[None, :] <= rows[:, None])
+        if isinstance(intra_slots, int):  # the whole chunk goes to one memory
+            intra_slots = torch.full(intra_k.shape[:-1], intra_slots, dtype=torch.long, device=q.device)
+        assign = F.one_hot(intra_slots, M.shape[2]).to(scores.dtype)  # (B, H, C, S)
+        numerator = numerator + torch.einsum("bhrc,bhcs,bhce->bhrse", scores, assign, intra_v.to(MEMORY_DTYPE))
+        denominator = denominator + scores @ assign
+    reads = numerator / (denominator.unsqueeze(-1) + eps)  # (B, H, R, S, D)
+    if layout.read == "routed":
+        top = q.to(MEMORY_DTYPE).abs().topk(layout.top_k, dim=-1)  # bases with the largest |<q, e_i>|
+        selected = reads.gather(3, top.indices.unsqueeze(-1).expand(*top.indices.shape, reads.shape[-1]))
+        return (top.values.softmax(dim=-1).unsqueeze(-1) * selected).sum(dim=3)
+    fine = (denominator.softmax(dim=-1).unsqueeze(-1) * reads).sum(dim=3)
+    if layout.read == "multi":
+        return fine
+    coarse = numerator.sum(dim=3) / (denominator.sum(dim=3, keepdim=True) + eps)
+    return coarse + expansion.to(MEMORY_DTYPE).unsqueeze(-1) * (fine - coarse)
+
+
+def slotted_memory_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, M: torch.Tensor, z: torch.Tensor, q_start: int, written: int,
+    new_written: int, chunk_size: int, window_chunks: int, update: str, eps: float, layout: MemoryLayout,
+    intra_chunk: bool = False, decay: torch.Tensor | None = None, expansion: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`memory_attention` for a layer of S memories per KV head (M: (B, H, S, D, D), z: (B, H, S, D)).
+
+    Same arguments and the same exact coverage (query chunk c reads the state holding exactly chunks
+    < c − window_chunks), plus ``layout`` and, for hierarchical layouts, ``expansion`` (B, Hq, T): the expansion
+    gate of each query. Query chunks are taken in order, writing the chunks each needs first, so only one state is
+    alive at a time (a routed layer's state is D times a single memory's). Returns (B, Hq, T, D) float32, M, z.
+    """
+    B, Hq, T, D = q.shape
+    H, C = k.shape[1], chunk_size
+    G = Hq // H
+    first_chunk, last_chunk = q_start // C, (q_start + T - 1) // C
+    n_query = last_chunk - first_chunk + 1
+    if (expansion is None) != (layout.read != "hierarchical"):
+        raise ValueError("an expansion gate is given exactly for hierarchical layouts")
+    pad_front, pad_back = q_start - first_chunk * C, (last_chunk + 1) * C - (q_start + T)
+    with float32_memory(q.device):
+        grid = F.pad(q, (0, 0, pad_front, pad_back)).view(B, H, G, n_query, C, D)
+        gates = None if expansion is None else F.pad(expansion, (pad_front, pad_back)).view(B, H, G, n_query, C)
+        outputs, current = [], written
+        for i, chunk in enumerate(range(first_chunk, last_chunk + 1)):
+            while current < min(max(chunk - window_chunks, written), new_written):
+                start = (current - written) * C
+                k_c, v_c = k[:, :, start : start + C], v[:, :, start : start + C]
+                M, z = write_slots(k_c, v_c, layout.slots(current, k_c), M, z, update, eps, decay)
+                current += 1
+            intra = {}
+            if intra_chunk:
+                own = slice((chunk - written) * C, (chunk - written + 1) * C)
+                missing = C - k[:, :, own].shape[2]
+                intra_k, intra_v = (F.pad(t[:, :, own], (0, 0, 0, missing)) for t in (k, v))  # (B, H, C, D)
+                intra = dict(intra_k=intra_k, intra_v=intra_v, intra_slots=layout.slots(chunk, intra_k))
+            rows = grid[:, :, :, i].reshape(B, H, G * C, D)
+            gate = None if gates is None else gates[:, :, :, i].reshape(B, H, G * C)
+            outputs.append(read_slots(rows, M, z, layout, eps, gate, **intra).view(B, H, G, C, D))
+        if current != new_written:
+            raise RuntimeError(f"wrote chunks up to {current}, expected {new_written}")
+    read = torch.stack(outputs, dim=3).reshape(B, Hq, n_query * C, D)
+    return read[:, :, pad_front : pad_front + T], M, z
+
+
+def reference_slotted_memory_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int, window_chunks: int, update: str, eps: float,
+    layout: MemoryLayout, intra_chunk: bool = False, decay: torch.Tensor | None = None,
+    expansion: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Naive token-by-token loop of :func:`slotted_memory_attention` from position 0, one (batch, head, memory) at a
+    time, for testing. Returns (outputs (B, Hq, T, D), final M (B, H, S, D, D), final z (B, H, S, D))."""
+    B, Hq, T, D = q.shape
+    H, S, C = k.shape[1], layout.num_slots, chunk_size
+    G = Hq // H
+    zero_M = torch.zeros(D, D, dtype=MEMORY_DTYPE, device=q.device)
+    M = [[[zero_M] * S for _ in range(H)] for _ in range(B)]
+    z = [[[zero_M[0]] * S for _ in range(H)] for _ in range(B)]
+
+    def slot_of(chunk: int, b: int, h: int, s: int) -> int:
+        if layout.read == "routed":
+            return int(k[b, h, s].abs().argmax())
+        bank = (chunk // layout.segments_per_bank) % layout.num_banks
+        return bank * layout.num_memories + chunk % layout.num_memories
+
+    written, outputs = 0, [[[None] * Hq for _ in range(B)] for _ in range(T)]  # [t][b][hq] -> (D,)
+    for t in range(T):
+        while written < t // C - window_chunks:
+            for b in range(B):
+                for h in range(H):
+                    old_M, old_z = list(M[b][h]), list(z[b][h])
+                    if decay is not None:
+                        M[b][h] = [decay[h].to(MEMORY_DTYPE) * m for m in M[b][h]]
+                        z[b][h] = [decay[h].to(MEMORY_DTYPE) * n for n in z[b][h]]
+                    for s in range(written * C, (written + 1) * C):
+                        i = slot_of(written, b, h, s)
+                        sk, vs = phi(k[b, h, s].to(MEMORY_DTYPE)), v[b, h, s].to(MEMORY_DTYPE)
+                        if update == "delta":
+                            vs = vs - (sk @ old_M[i]) / (sk @ old_z[i] + eps)
+                        M[b][h][i] = M[b][h][i] + torch.outer(sk, vs)
+                        z[b][h][i] = z[b][h][i] + sk
+            written += 1
+        for b in range(B):
+            for hq in range(Hq):
+                h = hq // G
+                sq = phi(q[b, hq, t].to(MEMORY_DTYPE))
+                numerators = [sq @ M[b][h][i] for i in range(S)]
+                denominators = [sq @ z[b][h][i] for i in range(S)]
+                if intra_chunk:
+                    for s in range((t // C) * C, t + 1):
+                        i = slot_of(t // C, b, h, s)
+                        weight = sq @ phi(k[b, h, s].to(MEMORY_DTYPE))
+                        numerators[i] = numerators[i] + weight * v[b, h, s].to(MEMORY_DTYPE)
+                        denominators[i] = denominators[i] + weight
+                reads = [n / (d + eps) for n, d in zip(numerators, denominators)]
+                if layout.read == "routed":
+                    scores = q[b, hq, t].to(MEMORY_DTYPE).abs()
+                    chosen = sorted(range(D), key=lambda i: -float(scores[i].detach()))[: layout.top_k]
+                    exps = [torch.exp(scores[i] - scores[chosen[0]]) for i in chosen]
+                    out = sum(e * reads[i] for e, i in zip(exps, chosen)) / sum(exps)
+                else:
+                    top = max(float(d.detach()) for d in denominators)
+                    exps = [torch.exp(d - top) for d in denominators]
+                    out = sum(e * r for e, r in zip(exps, reads)) / sum(exps)
+                    if layout.read == "hierarchical":
+                        coarse = sum(numerators) / (sum(denominators) + eps)
+                        g = expansion[b, hq, t].to(MEMORY_DTYPE)
+                        out = (1 - g) * coarse + g * out
+                outputs[t][b][hq] = out
+    def stack(nested: list) -> torch.Tensor:  # nested lists [i][j][l] of tensors -> one tensor (I, J, L, ...)
+        return torch.stack([torch.stack([torch.stack(inner) for inner in middle]) for middle in nested])
+
+    return stack(outputs).permute(1, 2, 0, 3), stack(M), stack(z)
+
+
 __all__ = [
     "MEMORY_DTYPE", "phi", "alibi_decay", "float32_memory", "empty_memory", "memory_states", "memory_read", "memory_attention",
-    "reference_memory_attention",
+    "reference_memory_attention", "MemoryLayout", "write_slots", "read_slots", "slotted_memory_attention",
+    "reference_slotted_memory_attention",
 ]

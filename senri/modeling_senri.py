@@ -25,7 +25,7 @@ from transformers.models.llama.modeling_llama import (
 
 from .cache import LayerState, SenriCache
 from .configuration_senri import MEMORY_LAYER_TYPES, SenriConfig
-from .memory import alibi_decay, empty_memory, memory_attention
+from .memory import MemoryLayout, alibi_decay, empty_memory, memory_attention, slotted_memory_attention
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -99,6 +99,18 @@ def gate_clamp(x: torch.Tensor) -> torch.Tensor:
     return _GateClamp.apply(x)
 
 
+def memory_layout(config: SenriConfig, training: bool) -> MemoryLayout | None:
+    """The layout of a memory layer's several memories, or None for the single memory (see SenriConfig)."""
+    slots = config.memory_slots(training)
+    if slots is None:
+        return None
+    read = "multi" if config.memory_type == "single" else config.memory_type  # banks of single memories mix like multi
+    return MemoryLayout(
+        read, slots, num_memories=1 if config.memory_type == "single" else config.num_memories,
+        num_banks=config.num_memory_banks, segments_per_bank=config.segments_per_bank, top_k=config.top_k_memories,
+    )
+
+
 class SenriAttention(nn.Module):
     """GQA attention over the block-sliding window (RoPE) plus, on memory layers, the compressive memory (NoPE)."""
 
@@ -133,6 +145,33 @@ class SenriAttention(nn.Module):
             # Weight of the memory path per query head (eq. 6 mixes with sigmoid(β); we use a clamped linear gate
             # so that 0 is reachable exactly and the gradient at 0 is not squashed).
             self.memory_gate = nn.Parameter(torch.full((self.num_heads,), float(config.memory_gate_init)))
+        if self.has_memory and config.memory_type == "hierarchical":
+            # Expansion gate g = sigmoid(w_h · q + b_h) per query head, from the raw (NoPE) query; 0 init: g = 0.5.
+            self.memory_expansion_weight = nn.Parameter(torch.zeros(self.num_heads, self.head_dim))
+            self.memory_expansion_bias = nn.Parameter(torch.zeros(self.num_heads))
+        self.memory_layouts = {training: memory_layout(config, training) for training in (True, False)}
+
+    def check_state(self, state: LayerState) -> None:
+        """Refuse a memory of the wrong layout for this mode (a routed state made in training, used in eval...)."""
+        M = state.M
+        if M is None or not self.has_memory:
+            return
+        layout = self.memory_layouts[self.training]
+        slots = None if layout is None else layout.num_slots
+        expected = "a single memory (B, H, D, D)" if slots is None else f"{slots} memories (B, H, {slots}, D, D)"
+        if (M.dim() == 4) if slots is None else (M.dim() == 5 and M.shape[2] == slots):
+            return
+        held = "a single memory" if M.dim() == 4 else f"{M.shape[2]} memories"
+        mode = "training" if self.training else "eval"
+        hint = (
+            " A routed memory is a single memory in training mode and head_dim memories in eval mode: a state made in"
+            " one mode is not valid in the other; start a new SenriCache after model.train() / model.eval()."
+            if self.config.memory_type == "routed" else ""
+        )
+        raise RuntimeError(
+            f"layer {self.layer_idx}: the cache holds {held} (M {tuple(M.shape)}) but memory_type="
+            f"{self.config.memory_type!r} in {mode} mode expects {expected}.{hint}"
+        )
 
     def gate_values(self) -> torch.Tensor | None:
         return None if self.layer_type != "memory" else self.memory_gate.detach().clamp(0.0, 1.0)
@@ -169,13 +208,22 @@ class SenriAttention(nn.Module):
         if self.has_memory:
             if written * self.chunk_size != k_start:
                 raise RuntimeError(f"layer {self.layer_idx}: window starts at {k_start}, memory ends at chunk {written}")
+            layout = self.memory_layouts[self.training]
+            slots = None if layout is None else layout.num_slots
+            self.check_state(state)
             if M is None:
-                M, z = empty_memory(B, self.num_kv_heads, self.head_dim, device=hidden_states.device)
-            memory_output, M, z = memory_attention(
-                q, k, v, M, z, P, written, new_written, self.chunk_size, self.window_chunks,
-                self.config.memory_update, self.config.memory_eps, intra_chunk=not self.has_local,
-                decay=self.memory_decay,
-            )
+                M, z = empty_memory(B, self.num_kv_heads, self.head_dim, device=hidden_states.device, num_slots=slots)
+            common = dict(intra_chunk=not self.has_local, decay=self.memory_decay)
+            args = (q, k, v, M, z, P, written, new_written, self.chunk_size, self.window_chunks,
+                    self.config.memory_update, self.config.memory_eps)
+            if layout is None:
+                memory_output, M, z = memory_attention(*args, **common)
+            else:
+                expansion = None
+                if layout.read == "hierarchical":
+                    logits = torch.einsum("bhtd,hd->bht", q, self.memory_expansion_weight.to(q.dtype))
+                    expansion = torch.sigmoid(logits + self.memory_expansion_bias.to(q.dtype)[:, None])
+                memory_output, M, z = slotted_memory_attention(*args, layout, expansion=expansion, **common)
             if output is None:
                 output = memory_output.to(q.dtype)
             else:
@@ -222,6 +270,9 @@ class SenriPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, SenriAttention) and module.layer_type == "memory":
             init.constant_(module.memory_gate, float(self.config.memory_gate_init))
+        if isinstance(module, SenriAttention) and hasattr(module, "memory_expansion_weight"):
+            init.zeros_(module.memory_expansion_weight)
+            init.zeros_(module.memory_expansion_bias)
 
 
 class SenriModel(SenriPreTrainedModel):
@@ -276,6 +327,8 @@ class SenriModel(SenriPreTrainedModel):
         cos, sin = self.rotary_emb(inputs_embeds, positions)
         position_embeddings = (cos, sin, rope_start)
 
+        for idx, layer in enumerate(self.layers):  # before any layer advances the cache
+            layer.self_attn.check_state(cache.layer_state(idx))
         hidden_states = inputs_embeds
         for idx, layer in enumerate(self.layers):
             state = cache.layer_state(idx)
@@ -346,4 +399,5 @@ class SenriForCausalLM(SenriPreTrainedModel, GenerationMixin):
         return SenriCache(self.config, batch_size=batch_size)
 
 
-__all__ = ["SenriPreTrainedModel", "SenriModel", "SenriForCausalLM", "SenriAttention", "SenriDecoderLayer"]
+__all__ = ["SenriPreTrainedModel", "SenriModel", "SenriForCausalLM", "SenriAttention", "SenriDecoderLayer",
+           "memory_layout"]
