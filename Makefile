@@ -6,7 +6,7 @@ STAMP := $(VENV)/.setup-stamp
 RUN_DIR ?= runs/demo
 NOTEBOOKS := 01_model_test 02_training 03_evaluation 04_analysis
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench variants clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,12 @@ demo: setup
 		$(PY) -m papermill -k python3 notebooks/$$nb.ipynb $(RUN_DIR)/$$nb.ipynb -p profile auto -p run_dir $(RUN_DIR) || exit 1; \
 	done
 	@echo "executed notebooks and figures are in $(RUN_DIR)/"
+
+# Train and evaluate the profile's memory variants (experiment.variants) → $(RUN_DIR)/eval/variants.json.
+PROFILE ?= auto
+variants: setup
+	$(PY) -c "from senri.config import ConfigManager; from senri.experiments import compare_variants; \
+	print(compare_variants(ConfigManager('$(PROFILE)', {'experiment.run_dir': '$(RUN_DIR)'}))['table'])"
 
 bench: setup
 	$(PY) bench/bench_senri.py

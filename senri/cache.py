@@ -8,7 +8,6 @@ memory reset. Its size stops growing once the window is full (``full_attention``
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .configuration_senri import MEMORY_LAYER_TYPES, SenriConfig
+from .io import atomic_write
 from .memory import MEMORY_DTYPE
 
 STATE_FORMAT = "senri-memory-state"
@@ -282,17 +282,9 @@ class SenriCache(Cache):
 
 def save_memory_state(state: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write a state atomically (temporary file + rename): a crash never leaves a half-written state file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_write(path, "wb") as f:
+        torch.save(state, f)
+    return Path(path)
 
 
 def load_memory_state(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -13,7 +13,6 @@ import dataclasses
 import difflib
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -21,6 +20,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import yaml
 
 from .configuration_senri import LAYER_TYPES
+from .io import atomic_write
 
 PROFILES = ("cpu-smoke", "cpu-proof", "t4", "a100")
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
@@ -40,6 +40,14 @@ class ModelSettings:
     memory_layer_interval: int = 10
     layer_types: list[str] | None = None
     memory_gate_init: float = 0.0
+    memory_type: Literal["single", "multi", "hierarchical", "routed"] = "single"
+    num_memories: int = 4
+    top_k_memories: int = 8
+    num_memory_banks: int = 1
+    segments_per_bank: int = 4
+    memory_relevance: Literal["mass", "mean"] = "mass"
+    use_alibi: bool = False
+    alibi_scale: float = 1.0
     hidden_size: int = 576
     intermediate_size: int = 1536
     num_hidden_layers: int = 30
@@ -88,6 +96,9 @@ class ExperimentSettings:
     real_model_window: int = 1024
     real_model_niah_lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096])
     real_model_niah_samples: int = 1
+    # Memory variants compared on this profile's task: name -> model.* overrides (see compare_variants).
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    variant_max_steps: int | None = None  # training.max_steps of each variant run (None: training.max_steps)
 
 
 SECTIONS = {"model": ModelSettings, "training": TrainingSettings, "experiment": ExperimentSettings}
@@ -97,7 +108,8 @@ POSITIVE = {
     "num_key_value_heads", "max_steps", "per_device_batch_size", "gradient_accumulation_steps", "learning_rate",
     "seq_len", "save_steps", "save_total_limit", "logging_steps", "num_train_samples", "niah_samples",
     "ppl_seq_len", "ppl_bucket_size", "gate_lr_multiplier", "memory_layer_interval", "real_model_window",
-    "real_model_niah_samples",
+    "real_model_niah_samples", "num_memories", "top_k_memories", "num_memory_banks", "segments_per_bank", "alibi_scale",
+    "variant_max_steps",
 }
 NON_NEGATIVE = {"num_memory_layers", "first_memory_layer", "weight_decay", "warmup_steps", "max_grad_norm", "seed"}
 FRACTIONS = {"memory_gate_init", "niah_ratio", "needle_beyond_window"}
@@ -141,6 +153,10 @@ def _check_type(name: str, value: Any, annotation: Any) -> Any:
     if args and type(None) in args:  # Optional[X]
         inner = [a for a in args if a is not type(None)][0]
         return _check_type(name, value, inner)
+    if annotation is Any:
+        return value
+    if origin is dict:
+        return {str(k): _check_type(f"{name}.{k}", v, args[1]) for k, v in _mapping(value, name).items()}
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{name} must be a list, got {type(value).__name__} {value!r}")
@@ -280,6 +296,14 @@ class ConfigManager:
             raise ValueError("experiment.dataset = 'text_files' needs experiment.data_files (a list of .txt paths)")
         if t.save_total_limit < 1:
             raise ValueError("training.save_total_limit must be >= 1")
+        for name, overrides in e.variants.items():
+            # A variant's overrides are model keys whose merged settings must themselves be valid.
+            where = f"experiment.variants.{name}"
+            self._checked_keys("model", overrides, where)
+            try:
+                self._build("model", {**dataclasses.asdict(m), **overrides})
+            except ValueError as error:
+                raise ValueError(f"{where}: {error}") from None
 
     # --- derived ------------------------------------------------------------------------------------------------
     def as_dict(self) -> dict[str, Any]:
@@ -287,13 +311,9 @@ class ConfigManager:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the resolved configuration as YAML (temporary file + rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with atomic_write(path) as f:
             yaml.safe_dump(self.as_dict(), f, sort_keys=False)
-        os.replace(tmp, path)
-        return path
+        return Path(path)
 
     def resolve_precision(self) -> str:
         """fp16 on a T4-class GPU, bf16 from compute capability 8.0, fp32 on CPU (for precision: auto)."""
@@ -320,7 +340,9 @@ class ConfigManager:
             sliding_window=m.sliding_window, chunk_size=m.chunk_size, memory_update=m.memory_update,
             num_memory_layers=m.num_memory_layers, first_memory_layer=m.first_memory_layer,
             memory_layer_interval=m.memory_layer_interval, layer_types=m.layer_types,
-            memory_gate_init=m.memory_gate_init,
+            memory_gate_init=m.memory_gate_init, memory_type=m.memory_type, num_memories=m.num_memories,
+            top_k_memories=m.top_k_memories, num_memory_banks=m.num_memory_banks,
+            segments_per_bank=m.segments_per_bank, memory_relevance=m.memory_relevance, use_alibi=m.use_alibi, alibi_scale=m.alibi_scale,
         )
         if m.init == "scratch":
             fields.update(

@@ -11,6 +11,7 @@ LAYER_TYPES = ("sliding_attention", "memory", "memory_only", "full_attention")
 MEMORY_LAYER_TYPES = ("memory", "memory_only")
 MEMORY_UPDATES = ("delta", "linear")
 MEMORY_TYPES = ("single", "multi", "hierarchical", "routed")
+MEMORY_RELEVANCES = ("mass", "mean")
 SERIALIZED_LAYER_TYPES = "senri_layer_types"
 JAPANESE_TOKENIZER = "cyberagent/open-calm-small"
 
@@ -58,7 +59,10 @@ class SenriConfig(LlamaConfig):
     * ``memory_type="single"`` (default): one memory per KV head (Infini-attention).
     * ``"multi"``: ``num_memories`` independent memories; segment j is written to memory ``j % num_memories``. A query
       reads every memory (A_i = φ(q) M_i / (φ(q) z_i + eps)) and mixes them by attention-based selection: relevance
-      r_i = φ(q)·z_i, output Σ_i softmax(r)_i A_i. No extra parameters.
+      r_i = φ(q)·z_i, output Σ_i softmax(r)_i A_i. No extra parameters. ``memory_relevance="mean"`` divides the
+      relevance by the memory's key mass, r_i = φ(q)·z_i / Σ_d z_i,d: φ(q)·z_i grows with every token written, so
+      "mass" relevance soon selects the fullest memory whatever the query asks; "mean" is the query's mean affinity
+      to the memory's keys (content, not count), and an empty memory gets no weight. Also used by hierarchical.
     * ``"hierarchical"``: the memories of ``"multi"`` are the *fine* level; the *coarse* memory is their sum
       (M_c = Σ_i M_i, z_c = Σ_i z_i, what a single memory would hold under the linear rule). A query reads the coarse
       memory A_c = φ(q) M_c / (φ(q) z_c + eps) and expands into the fine level by a learned per-head expansion gate
@@ -97,6 +101,7 @@ class SenriConfig(LlamaConfig):
     top_k_memories: int = 8
     num_memory_banks: int = 1
     segments_per_bank: int = 4
+    memory_relevance: str = "mass"
     tokenizer_name: str | None = None  # the tokenizer a preset is meant for (japanese(): JAPANESE_TOKENIZER)
     attention_output_bias: bool | None = None  # o_proj bias; None: same as attention_bias (Qwen2: q/k/v only)
 
@@ -233,6 +238,9 @@ class SenriConfig(LlamaConfig):
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
                 f"({kv_heads})"
             )
+        if self.memory_relevance not in MEMORY_RELEVANCES:
+            raise ValueError(f"memory_relevance = {self.memory_relevance!r} is unknown; "
+                             f"{_suggest(self.memory_relevance, MEMORY_RELEVANCES)}")
         if self.memory_type not in MEMORY_TYPES:
             raise ValueError(f"memory_type = {self.memory_type!r} is unknown; {_suggest(self.memory_type, MEMORY_TYPES)}")
         for name in ("num_memories", "top_k_memories", "num_memory_banks", "segments_per_bank"):

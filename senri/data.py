@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .io import atomic_write
 from .niah import TEMPLATES, build_niah_prompt, build_synthetic_tokenizer, generate_haystack_text, make_needle
 
 DATASETS = ("pg19", "text_files", "generated", "passkey")
@@ -118,15 +118,8 @@ def build_token_blocks(
             break
     if filled < num_blocks:
         raise ValueError(f"source {source!r} gave only {filled} blocks of {seq_len} tokens, {num_blocks} needed")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, blocks)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "wb") as f:
+        np.save(f, blocks)
     return blocks
 
 

@@ -10,7 +10,6 @@ import json
 import math
 import os
 import random
-import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .io import atomic_write
 from .niah import build_niah_prompt, generate_haystack_text, make_needle
 
 # Fictional "A is B" facts written for Senri (no model has seen them): (subject, relation, object).
@@ -265,17 +265,9 @@ def baseline_perplexity(base_model: Any, senri_model: Any, input_ids: torch.Tens
 
 def save_records(path: str | os.PathLike, records: Any) -> Path:
     """Write JSON atomically (temporary file + rename): results are never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(records, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:  # e.g. a value json cannot write: leave no stray temporary file behind
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_write(path) as f:  # e.g. a value json cannot write: no stray temporary file, no half file
+        json.dump(records, f, indent=1)
+    return Path(path)
 
 
 def load_records(path: str | os.PathLike) -> Any:

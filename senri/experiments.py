@@ -3,22 +3,31 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from . import plots
 from .analysis import gate_table, local_attention_map, memory_norm_trace
+from .cache import SenriCache
 from .config import ConfigManager
 from .conversion import convert_llama_to_senri, load_base_model
 from .data import build_tokenizer
 from .evaluation import (
-    baseline_perplexity, load_records, niah_accuracy_table, position_ppl, reversal_curse, run_niah, save_records,
+    baseline_perplexity,
+    load_records,
+    niah_accuracy_table,
+    position_ppl,
+    reversal_curse,
+    run_niah,
+    save_records,
 )
 from .modeling_senri import SenriForCausalLM
 from .niah import generate_haystack_text
-from .training import model_runs
+from .training import model_runs, train
 
 
 def eval_dir(cfg: ConfigManager) -> Path:
@@ -118,7 +127,102 @@ def analyse(cfg: ConfigManager) -> dict[str, Path]:
         real = load_records(out / "real_model.json")
         figures["real_model_niah"] = plots.niah_heatmaps(real["niah"])
         figures["real_model_ppl"] = plots.ppl_by_position(real["ppl_by_position"])
+    if (out / "variants.json").exists():
+        figures["variant_accuracy"] = plots.variant_accuracy(load_records(out / "variants.json")["table"],
+                                                             window=cfg.model.sliding_window)
     return {name: plots.save_figure(fig, run_dir, name) for name, fig in figures.items()}
+
+
+# --- memory variants ----------------------------------------------------------------------------------------------
+def variant_runs(cfg: ConfigManager) -> dict[str, ConfigManager]:
+    """One run per ``experiment.variants`` entry, in ``{run_dir}/variants/{name}``: the profile's model with the
+    variant's ``model.*`` overrides, trained ``experiment.variant_max_steps`` steps (same data, seed and budget)."""
+    e = cfg.experiment
+    if not e.variants:
+        raise ValueError(
+            f"profile {cfg.profile!r} defines no experiment.variants (name: model overrides); cpu-proof and cpu-smoke do"
+        )
+    runs = {}
+    for name, model_overrides in e.variants.items():
+        overrides = {**cfg._overrides, "experiment.run_dir": str(Path(e.run_dir) / "variants" / name),
+                     "experiment.train_twin": False, "experiment.variants": {},
+                     **{f"model.{key}": value for key, value in model_overrides.items()}}
+        if e.variant_max_steps is not None:
+            overrides["training.max_steps"] = e.variant_max_steps
+        if cfg.resolve_drive_dir() is not None:
+            overrides["experiment.drive_dir"] = str(cfg.resolve_drive_dir() / "variants" / name)
+        runs[name] = ConfigManager(cfg.requested_profile, overrides, cfg.config_dir)
+    return runs
+
+
+@torch.inference_mode()
+def memory_statistics(model: SenriForCausalLM, input_ids: torch.Tensor, energy_threshold: float = 0.95) -> dict[str, Any]:
+    """After streaming ``input_ids`` (1, T): per memory layer the norm of M, its mean numerical rank and the mean rank
+    that holds ``energy_threshold`` of its energy (``SenriCache.svd_clean`` on a copy; the model is not changed)."""
+    cache = SenriCache(model.config, batch_size=input_ids.shape[0])
+    piece = model.config.chunk_size * 4
+    for start in range(0, input_ids.shape[1], piece):
+        model(input_ids=input_ids[:, start : start + piece], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    norms = cache.memory_norms()
+    stats = {}
+    for layer, s in cache.svd_clean(energy_threshold=energy_threshold).items():
+        nonempty = s["original_rank"] > 0
+        stats[f"layer_{layer}"] = {
+            "memory_norm": norms[layer],
+            "memories": int(s["original_rank"].numel()),
+            "nonempty_memories": int(nonempty.sum()),
+            "mean_rank": float(s["original_rank"][nonempty].float().mean()) if nonempty.any() else 0.0,
+            f"mean_rank_{energy_threshold:g}_energy": float(s["retained_rank"][nonempty].float().mean())
+            if nonempty.any() else 0.0,
+        }
+    return stats
+
+
+def _finished_run(run_cfg: ConfigManager) -> bool:
+    """Whether ``run_cfg``'s run directory holds a finished run of exactly this configuration; a finished run of
+    another configuration is an error (it is not silently reused, nor overwritten)."""
+    run_dir = Path(run_cfg.experiment.run_dir)
+    if not (run_dir / "train_summary.json").exists():
+        return False
+    saved, wanted = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")), run_cfg.as_dict()
+    changed = sorted(f"{section}.{key}" for section in ("model", "training") for key in wanted[section]
+                     if saved.get(section, {}).get(key) != wanted[section][key])
+    if changed:
+        raise ValueError(
+            f"{run_dir} holds a finished run with other settings ({', '.join(changed)}); pass retrain=True to "
+            "replace it, or use another experiment.run_dir"
+        )
+    return True
+
+
+def compare_variants(cfg: ConfigManager, retrain: bool = False) -> dict[str, Any]:
+    """Train each memory variant of ``experiment.variants`` (a finished run of the same settings is reused; with
+    ``retrain`` its directory is deleted and it is trained again), then
+    evaluate it exactly as :func:`evaluate_trained` evaluates ``senri`` (same NIAH grid and seeds) and read its
+    memory statistics → ``{run_dir}/eval/variants.json``: ``niah`` records (model = variant name), ``table``
+    (accuracy by length), ``summary`` (settings, steps, final loss, training time, gates, memory statistics)."""
+    e = cfg.experiment
+    tokenizer = build_tokenizer(cfg)
+    ids = _held_out_ids(tokenizer, e.ppl_seq_len, cfg.training.seed)
+    niah, summary = [], {}
+    for name, run_cfg in variant_runs(cfg).items():
+        run_dir = Path(run_cfg.experiment.run_dir)
+        if retrain and run_dir.exists():
+            shutil.rmtree(run_dir)
+        if not _finished_run(run_cfg):
+            train(run_cfg)
+        trained = load_records(run_dir / "train_summary.json")
+        model = SenriForCausalLM.from_pretrained(run_dir / "final").eval()
+        niah += run_niah(model, tokenizer, e.niah_lengths, e.niah_depths, e.niah_samples, seed=cfg.training.seed + 1,
+                         templates=e.niah_templates, model_name=name, window=model.config.sliding_window)
+        summary[name] = {
+            "overrides": e.variants[name], "global_step": trained["global_step"],
+            "final_loss": trained.get("final_loss"), "train_runtime": trained.get("train_runtime"),
+            "gates": gate_table(model), "memory": memory_statistics(model, ids),
+        }
+    result = {"niah": niah, "table": accuracy_by_length(niah), "summary": summary}
+    save_records(eval_dir(cfg) / "variants.json", result)
+    return result
 
 
 def accuracy_by_length(records: list[dict[str, Any]]) -> dict[str, dict[int, float]]:
@@ -129,4 +233,5 @@ def accuracy_by_length(records: list[dict[str, Any]]) -> dict[str, dict[int, flo
     return {m: {n: sum(v) / len(v) for n, v in sorted(lengths.items())} for m, lengths in table.items()}
 
 
-__all__ = ["evaluate_trained", "evaluate_real_model", "analyse", "accuracy_by_length", "load_trained", "eval_dir"]
+__all__ = ["evaluate_trained", "evaluate_real_model", "analyse", "accuracy_by_length", "load_trained", "eval_dir",
+           "variant_runs", "memory_statistics", "compare_variants"]

@@ -217,6 +217,8 @@ def reference_memory_attention(
 
 # --- several memories per head -------------------------------------------------------------------------------------
 SLOTTED_READS = ("multi", "hierarchical", "routed")
+RELEVANCES = ("mass", "mean")
+EMPTY_RELEVANCE = -1e4  # "mean" relevance of a memory nothing was written to: it takes no share of the mix
 
 
 @dataclass(frozen=True)
@@ -227,6 +229,8 @@ class MemoryLayout:
     plus gated expansion into the mix) or ``"routed"`` (orthogonal basis B = I, S = head_dim).
     Segment-assigned layouts write chunk j to memory ``bank * num_memories + j % num_memories`` with
     ``bank = (j // segments_per_bank) % num_banks``; routed layouts write each key to argmax_i |k_i|.
+    relevance (multi / hierarchical mixes): ``"mass"`` r_i = φ(q)·z_i, or ``"mean"`` r_i = φ(q)·z_i / Σ_d z_i,d (the
+    query's mean affinity to the memory's keys; an empty memory gets no weight).
     """
 
     read: str
@@ -235,10 +239,13 @@ class MemoryLayout:
     num_banks: int = 1
     segments_per_bank: int = 1
     top_k: int = 1
+    relevance: str = "mass"
 
     def __post_init__(self):
         if self.read not in SLOTTED_READS:
             raise ValueError(f"memory layout read {self.read!r} is unknown; valid values are {list(SLOTTED_READS)}")
+        if self.relevance not in RELEVANCES:
+            raise ValueError(f"memory relevance {self.relevance!r} is unknown; valid values are {list(RELEVANCES)}")
         if self.read != "routed" and self.num_slots != self.num_memories * self.num_banks:
             raise ValueError(
                 f"num_slots ({self.num_slots}) must be num_memories × num_banks "
@@ -306,7 +313,8 @@ def read_slots(
     """Read S memories and combine them as ``layout.read`` says.
 
     q: (B, H, R, D) raw queries (R rows: the G query heads' tokens of one chunk, head-major); M: (B, H, S, D, D),
-    z: (B, H, S, D). Per memory A_i = φ(q) M_i / (φ(q) z_i + eps), relevance r_i = φ(q)·z_i, then
+    z: (B, H, S, D). Per memory A_i = φ(q) M_i / (φ(q) z_i + eps), relevance r_i = φ(q)·z_i (``layout.relevance``
+    "mass") or φ(q)·z_i / Σ_d z_i,d ("mean"; −1e4 for an empty memory), then
       multi:        Σ_i softmax(r)_i A_i
       hierarchical: (1 − g) A_c + g Σ_i softmax(r)_i A_i with the coarse read
                     A_c = φ(q) Σ_i M_i / (φ(q) Σ_i z_i + eps) and g = expansion (B, H, R)
@@ -318,6 +326,7 @@ def read_slots(
     sq = phi(q.to(MEMORY_DTYPE))
     numerator = torch.einsum("bhrd,bhsde->bhrse", sq, M)  # (B, H, R, S, D)
     denominator = torch.einsum("bhrd,bhsd->bhrs", sq, z)  # (B, H, R, S)
+    mass = z.sum(dim=-1).unsqueeze(2)  # (B, H, 1, S): Σ φ(k) over the keys each memory holds, for "mean" relevance
     if intra_k is not None:
         chunk = intra_k.shape[-2]
         scores = sq @ phi(intra_k.to(MEMORY_DTYPE)).transpose(-1, -2)  # (B, H, R, C)
@@ -328,12 +337,19 @@ def read_slots(
         assign = F.one_hot(intra_slots, M.shape[2]).to(scores.dtype)  # (B, H, C, S)
         numerator = numerator + torch.einsum("bhrc,bhcs,bhce->bhrse", scores, assign, intra_v.to(MEMORY_DTYPE))
         denominator = denominator + scores @ assign
+        visible = (torch.arange(chunk, device=q.device)[None, :] <= rows[:, None]).to(scores.dtype)  # (R, C)
+        key_mass = phi(intra_k.to(MEMORY_DTYPE)).sum(dim=-1)  # (B, H, C)
+        mass = mass + (visible * key_mass[:, :, None, :]) @ assign
     reads = numerator / (denominator.unsqueeze(-1) + eps)  # (B, H, R, S, D)
     if layout.read == "routed":
         top = q.to(MEMORY_DTYPE).abs().topk(layout.top_k, dim=-1)  # bases with the largest |<q, e_i>|
         selected = reads.gather(3, top.indices.unsqueeze(-1).expand(*top.indices.shape, reads.shape[-1]))
         return (top.values.softmax(dim=-1).unsqueeze(-1) * selected).sum(dim=3)
-    fine = (denominator.softmax(dim=-1).unsqueeze(-1) * reads).sum(dim=3)
+    if layout.relevance == "mass":
+        relevance = denominator
+    else:
+        relevance = torch.where(mass > 0, denominator / mass.clamp_min(eps), EMPTY_RELEVANCE)
+    fine = (relevance.softmax(dim=-1).unsqueeze(-1) * reads).sum(dim=3)
     if layout.read == "multi":
         return fine
     coarse = numerator.sum(dim=3) / (denominator.sum(dim=3, keepdim=True) + eps)
@@ -428,12 +444,14 @@ def reference_slotted_memory_attention(
                 sq = phi(q[b, hq, t].to(MEMORY_DTYPE))
                 numerators = [sq @ M[b][h][i] for i in range(S)]
                 denominators = [sq @ z[b][h][i] for i in range(S)]
+                masses = [z[b][h][i].sum() for i in range(S)]
                 if intra_chunk:
                     for s in range((t // C) * C, t + 1):
                         i = slot_of(t // C, b, h, s)
                         weight = sq @ phi(k[b, h, s].to(MEMORY_DTYPE))
                         numerators[i] = numerators[i] + weight * v[b, h, s].to(MEMORY_DTYPE)
                         denominators[i] = denominators[i] + weight
+                        masses[i] = masses[i] + phi(k[b, h, s].to(MEMORY_DTYPE)).sum()
                 reads = [n / (d + eps) for n, d in zip(numerators, denominators)]
                 if layout.read == "routed":
                     scores = q[b, hq, t].to(MEMORY_DTYPE).abs()
@@ -441,8 +459,13 @@ def reference_slotted_memory_attention(
                     exps = [torch.exp(scores[i] - scores[chosen[0]]) for i in chosen]
                     out = sum(e * reads[i] for e, i in zip(exps, chosen)) / sum(exps)
                 else:
-                    top = max(float(d.detach()) for d in denominators)
-                    exps = [torch.exp(d - top) for d in denominators]
+                    if layout.relevance == "mass":
+                        relevance = denominators
+                    else:
+                        relevance = [d / m if m > 0 else torch.tensor(EMPTY_RELEVANCE, dtype=MEMORY_DTYPE)
+                                     for d, m in zip(denominators, masses)]
+                    top = max(float(r.detach()) for r in relevance)
+                    exps = [torch.exp(r - top) for r in relevance]
                     out = sum(e * r for e, r in zip(exps, reads)) / sum(exps)
                     if layout.read == "hierarchical":
                         coarse = sum(numerators) / (sum(denominators) + eps)
@@ -457,6 +480,6 @@ def reference_slotted_memory_attention(
 
 __all__ = [
     "MEMORY_DTYPE", "phi", "alibi_decay", "float32_memory", "empty_memory", "memory_states", "memory_read", "memory_attention",
-    "reference_memory_attention", "MemoryLayout", "write_slots", "read_slots", "slotted_memory_attention",
+    "reference_memory_attention", "MemoryLayout", "RELEVANCES", "write_slots", "read_slots", "slotted_memory_attention",
     "reference_slotted_memory_attention",
 ]

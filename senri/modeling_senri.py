@@ -7,8 +7,6 @@ Equations cite Infini-attention (Munkhdalai et al., 2024).
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -108,6 +106,7 @@ def memory_layout(config: SenriConfig, training: bool) -> MemoryLayout | None:
     return MemoryLayout(
         read, slots, num_memories=1 if config.memory_type == "single" else config.num_memories,
         num_banks=config.num_memory_banks, segments_per_bank=config.segments_per_bank, top_k=config.top_k_memories,
+        relevance=config.memory_relevance,
     )
 
 
@@ -138,9 +137,6 @@ class SenriAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         output_bias = bias if config.attention_output_bias is None else config.attention_output_bias
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=output_bias)
-        self.memory_decay = (
-            alibi_decay(self.num_kv_heads, config.alibi_scale) if self.has_memory and config.use_alibi else None
-        )
         if self.layer_type == "memory":
             # Weight of the memory path per query head (eq. 6 mixes with sigmoid(β); we use a clamped linear gate
             # so that 0 is reachable exactly and the gradient at 0 is not squashed).
@@ -213,7 +209,10 @@ class SenriAttention(nn.Module):
             self.check_state(state)
             if M is None:
                 M, z = empty_memory(B, self.num_kv_heads, self.head_dim, device=hidden_states.device, num_slots=slots)
-            common = dict(intra_chunk=not self.has_local, decay=self.memory_decay)
+            # Computed from the config, not held as a tensor attribute: a model built on the meta device by
+            # from_pretrained would otherwise keep a meta tensor (ALiBi decay factors are not weights).
+            decay = alibi_decay(self.num_kv_heads, self.config.alibi_scale) if self.config.use_alibi else None
+            common = dict(intra_chunk=not self.has_local, decay=decay)
             args = (q, k, v, M, z, P, written, new_written, self.chunk_size, self.window_chunks,
                     self.config.memory_update, self.config.memory_eps)
             if layout is None:

@@ -7,12 +7,15 @@ import os
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use(os.environ.get("MPLBACKEND", "Agg"))
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+
+from .io import atomic_write
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -24,10 +27,8 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 def save_figure(fig: Figure, run_dir: str | os.PathLike, name: str) -> Path:
     """Save under ``{run_dir}/figures/{name}.png`` (temporary file + rename: never a half-written figure)."""
     path = Path(run_dir) / "figures" / f"{name}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
     return path
 
 
@@ -125,11 +126,25 @@ def ppl_by_position(curves: Mapping[str, Mapping[str, Sequence[float]]]) -> Figu
     return fig
 
 
+def variant_accuracy(table: Mapping[str, Mapping[Any, float]], window: int | None = None) -> Figure:
+    """NIAH accuracy by context length, one line per memory variant: ``{variant: {length: accuracy}}``."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, by_length in table.items():
+        lengths = sorted(by_length, key=int)
+        ax.plot([int(n) for n in lengths], [by_length[n] for n in lengths], marker="o", label=name)
+    if window is not None:
+        ax.axvline(window, color="grey", linestyle=":", label="window")
+    ax.set(xlabel="context length (tokens)", ylabel="NIAH accuracy", title="Memory variants", xscale="log", ylim=(0, 1.05))
+    if table:
+        ax.legend(fontsize=8)
+    return fig
+
+
 def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
 __all__ = [
     "read_jsonl", "save_figure", "loss_curves", "gate_curves", "gate_values", "memory_norms", "attention_map",
-    "niah_heatmaps", "ppl_by_position",
+    "niah_heatmaps", "ppl_by_position", "variant_accuracy",
 ]

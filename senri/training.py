@@ -38,6 +38,7 @@ from .configuration_senri import SenriConfig
 from .conversion import convert_llama_to_senri, load_base_model
 from .data import build_dataset, build_tokenizer
 from .evaluation import save_records
+from .io import atomic_write
 from .modeling_senri import SenriForCausalLM
 
 # Parameters of the memory path: the per-head gates, and whatever else the model names "memory".
@@ -136,9 +137,9 @@ def _manifest(directory: Path) -> dict[str, int]:
 
 def mark_complete(checkpoint: Path) -> None:
     """Write the manifest (every file and its size) under a temporary name, then rename it into place."""
-    tmp = checkpoint / f".{COMPLETE_MARKER}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps({"files": _manifest(checkpoint)}, indent=0))
-    os.replace(tmp, checkpoint / COMPLETE_MARKER)
+    manifest = json.dumps({"files": _manifest(checkpoint)}, indent=0)
+    with atomic_write(checkpoint / COMPLETE_MARKER) as f:
+        f.write(manifest)
 
 
 def is_complete(checkpoint: Path) -> bool:
@@ -262,12 +263,11 @@ class MetricsCallback(TrainerCallback):
 
     def restore(self, checkpoint: Path | None) -> None:
         """Start the file as it was when ``checkpoint`` was saved (empty for a new run), so it has each step once."""
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         if checkpoint is None:
             self.path.unlink(missing_ok=True)
         elif (checkpoint / self.path.name).exists():
-            shutil.copyfile(checkpoint / self.path.name, tmp)
-            os.replace(tmp, self.path)
+            with atomic_write(self.path, "wb") as f, open(checkpoint / self.path.name, "rb") as saved:
+                shutil.copyfileobj(saved, f)
         else:
             self.truncate_after(_checkpoint_step(checkpoint))
 
@@ -282,9 +282,8 @@ class MetricsCallback(TrainerCallback):
                     kept.append(line)
             except (ValueError, KeyError, TypeError):
                 continue
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        with atomic_write(self.path) as f:
+            f.write("".join(line + "\n" for line in kept))
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step >= state.max_steps:
@@ -431,6 +430,7 @@ def train(cfg: ConfigManager, model: SenriForCausalLM | None = None, tokenizer: 
     summary: dict[str, Any] = {
         "profile": cfg.profile, "run_dir": str(run_dir), "global_step": trainer.state.global_step,
         "resumed_from": str(resume) if resume else None, "train_loss": result.training_loss,
+        "train_runtime": result.metrics.get("train_runtime"),
         "gates": {str(k): v.tolist() for k, v in getattr(model, "memory_gate_values", dict)().items()},
     }
     if trainer.is_world_process_zero():

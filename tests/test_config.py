@@ -45,6 +45,15 @@ def test_auto_picks_by_compute_capability(monkeypatch):
         ({"experiment.niah_depths": [0.5, 1.5]}, "niah_depths entries must be in \\[0, 1\\], got 1.5"),
         ({"experiment.dataset": "wikitext"}, "valid values are \\['pg19', 'text_files', 'generated', 'passkey'\\]"),
         ({"experiment.dataset": "text_files"}, "needs experiment.data_files"),
+        ({"model.memory_type": "multiple"},
+         "model.memory_type = 'multiple' is not valid; valid values are \\['single', 'multi', 'hierarchical', 'routed'\\]"),
+        ({"model.memory_relevance": "max"}, "model.memory_relevance = 'max' is not valid; valid values are \\['mass', 'mean'\\]"),
+        ({"model.num_memory_banks": 0}, "model.num_memory_banks must be > 0, got 0"),
+        ({"experiment.variants": [1]}, "experiment.variants must be a mapping of key: value, got list"),
+        ({"experiment.variants": {"x": {"memory_typ": "multi"}}},
+         "experiment.variants.x: unknown key model.memory_typ \\(did you mean 'memory_type'\\?\\)"),
+        ({"experiment.variants": {"x": {"num_memories": 0}}}, "experiment.variants.x: model.num_memories must be > 0"),
+        ({"experiment.variants": {"x": {"memory_type": "flat"}}}, "experiment.variants.x: model.memory_type = 'flat'"),
         ({"bogus.key": 1}, "unknown section 'bogus'; valid sections are \\['model', 'training', 'experiment'\\]"),
     ],
 )
@@ -80,6 +89,21 @@ def test_to_senri_config_and_resolved_save(tmp_path):
     assert senri_config.sliding_window == 64 and senri_config.memory_gate_init == 0.5
     saved = yaml.safe_load(cfg.save(tmp_path / "config.yaml").read_text())
     assert saved["profile"] == "cpu-proof" and saved["training"]["seq_len"] == 256
+
+
+def test_memory_variant_settings_reach_the_model_config():
+    cfg = ConfigManager("cpu-proof", overrides={"model.memory_type": "hierarchical", "model.num_memories": 3,
+                                                "model.num_memory_banks": 2, "model.use_alibi": True})
+    senri_config = cfg.to_senri_config(vocab_size=50)
+    assert (senri_config.memory_type, senri_config.num_memories, senri_config.num_memory_banks) == ("hierarchical", 3, 2)
+    assert senri_config.use_alibi and senri_config.memory_slots(training=True) == 6
+    # Every variant the shipped profiles compare builds a valid model config.
+    for profile in ("cpu-smoke", "cpu-proof"):
+        base = ConfigManager(profile)
+        assert base.experiment.variants, f"{profile} compares no variants"
+        for name, overrides in base.experiment.variants.items():
+            variant = ConfigManager(profile, overrides={f"model.{k}": v for k, v in overrides.items()})
+            assert variant.to_senri_config(vocab_size=50).memory_type == overrides.get("memory_type", "single"), name
 
 
 def test_drive_dir_resolution(monkeypatch, tmp_path):

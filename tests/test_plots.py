@@ -19,6 +19,8 @@ def test_all_figures_render_and_save(tmp_path):
         "attention": plots.attention_map(torch.eye(4)),
         "niah": plots.niah_heatmaps(niah),
         "ppl": plots.ppl_by_position({"senri": {"positions": [0, 64], "ppl": [30.0, 20.0]}}),
+        "variants": plots.variant_accuracy({"single": {"64": 1.0, "128": 0.5}, "multi": {"64": 0.5, "128": 0.5}},
+                                           window=64),
     }
     for name, fig in figures.items():
         path = plots.save_figure(fig, tmp_path, name)

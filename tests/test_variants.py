@@ -15,6 +15,7 @@ from senri.memory import (
     alibi_decay,
     empty_memory,
     memory_attention,
+    phi,
     read_slots,
     reference_slotted_memory_attention,
     slotted_memory_attention,
@@ -138,6 +139,9 @@ LAYOUTS = {
     "hierarchical+banks": MemoryLayout("hierarchical", 4, num_memories=2, num_banks=2, segments_per_bank=2),
     "routed": MemoryLayout("routed", 8, top_k=3),
     "banks": MemoryLayout("multi", 2, num_banks=2, segments_per_bank=3),
+    "multi-mean": MemoryLayout("multi", 3, num_memories=3, relevance="mean"),
+    "hierarchical+banks-mean": MemoryLayout("hierarchical", 4, num_memories=2, num_banks=2, segments_per_bank=2,
+                                            relevance="mean"),
 }
 VARIANTS = {
     "multi": dict(memory_type="multi", num_memories=3),
@@ -146,6 +150,7 @@ VARIANTS = {
     "banks": dict(num_memory_banks=2, segments_per_bank=3),
     "multi+banks+alibi": dict(memory_type="multi", num_memories=2, num_memory_banks=2, segments_per_bank=2,
                               use_alibi=True, alibi_scale=4.0),
+    "hierarchical-mean": dict(memory_type="hierarchical", num_memories=3, memory_relevance="mean"),
 }
 
 
@@ -298,6 +303,31 @@ def test_hierarchical_reads_the_coarse_sum_at_gate_zero_and_the_multi_mix_at_gat
     torch.testing.assert_close(fine, multi)
 
 
+def test_mean_relevance_weighs_memories_by_content_not_by_how_much_they_hold():
+    """"mass" relevance φ(q)·z_i prefers the fuller memory; "mean" relevance (divided by Σz_i) is unchanged when a
+    memory holds the same keys many times over, and a memory nothing was written to takes no share."""
+    D = 4
+    q = torch.tensor([[[[1.0, -1.0, 0.5, 0.0]]]])  # (B, H, R, D)
+    k_a, k_b = torch.randn(2, D, generator=torch.Generator().manual_seed(0))
+    v_a, v_b = torch.eye(D)[0], torch.eye(D)[1]
+    M, z = empty_memory(1, 1, D, num_slots=3)
+    for slot, key, value, copies in ((0, k_a, v_a, 1), (1, k_b, v_b, 1)):
+        M[0, 0, slot] += copies * torch.outer(phi(key), value)
+        z[0, 0, slot] += copies * phi(key)
+    mean, mass = (MemoryLayout("multi", 3, num_memories=3, relevance=r) for r in ("mean", "mass"))
+    read_mean, read_mass = read_slots(q, M, z, mean, 1e-6), read_slots(q, M, z, mass, 1e-6)
+    # Memory 1 written 50 times over: its mean relevance (so the mix) is the same, its mass relevance is not.
+    M_full, z_full = M.clone(), z.clone()
+    M_full[0, 0, 1] *= 50
+    z_full[0, 0, 1] *= 50
+    torch.testing.assert_close(read_slots(q, M_full, z_full, mean, 1e-6), read_mean)
+    assert read_slots(q, M_full, z_full, mass, 1e-6)[..., 1] > read_mass[..., 1] + 0.1
+    # The empty memory 2 takes no weight: the read is the two-memory softmax mix over a_i = (v_a, v_b).
+    sq = phi(q[0, 0, 0])
+    r = torch.stack([sq @ phi(k_a) / phi(k_a).sum(), sq @ phi(k_b) / phi(k_b).sum()])
+    torch.testing.assert_close(read_mean[0, 0, 0], r.softmax(0) @ torch.stack([v_a, v_b]))
+
+
 def _variant_model(name, memory_only=False, **overrides):
     layer_types = ["memory_only", "memory", "sliding_attention"] if memory_only else None
     fields = dict(VARIANTS[name], **overrides)
@@ -328,6 +358,19 @@ def test_variant_streams_like_one_pass_with_constant_state_and_transfers(tmp_pat
         logits.append(model(input_ids=ids[:, 86:], past_key_values=restored, use_cache=True).logits)
     torch.testing.assert_close(torch.cat(logits, dim=1), one_pass, rtol=0, atol=1e-5)
     assert max(sizes[30:]) == max(sizes[:30])  # window (16) + chunk (4) tokens, then the memory: no growth after
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_variant_survives_save_pretrained_and_from_pretrained(tmp_path, name):
+    """A saved variant loads back (transformers builds it on the meta device first) and computes the same logits
+    beyond the window, in eval mode (routed: its inference memories)."""
+    model = _variant_model(name, memory_only=True).eval()
+    ids = torch.randint(0, 97, (1, 100), generator=torch.Generator().manual_seed(5))
+    model.save_pretrained(tmp_path)
+    loaded = SenriForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.memory_type == model.config.memory_type and loaded.config.use_alibi == model.config.use_alibi
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", VARIANTS)

@@ -1,0 +1,83 @@
+"""The memory-variant comparison: one run per variant, the same evaluation for each, results saved for 04_analysis."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from senri.config import ConfigManager
+from senri.evaluation import load_records
+from senri.experiments import compare_variants, variant_runs
+from senri.plots import variant_accuracy
+
+VARIANTS = {"single": {}, "routed": {"memory_type": "routed", "top_k_memories": 2},
+            "banks": {"memory_type": "multi", "num_memories": 2, "num_memory_banks": 2, "segments_per_bank": 2}}
+
+
+@pytest.fixture(scope="module")
+def comparison(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("variants")
+    cfg = ConfigManager("cpu-smoke", overrides={
+        "experiment.run_dir": str(run_dir), "experiment.variants": VARIANTS, "experiment.variant_max_steps": 2,
+        "experiment.niah_lengths": [64, 128], "experiment.niah_depths": [0.5], "experiment.num_train_samples": 16,
+        "experiment.ppl_seq_len": 128,
+    })
+    return cfg, compare_variants(cfg)
+
+
+def test_variant_runs_apply_each_variants_overrides_in_its_own_directory(tmp_path):
+    cfg = ConfigManager("cpu-smoke", overrides={"experiment.run_dir": str(tmp_path), "experiment.variants": VARIANTS,
+                                                "experiment.variant_max_steps": 3})
+    runs = variant_runs(cfg)
+    assert list(runs) == list(VARIANTS)
+    assert runs["routed"].model.memory_type == "routed" and runs["routed"].model.top_k_memories == 2
+    assert runs["banks"].model.num_memory_banks == 2 and runs["single"].model.memory_type == "single"
+    for name, run in runs.items():
+        assert run.experiment.run_dir == str(tmp_path / "variants" / name)
+        assert run.training.max_steps == 3 and not run.experiment.train_twin and not run.experiment.variants
+        # Everything but the variant's own keys is the profile's.
+        assert run.model.sliding_window == cfg.model.sliding_window and run.training.seed == cfg.training.seed
+    with pytest.raises(ValueError, match="defines no experiment.variants"):
+        variant_runs(ConfigManager("t4"))
+
+
+def test_every_variant_is_trained_and_evaluated_on_the_same_grid(comparison):
+    cfg, result = comparison
+    saved = load_records(tmp := (cfg.experiment.run_dir + "/eval/variants.json"))
+    assert saved["table"] == json.loads(json.dumps(result["table"]))  # what was returned is what was saved
+    grid = {(r["model"], r["length"]) for r in result["niah"]}
+    assert grid == {(name, n) for name in VARIANTS for n in (64, 128)}, tmp
+    for name, summary in result["summary"].items():
+        assert summary["global_step"] == 2 and summary["overrides"] == VARIANTS[name]
+        assert summary["train_runtime"] > 0 and summary["gates"]["layer_0"]
+    # Routed memories are a single memory in training: the same seed and data give the same training run.
+    assert result["summary"]["routed"]["final_loss"] == result["summary"]["single"]["final_loss"]
+    # ...but not the same memory at inference: head_dim memories per KV head, each written only by its keys.
+    head_dim, kv_heads = 64 // 4, 2
+    memory = {name: s["memory"]["layer_0"] for name, s in result["summary"].items()}
+    assert memory["single"]["memories"] == kv_heads and memory["banks"]["memories"] == kv_heads * 4
+    assert memory["routed"]["memories"] == kv_heads * head_dim
+    assert 0 < memory["routed"]["nonempty_memories"] <= kv_heads * head_dim
+    for stats in memory.values():
+        assert 0 < stats["mean_rank_0.95_energy"] <= stats["mean_rank"] <= head_dim and stats["memory_norm"] > 0
+    assert variant_accuracy(saved["table"], window=cfg.model.sliding_window).axes
+
+
+def test_a_finished_variant_is_reused_not_retrained(comparison):
+    cfg, result = comparison
+    summaries = [f"{cfg.experiment.run_dir}/variants/{name}/train_summary.json" for name in VARIANTS]
+    before = [open(p).read() for p in summaries]
+    again = compare_variants(cfg)
+    assert [open(p).read() for p in summaries] == before
+    assert again["table"] == result["table"]
+
+
+def test_a_finished_variant_with_other_settings_is_an_error_until_retrained(comparison):
+    cfg, _ = comparison
+    longer = ConfigManager("cpu-smoke", overrides={**cfg._overrides, "experiment.variants": {"single": {}},
+                                                   "experiment.variant_max_steps": 3})
+    with pytest.raises(ValueError, match="holds a finished run with other settings \\(training.max_steps\\)"):
+        compare_variants(longer)
+    result = compare_variants(longer, retrain=True)
+    assert result["summary"]["single"]["global_step"] == 3 and list(result["table"]) == ["single"]
