@@ -60,9 +60,9 @@ class SenriConfig(LlamaConfig):
     * ``"multi"``: ``num_memories`` independent memories; segment j is written to memory ``j % num_memories``. A query
       reads every memory (A_i = φ(q) M_i / (φ(q) z_i + eps)) and mixes them by attention-based selection: relevance
       r_i = φ(q)·z_i, output Σ_i softmax(r)_i A_i. No extra parameters. ``memory_relevance="mean"`` divides the
-      relevance by the memory's key mass, r_i = φ(q)·z_i / Σ_d z_i,d: φ(q)·z_i grows with every token written, so
-      "mass" relevance soon selects the fullest memory whatever the query asks; "mean" is the query's mean affinity
-      to the memory's keys (content, not count), and an empty memory gets no weight. Also used by hierarchical.
+      relevance by the memory's key mass, r_i = φ(q)·z_i / Σ_d z_i,d — the query's mean affinity to the memory's keys,
+      independent of how many tokens it holds (φ(q)·z_i grows with every token written); an empty memory gets no
+      weight. Also used by hierarchical. On the cpu-proof task "mean" scored below "mass" (docs/RESULTS.md).
     * ``"hierarchical"``: the memories of ``"multi"`` are the *fine* level; the *coarse* memory is their sum
       (M_c = Σ_i M_i, z_c = Σ_i z_i, what a single memory would hold under the linear rule). A query reads the coarse
       memory A_c = φ(q) M_c / (φ(q) z_c + eps) and expands into the fine level by a learned per-head expansion gate

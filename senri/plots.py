@@ -136,7 +136,7 @@ def variant_accuracy(table: Mapping[str, Mapping[Any, float]], window: int | Non
         ax.axvline(window, color="grey", linestyle=":", label="window")
     ax.set(xlabel="context length (tokens)", ylabel="NIAH accuracy", title="Memory variants", xscale="log", ylim=(0, 1.05))
     if table:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     return fig
 
 
