@@ -158,7 +158,7 @@ def variant_runs(cfg: ConfigManager) -> dict[str, ConfigManager]:
 @torch.inference_mode()
 def memory_statistics(model: SenriForCausalLM, input_ids: torch.Tensor, energy_threshold: float = 0.95) -> dict[str, Any]:
     """After streaming ``input_ids`` (1, T): per memory layer the norm of M, its mean numerical rank and the mean rank
-    that holds ``energy_threshold`` of its energy (``SenriCache.svd_clean`` on a copy; the model is not changed)."""
+    that holds ``energy_threshold`` of its energy (``SenriCache.svd_clean`` on this throwaway cache, after the norms)."""
     cache = SenriCache(model.config, batch_size=input_ids.shape[0])
     piece = model.config.chunk_size * 4
     for start in range(0, input_ids.shape[1], piece):
@@ -178,6 +178,10 @@ def memory_statistics(model: SenriForCausalLM, input_ids: torch.Tensor, energy_t
     return stats
 
 
+# Experiment settings that change what a run trains on (the others only change where it lives or how it is evaluated).
+TRAINING_DATA_KEYS = ("dataset", "dataset_name", "data_files", "num_train_samples", "niah_ratio", "needle_beyond_window")
+
+
 def _finished_run(run_cfg: ConfigManager) -> bool:
     """Whether ``run_cfg``'s run directory holds a finished run of exactly this configuration; a finished run of
     another configuration is an error (it is not silently reused, nor overwritten)."""
@@ -185,7 +189,9 @@ def _finished_run(run_cfg: ConfigManager) -> bool:
     if not (run_dir / "train_summary.json").exists():
         return False
     saved, wanted = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")), run_cfg.as_dict()
-    changed = sorted(f"{section}.{key}" for section in ("model", "training") for key in wanted[section]
+    keys = [("model", key) for key in wanted["model"]] + [("training", key) for key in wanted["training"]]
+    keys += [("experiment", key) for key in TRAINING_DATA_KEYS]
+    changed = sorted(f"{section}.{key}" for section, key in keys
                      if saved.get(section, {}).get(key) != wanted[section][key])
     if changed:
         raise ValueError(

@@ -79,5 +79,9 @@ def test_a_finished_variant_with_other_settings_is_an_error_until_retrained(comp
                                                    "experiment.variant_max_steps": 3})
     with pytest.raises(ValueError, match="holds a finished run with other settings \\(training.max_steps\\)"):
         compare_variants(longer)
+    other_data = ConfigManager("cpu-smoke", overrides={**longer._overrides, "experiment.variant_max_steps": 2,
+                                                       "experiment.num_train_samples": 24})
+    with pytest.raises(ValueError, match="other settings \\(experiment.num_train_samples\\)"):
+        compare_variants(other_data)
     result = compare_variants(longer, retrain=True)
     assert result["summary"]["single"]["global_step"] == 3 and list(result["table"]) == ["single"]
