@@ -35,6 +35,8 @@ class LayerState:
     keys/values: (B, H, L, D) raw window tokens, positions ``written_chunks * chunk_size`` .. ``seen_tokens - 1``
     (all tokens since 0 for full_attention layers); M: (B, H, D, D), z: (B, H, D) float32 or None — or, for layers
     with S memories per head (SenriConfig.memory_slots), M: (B, H, S, D, D), z: (B, H, S, D).
+    rotated_keys: the same window keys with RoPE applied, kept by local-attention layers so that a decoding step
+    rotates only its new keys; derived from ``keys`` (never saved: a restored state recomputes it once).
     """
 
     keys: torch.Tensor | None = None
@@ -43,13 +45,14 @@ class LayerState:
     z: torch.Tensor | None = None
     seen_tokens: int = 0
     written_chunks: int = 0
+    rotated_keys: torch.Tensor | None = None
 
     @property
     def window_start(self) -> int:
         return self.seen_tokens - (0 if self.keys is None else self.keys.shape[2])
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        names = ("keys", "values", "M", "z")
+        names = ("keys", "values", "M", "z", "rotated_keys")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
 

@@ -169,6 +169,15 @@ class SenriAttention(nn.Module):
             f"{self.config.memory_type!r} in {mode} mode expects {expected}.{hint}"
         )
 
+    def first_position_to_rotate(self, state: LayerState) -> int:
+        """The first position whose key this layer must rotate now: the next token's when the window's rotated keys
+        are kept (or nothing is cached), else the window's start."""
+        if not self.has_local or state.keys is None or (
+            state.rotated_keys is not None and state.rotated_keys.shape[2] == state.keys.shape[2]
+        ):
+            return state.seen_tokens
+        return state.window_start
+
     def gate_values(self) -> torch.Tensor | None:
         return None if self.layer_type != "memory" else self.memory_gate.detach().clamp(0.0, 1.0)
 
@@ -182,6 +191,7 @@ class SenriAttention(nn.Module):
         v = self.v_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
 
         P, k_start = state.seen_tokens, state.window_start
+        new_keys = k
         if state.keys is not None:
             k, v = torch.cat([state.keys, k], dim=2), torch.cat([state.values, v], dim=2)  # positions k_start..P+T-1
         written, new_written = state.written_chunks, state.written_chunks
@@ -193,9 +203,16 @@ class SenriAttention(nn.Module):
         if self.has_local:
             cos, sin, rope_start = position_embeddings
             q_cos, q_sin = cos[:, P - rope_start :], sin[:, P - rope_start :]
-            k_cos = cos[:, k_start - rope_start : P + T - rope_start]
-            k_sin = sin[:, k_start - rope_start : P + T - rope_start]
-            q_rope, k_rope = rope(q, q_cos, q_sin), rope(k, k_cos, k_sin)
+            q_rope = rope(q, q_cos, q_sin)
+            if self.first_position_to_rotate(state) == P:
+                # The window's keys were rotated when they arrived (RoPE is absolute): rotate only the new ones.
+                k_rope = rope(new_keys, q_cos, q_sin)
+                if state.keys is not None:
+                    k_rope = torch.cat([state.rotated_keys, k_rope], dim=2)
+            else:
+                k_cos = cos[:, k_start - rope_start : P + T - rope_start]
+                k_sin = sin[:, k_start - rope_start : P + T - rope_start]
+                k_rope = rope(k, k_cos, k_sin)
             output = local_attention(
                 q_rope, k_rope, v, P, k_start, self.scaling, self.chunk_size, self.window_chunks
             )  # (B, Hq, T, D)
@@ -232,7 +249,7 @@ class SenriAttention(nn.Module):
         keep_from = (new_written - written) * self.chunk_size
         new_state = LayerState(
             keys=k[:, :, keep_from:], values=v[:, :, keep_from:], M=M, z=z, seen_tokens=P + T,
-            written_chunks=new_written,
+            written_chunks=new_written, rotated_keys=k_rope[:, :, keep_from:] if self.has_local else None,
         )
         output = output.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
         return self.o_proj(output), new_state
@@ -320,8 +337,10 @@ class SenriModel(SenriPreTrainedModel):
                 raise ValueError(
                     f"position_ids must continue the cache ({P}..{P + T - 1}); Senri derives positions from the cache"
                 )
-        # RoPE tables for every position any layer attends in this call (cached windows included).
-        rope_start = min(cache.layer_state(i).window_start for i in range(len(self.layers)))
+        # RoPE tables from the first position a layer must rotate in this call: the new tokens' only, unless a
+        # window's rotated keys are missing (a restored state), then from that window's start.
+        rope_start = min([P] + [layer.self_attn.first_position_to_rotate(cache.layer_state(i))
+                                for i, layer in enumerate(self.layers)])
         positions = torch.arange(rope_start, P + T, device=inputs_embeds.device)[None]
         cos, sin = self.rotary_emb(inputs_embeds, positions)
         position_embeddings = (cos, sin, rope_start)

@@ -282,3 +282,40 @@ def test_config_roundtrip_keeps_layer_types_and_loads_as_a_plain_transformers_co
     assert again.memory_update == "linear" and again.chunk_size == 4
     # transformers' Trainer reads a checkpoint's config as a plain PreTrainedConfig when resuming.
     assert PreTrainedConfig.from_json_file(str(tmp_path / "config.json")).transformers_version
+
+
+def test_decoding_rotates_only_new_keys_and_a_restored_state_recomputes_the_window_rotation():
+    """Local layers keep their window's keys rotated (RoPE is absolute), so a step rotates only its own tokens; the
+    kept rotation equals rotating the raw window keys, it is what attention uses, and a state without it (restored
+    from disk) gives the same logits."""
+    from dataclasses import replace
+
+    from senri.modeling_senri import rope
+
+    model = tiny_model()
+    ids = torch.randint(0, 97, (2, 60), generator=torch.Generator().manual_seed(3))
+    cache = SenriCache(model.config, 2)
+    with torch.no_grad():
+        model(input_ids=ids[:, :41], past_key_values=cache, use_cache=True)
+        state = cache.layer_state(0)
+        positions = torch.arange(state.window_start, state.seen_tokens)[None]
+        cos, sin = model.model.rotary_emb(state.keys, positions)
+        torch.testing.assert_close(state.rotated_keys, rope(state.keys, cos, sin), rtol=0, atol=0)
+        assert model.model.layers[0].self_attn.first_position_to_rotate(state) == 41
+        assert cache.layer_state(1).rotated_keys.shape == cache.layer_state(1).keys.shape
+
+        restored = SenriCache.from_memory_state(model.config, cache.get_memory_state(include_window=True))
+        assert restored.layer_state(0).rotated_keys is None
+        assert model.model.layers[0].self_attn.first_position_to_rotate(restored.layer_state(0)) == 41 - 17
+        expected = model(input_ids=ids[:, 41:], past_key_values=restored, use_cache=True).logits
+        poisoned = SenriCache.from_memory_state(model.config, cache.get_memory_state(include_window=True))
+        for idx in range(3):
+            poisoned.set_layer_state(idx, replace(cache.layer_state(idx)))
+        for step in range(41, 60):
+            logits = model(input_ids=ids[:, step : step + 1], past_key_values=cache, use_cache=True).logits
+            torch.testing.assert_close(logits[:, 0], expected[:, step - 41], rtol=0, atol=1e-5)
+        # The kept rotation is really what attention reads: corrupt it and the output changes.
+        bad = poisoned.layer_state(0)
+        poisoned.set_layer_state(0, replace(bad, rotated_keys=torch.zeros_like(bad.rotated_keys)))
+        wrong = model(input_ids=ids[:, 41:42], past_key_values=poisoned, use_cache=True).logits
+        assert (wrong[:, 0] - expected[:, 0]).abs().max() > 1e-4  # 10x the tolerance the equal paths meet
