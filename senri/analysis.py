@@ -15,6 +15,7 @@ def memory_norm_trace(model: SenriForCausalLM, input_ids: torch.Tensor, piece: i
     Returns one record per piece: ``{"tokens": seen, "layer_<i>": norm, ...}``.
     """
     cache = SenriCache(model.config, batch_size=input_ids.shape[0])
+    input_ids = input_ids.to(model.device)
     trace = []
     for start in range(0, input_ids.shape[1], piece):
         model(input_ids=input_ids[:, start : start + piece], past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -46,7 +47,7 @@ def local_attention_map(model: SenriForCausalLM, input_ids: torch.Tensor, layer:
 
     handle = attn.register_forward_hook(capture)
     try:
-        model(input_ids=input_ids)
+        model(input_ids=input_ids.to(model.device))
     finally:
         handle.remove()
     x = captured["x"]
@@ -60,7 +61,7 @@ def local_attention_map(model: SenriForCausalLM, input_ids: torch.Tensor, layer:
     if attn.window_chunks is not None:
         C = attn.chunk_size
         allowed &= pos[None, :] >= ((pos // C - attn.window_chunks) * C)[:, None]
-    return scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+    return scores.masked_fill(~allowed, float("-inf")).softmax(-1).cpu()
 
 
 __all__ = ["memory_norm_trace", "gate_table", "local_attention_map"]

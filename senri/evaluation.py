@@ -210,7 +210,7 @@ def position_ppl(
 
     Position p is the predicted token's index (1..T-1); bucket b holds positions [b*size, (b+1)*size).
     """
-    nlls = token_nlls(model, input_ids, chunk_tokens)
+    nlls = token_nlls(model, input_ids, chunk_tokens).cpu()
     positions = torch.arange(1, nlls.shape[0] + 1)
     result: dict[str, list] = {"positions": [], "nll": [], "ppl": [], "tokens": []}
     for start in range(0, int(positions[-1]) + 1, bucket_size):

@@ -34,6 +34,11 @@ def eval_dir(cfg: ConfigManager) -> Path:
     return Path(cfg.experiment.run_dir) / "eval"
 
 
+def load_for_evaluation(path: str | Path) -> SenriForCausalLM:
+    """A saved model in eval mode, on the GPU when there is one (evaluation streams long contexts)."""
+    return SenriForCausalLM.from_pretrained(path).to("cuda" if torch.cuda.is_available() else "cpu").eval()
+
+
 def load_trained(cfg: ConfigManager) -> dict[str, SenriForCausalLM]:
     """The final model of each of the run's models (``senri`` and, for a twin run, ``swa_only``)."""
     models = {}
@@ -41,7 +46,7 @@ def load_trained(cfg: ConfigManager) -> dict[str, SenriForCausalLM]:
         path = Path(run_cfg.experiment.run_dir) / "final"
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"no trained model at {path}: run notebooks/02_training first (same run_dir)")
-        models[name] = SenriForCausalLM.from_pretrained(path).eval()
+        models[name] = load_for_evaluation(path)
     return models
 
 
@@ -160,6 +165,7 @@ def memory_statistics(model: SenriForCausalLM, input_ids: torch.Tensor, energy_t
     """After streaming ``input_ids`` (1, T): per memory layer the norm of M, its mean numerical rank and the mean rank
     that holds ``energy_threshold`` of its energy (``SenriCache.svd_clean`` on this throwaway cache, after the norms)."""
     cache = SenriCache(model.config, batch_size=input_ids.shape[0])
+    input_ids = input_ids.to(model.device)
     piece = model.config.chunk_size * 4
     for start in range(0, input_ids.shape[1], piece):
         model(input_ids=input_ids[:, start : start + piece], past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -218,7 +224,7 @@ def compare_variants(cfg: ConfigManager, retrain: bool = False) -> dict[str, Any
         if not _finished_run(run_cfg):
             train(run_cfg)
         trained = load_records(run_dir / "train_summary.json")
-        model = SenriForCausalLM.from_pretrained(run_dir / "final").eval()
+        model = load_for_evaluation(run_dir / "final")
         niah += run_niah(model, tokenizer, e.niah_lengths, e.niah_depths, e.niah_samples, seed=cfg.training.seed + 1,
                          templates=e.niah_templates, model_name=name, window=model.config.sliding_window)
         summary[name] = {
