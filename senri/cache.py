@@ -24,8 +24,11 @@ STATE_VERSION = 1
 # The configuration fields a saved state depends on: a state only continues a model that agrees on all of them.
 STATE_CONFIG_FIELDS = (
     "num_hidden_layers", "num_key_value_heads", "head_dim", "sliding_window", "chunk_size", "memory_update",
-    "layer_types", "memory_type", "num_memories", "num_memory_banks", "segments_per_bank",
+    "layer_types", "memory_type", "num_memories", "num_memory_banks", "segments_per_bank", "use_alibi", "alibi_scale",
 )
+# Fields added after states were first saved: a state without them was made by a model with these values.
+LEGACY_STATE_DEFAULTS = {"memory_type": "single", "num_memories": 4, "num_memory_banks": 1, "segments_per_bank": 4,
+                         "use_alibi": False, "alibi_scale": 1.0}
 
 
 @dataclass
@@ -228,9 +231,9 @@ class SenriCache(Cache):
             raise ValueError(f"memory state version {state.get('version')!r} is not supported (expected {STATE_VERSION})")
         saved = state["config"]
         mismatches = [
-            f"{name}: state has {saved.get(name)!r}, model has {getattr(config, name)!r}"
+            f"{name}: state has {saved.get(name, LEGACY_STATE_DEFAULTS.get(name))!r}, model has {getattr(config, name)!r}"
             for name in STATE_CONFIG_FIELDS
-            if saved.get(name) != getattr(config, name)
+            if saved.get(name, LEGACY_STATE_DEFAULTS.get(name)) != getattr(config, name)
         ]
         if mismatches:
             raise ValueError("memory state does not match the model config: " + "; ".join(mismatches))

@@ -166,6 +166,16 @@ def test_mismatched_memory_states_are_refused_with_the_reason(tmp_path):
     state = cache.get_memory_state(include_window=True)
     with pytest.raises(ValueError, match="chunk_size: state has 4, model has 8"):
         SenriCache.from_memory_state(tiny_config(chunk_size=8), state)
+    # ALiBi changes how the memory was written: a state does not continue a model that decays differently.
+    with pytest.raises(ValueError, match="use_alibi: state has False, model has True"):
+        SenriCache.from_memory_state(tiny_config(use_alibi=True), state)
+    # A state saved before the variant fields existed was made by a single, undecayed memory: still accepted.
+    legacy = {**state, "config": {k: v for k, v in state["config"].items()
+                                  if k not in ("memory_type", "num_memories", "num_memory_banks", "segments_per_bank",
+                                               "use_alibi", "alibi_scale")}}
+    assert SenriCache.from_memory_state(model.config, legacy).seen_tokens == 60
+    with pytest.raises(ValueError, match="memory_type: state has 'single', model has 'multi'"):
+        SenriCache.from_memory_state(tiny_config(memory_type="multi"), legacy)
     bad = save_memory_state(state, tmp_path / "s.pt")
     loaded = load_memory_state(bad)
     loaded["layers"]["1"]["M"] = loaded["layers"]["1"]["M"][:, :1]
