@@ -148,7 +148,8 @@ class SenriAttention(nn.Module):
         self.memory_layouts = {training: memory_layout(config, training) for training in (True, False)}
 
     def check_state(self, state: LayerState) -> None:
-        """Refuse a memory of the wrong layout for this mode (a routed state made in training, used in eval...)."""
+        """Refuse a memory of the wrong layout for this mode (a routed state made in training, used in eval...).
+        SenriModel calls it for every layer before any layer advances the cache, so a refusal changes nothing."""
         M = state.M
         if M is None or not self.has_memory:
             return
@@ -223,7 +224,6 @@ class SenriAttention(nn.Module):
                 raise RuntimeError(f"layer {self.layer_idx}: window starts at {k_start}, memory ends at chunk {written}")
             layout = self.memory_layouts[self.training]
             slots = None if layout is None else layout.num_slots
-            self.check_state(state)
             if M is None:
                 M, z = empty_memory(B, self.num_kv_heads, self.head_dim, device=hidden_states.device, num_slots=slots)
             # Computed from the config, not held as a tensor attribute: a model built on the meta device by
