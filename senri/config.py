@@ -99,6 +99,7 @@ class ExperimentSettings:
     # Memory variants compared on this profile's task: name -> model.* overrides (see compare_variants).
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     variant_max_steps: int | None = None  # training.max_steps of each variant run (None: training.max_steps)
+    variant_seeds: list[int] = field(default_factory=list)  # train every variant once per seed ([]: training.seed)
 
 
 SECTIONS = {"model": ModelSettings, "training": TrainingSettings, "experiment": ExperimentSettings}
@@ -296,6 +297,8 @@ class ConfigManager:
             raise ValueError("experiment.dataset = 'text_files' needs experiment.data_files (a list of .txt paths)")
         if t.save_total_limit < 1:
             raise ValueError("training.save_total_limit must be >= 1")
+        if len(set(e.variant_seeds)) != len(e.variant_seeds) or any(s < 0 for s in e.variant_seeds):
+            raise ValueError(f"experiment.variant_seeds must be distinct non-negative integers, got {e.variant_seeds}")
         for name, overrides in e.variants.items():
             # A variant's overrides are model keys whose merged settings must themselves be valid.
             where = f"experiment.variants.{name}"

@@ -139,24 +139,30 @@ def analyse(cfg: ConfigManager) -> dict[str, Path]:
 
 
 # --- memory variants ----------------------------------------------------------------------------------------------
-def variant_runs(cfg: ConfigManager) -> dict[str, ConfigManager]:
-    """One run per ``experiment.variants`` entry, in ``{run_dir}/variants/{name}``: the profile's model with the
-    variant's ``model.*`` overrides, trained ``experiment.variant_max_steps`` steps (same data, seed and budget)."""
+def variant_runs(cfg: ConfigManager) -> dict[str, dict[int, ConfigManager]]:
+    """The runs of each ``experiment.variants`` entry, one per seed: ``{name: {seed: config}}``. Each is the
+    profile's model with the variant's ``model.*`` overrides, trained ``experiment.variant_max_steps`` steps on the
+    profile's data. Seeds are ``experiment.variant_seeds`` (run in ``{run_dir}/variants/{name}/seed-{seed}``) or, when
+    that is empty, ``training.seed`` alone (run in ``{run_dir}/variants/{name}``)."""
     e = cfg.experiment
     if not e.variants:
         raise ValueError(
             f"profile {cfg.profile!r} defines no experiment.variants (name: model overrides); cpu-proof and cpu-smoke do"
         )
-    runs = {}
+    drive_dir = cfg.resolve_drive_dir()
+    runs: dict[str, dict[int, ConfigManager]] = {}
     for name, model_overrides in e.variants.items():
-        overrides = {**cfg._overrides, "experiment.run_dir": str(Path(e.run_dir) / "variants" / name),
-                     "experiment.train_twin": False, "experiment.variants": {},
-                     **{f"model.{key}": value for key, value in model_overrides.items()}}
-        if e.variant_max_steps is not None:
-            overrides["training.max_steps"] = e.variant_max_steps
-        if cfg.resolve_drive_dir() is not None:
-            overrides["experiment.drive_dir"] = str(cfg.resolve_drive_dir() / "variants" / name)
-        runs[name] = ConfigManager(cfg.requested_profile, overrides, cfg.config_dir)
+        runs[name] = {}
+        for seed in e.variant_seeds or [cfg.training.seed]:
+            where = Path("variants") / name / (f"seed-{seed}" if e.variant_seeds else "")
+            overrides = {**cfg._overrides, "experiment.run_dir": str(Path(e.run_dir) / where),
+                         "experiment.train_twin": False, "experiment.variants": {}, "experiment.variant_seeds": [],
+                         "training.seed": seed, **{f"model.{key}": value for key, value in model_overrides.items()}}
+            if e.variant_max_steps is not None:
+                overrides["training.max_steps"] = e.variant_max_steps
+            if drive_dir is not None:
+                overrides["experiment.drive_dir"] = str(drive_dir / where)
+            runs[name][seed] = ConfigManager(cfg.requested_profile, overrides, cfg.config_dir)
     return runs
 
 
@@ -210,29 +216,40 @@ def _finished_run(run_cfg: ConfigManager) -> bool:
 def compare_variants(cfg: ConfigManager, retrain: bool = False) -> dict[str, Any]:
     """Train each memory variant of ``experiment.variants`` (a finished run of the same settings is reused; with
     ``retrain`` its directory is deleted and it is trained again), then
-    evaluate it exactly as :func:`evaluate_trained` evaluates ``senri`` (same NIAH grid and seeds) and read its
-    memory statistics → ``{run_dir}/eval/variants.json``: ``niah`` records (model = variant name), ``table``
-    (accuracy by length), ``summary`` (settings, steps, final loss, training time, gates, memory statistics)."""
+    evaluate it exactly as :func:`evaluate_trained` evaluates ``senri`` (the NIAH grid, with the run's seed + 1 for
+    haystacks and needles) and read its memory statistics → ``{run_dir}/eval/variants.json``:
+
+    * ``niah``: every case's record (``model`` = variant name, ``seed`` = the run's seed);
+    * ``table``: accuracy by length per variant, over all its seeds; ``by_seed``: the same per seed;
+    * ``summary``: per variant its ``overrides`` and, per seed, steps, final loss, training time, gates and memory
+      statistics (``runs``), with ``mean_final_loss``.
+    """
     e = cfg.experiment
     tokenizer = build_tokenizer(cfg)
     ids = _held_out_ids(tokenizer, e.ppl_seq_len, cfg.training.seed)
-    niah, summary = [], {}
-    for name, run_cfg in variant_runs(cfg).items():
-        run_dir = Path(run_cfg.experiment.run_dir)
-        if retrain and run_dir.exists():
-            shutil.rmtree(run_dir)
-        if not _finished_run(run_cfg):
-            train(run_cfg)
-        trained = load_records(run_dir / "train_summary.json")
-        model = load_for_evaluation(run_dir / "final")
-        niah += run_niah(model, tokenizer, e.niah_lengths, e.niah_depths, e.niah_samples, seed=cfg.training.seed + 1,
-                         templates=e.niah_templates, model_name=name, window=model.config.sliding_window)
-        summary[name] = {
-            "overrides": e.variants[name], "global_step": trained["global_step"],
-            "final_loss": trained.get("final_loss"), "train_runtime": trained.get("train_runtime"),
-            "gates": gate_table(model), "memory": memory_statistics(model, ids),
-        }
-    result = {"niah": niah, "table": accuracy_by_length(niah), "summary": summary}
+    niah, by_seed, summary = [], {}, {}
+    for name, seeds in variant_runs(cfg).items():
+        summary[name], by_seed[name] = {"overrides": e.variants[name], "runs": {}}, {}
+        for seed, run_cfg in seeds.items():
+            run_dir = Path(run_cfg.experiment.run_dir)
+            if retrain and run_dir.exists():
+                shutil.rmtree(run_dir)
+            if not _finished_run(run_cfg):
+                train(run_cfg)
+            trained = load_records(run_dir / "train_summary.json")
+            model = load_for_evaluation(run_dir / "final")
+            records = run_niah(model, tokenizer, e.niah_lengths, e.niah_depths, e.niah_samples, seed=seed + 1,
+                               templates=e.niah_templates, model_name=name, window=model.config.sliding_window)
+            niah += [{**r, "seed": seed} for r in records]
+            by_seed[name][seed] = accuracy_by_length(records)[name]
+            summary[name]["runs"][seed] = {
+                "global_step": trained["global_step"], "final_loss": trained.get("final_loss"),
+                "train_runtime": trained.get("train_runtime"), "gates": gate_table(model),
+                "memory": memory_statistics(model, ids),
+            }
+        losses = [r["final_loss"] for r in summary[name]["runs"].values() if r["final_loss"] is not None]
+        summary[name]["mean_final_loss"] = sum(losses) / len(losses) if losses else None
+    result = {"niah": niah, "table": accuracy_by_length(niah), "by_seed": by_seed, "summary": summary}
     save_records(eval_dir(cfg) / "variants.json", result)
     return result
 

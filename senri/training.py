@@ -37,7 +37,7 @@ from .config import ConfigManager
 from .configuration_senri import SenriConfig
 from .conversion import convert_llama_to_senri, load_base_model
 from .data import build_dataset, build_tokenizer
-from .evaluation import save_records
+from .evaluation import load_records, save_records
 from .io import atomic_write
 from .modeling_senri import SenriForCausalLM
 
@@ -410,6 +410,11 @@ def train(cfg: ConfigManager, model: SenriForCausalLM | None = None, tokenizer: 
         # The main process restores a Drive copy and builds the token cache; the others then find them ready.
         run_dir.mkdir(parents=True, exist_ok=True)
         resume = find_resume_checkpoint(run_dir, drive_dir)
+        # A run that already reached max_steps is finished: running it again returns its summary (transformers'
+        # Trainer, resumed at max_steps, would take one more step each time).
+        finished = resume is not None and _checkpoint_step(resume) >= cfg.training.max_steps
+        if finished and (run_dir / "train_summary.json").exists() and (run_dir / "final" / "config.json").exists():
+            return load_records(run_dir / "train_summary.json")
         if model is None:
             model, tokenizer = build_model(cfg)
         if train_dataset is None:
@@ -425,12 +430,17 @@ def train(cfg: ConfigManager, model: SenriForCausalLM | None = None, tokenizer: 
                    *(callbacks or [])],
         gate_lr_multiplier=cfg.training.gate_lr_multiplier,
     )
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if finished:  # cut off after its last checkpoint, before its final save: finish it without training further
+        model.load_state_dict(SenriForCausalLM.from_pretrained(resume).state_dict())
+        global_step, train_loss, runtime = _checkpoint_step(resume), None, None
+    else:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        global_step, train_loss = trainer.state.global_step, result.training_loss
+        runtime = result.metrics.get("train_runtime")
     trainer.save_model(str(run_dir / "final"))  # writes on the main process only
     summary: dict[str, Any] = {
-        "profile": cfg.profile, "run_dir": str(run_dir), "global_step": trainer.state.global_step,
-        "resumed_from": str(resume) if resume else None, "train_loss": result.training_loss,
-        "train_runtime": result.metrics.get("train_runtime"),
+        "profile": cfg.profile, "run_dir": str(run_dir), "global_step": global_step,
+        "resumed_from": str(resume) if resume else None, "train_loss": train_loss, "train_runtime": runtime,
         "gates": {str(k): v.tolist() for k, v in getattr(model, "memory_gate_values", dict)().items()},
     }
     if trainer.is_world_process_zero():

@@ -221,3 +221,21 @@ def test_model_runs_add_a_sliding_window_twin_of_the_same_size(tmp_path):
     drive = tmp_path / "drive"
     runs = model_runs(ConfigManager("cpu-smoke", overrides={"run_dir": str(tmp_path), "drive_dir": str(drive)}))
     assert {name: c.resolve_drive_dir() for name, c in runs.items()} == {n: drive / n for n in ("senri", "swa_only")}
+
+
+def test_a_finished_run_is_not_trained_further_when_run_again(tmp_path):
+    """Re-running a finished run (a notebook executed twice) returns it as it is; a run cut off after its last
+    checkpoint but before its final save is finished from that checkpoint, without another step."""
+    run_dir = tmp_path / "run"
+    cfg = ConfigManager("cpu-smoke", overrides=_overrides(run_dir, max_steps=4, save_steps=2))
+    first = train(cfg)
+    again = train(cfg)
+    assert again == json.loads(json.dumps(first)) and again["global_step"] == 4
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    final_weights = (run_dir / "final" / "model.safetensors").read_bytes()
+    shutil.rmtree(run_dir / "final")
+    (run_dir / "train_summary.json").unlink()
+    finished = train(cfg)
+    assert finished["global_step"] == 4 and finished["resumed_from"] == str(run_dir / "checkpoint-4")
+    assert not (run_dir / "checkpoint-5").exists() and max(_losses(run_dir)) == 4
+    assert (run_dir / "final" / "model.safetensors").read_bytes() == final_weights
