@@ -34,9 +34,14 @@ def eval_dir(cfg: ConfigManager) -> Path:
     return Path(cfg.experiment.run_dir) / "eval"
 
 
+def eval_device() -> str:
+    """Where evaluation runs: the GPU when there is one (it streams long contexts)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def load_for_evaluation(path: str | Path) -> SenriForCausalLM:
-    """A saved model in eval mode, on the GPU when there is one (evaluation streams long contexts)."""
-    return SenriForCausalLM.from_pretrained(path).to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    """A saved model in eval mode, on :func:`eval_device`."""
+    return SenriForCausalLM.from_pretrained(path).to(eval_device()).eval()
 
 
 def load_trained(cfg: ConfigManager) -> dict[str, SenriForCausalLM]:
@@ -94,6 +99,7 @@ def evaluate_real_model(cfg: ConfigManager) -> dict[str, Any]:
     base, tokenizer = load_base_model(cfg.model.base_model)
     converted = convert_llama_to_senri(base, sliding_window=e.real_model_window, chunk_size=cfg.model.chunk_size
                                        if e.real_model_window % cfg.model.chunk_size == 0 else 64)
+    base, converted = (m.to(eval_device()).eval() for m in (base, converted))
     niah = []
     for name, model in (("base_full_attention", base), ("senri_converted", converted)):
         niah += run_niah(model, tokenizer, e.real_model_niah_lengths, e.niah_depths, e.real_model_niah_samples,
