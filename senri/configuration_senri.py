@@ -7,11 +7,12 @@ import difflib
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 
+from .memory import RELEVANCES as MEMORY_RELEVANCES
+
 LAYER_TYPES = ("sliding_attention", "memory", "memory_only", "full_attention")
 MEMORY_LAYER_TYPES = ("memory", "memory_only")
 MEMORY_UPDATES = ("delta", "linear")
 MEMORY_TYPES = ("single", "multi", "hierarchical", "routed")
-MEMORY_RELEVANCES = ("mass", "mean")
 SERIALIZED_LAYER_TYPES = "senri_layer_types"
 JAPANESE_TOKENIZER = "cyberagent/open-calm-small"
 

@@ -328,18 +328,17 @@ def read_slots(
     denominator = torch.einsum("bhrd,bhsd->bhrs", sq, z)  # (B, H, R, S)
     mass = z.sum(dim=-1).unsqueeze(2)  # (B, H, 1, S): Σ φ(k) over the keys each memory holds, for "mean" relevance
     if intra_k is not None:
-        chunk = intra_k.shape[-2]
-        scores = sq @ phi(intra_k.to(MEMORY_DTYPE)).transpose(-1, -2)  # (B, H, R, C)
+        sk, chunk = phi(intra_k.to(MEMORY_DTYPE)), intra_k.shape[-2]
+        scores = sq @ sk.transpose(-1, -2)  # (B, H, R, C)
         rows = torch.arange(scores.shape[-2], device=q.device) % chunk
-        scores = scores * (torch.arange(chunk, device=q.device)[None, :] <= rows[:, None])
+        visible = (torch.arange(chunk, device=q.device)[None, :] <= rows[:, None]).to(scores.dtype)  # (R, C)
+        scores = scores * visible
         if isinstance(intra_slots, int):  # the whole chunk goes to one memory
             intra_slots = torch.full(intra_k.shape[:-1], intra_slots, dtype=torch.long, device=q.device)
         assign = F.one_hot(intra_slots, M.shape[2]).to(scores.dtype)  # (B, H, C, S)
         numerator = numerator + torch.einsum("bhrc,bhcs,bhce->bhrse", scores, assign, intra_v.to(MEMORY_DTYPE))
         denominator = denominator + scores @ assign
-        visible = (torch.arange(chunk, device=q.device)[None, :] <= rows[:, None]).to(scores.dtype)  # (R, C)
-        key_mass = phi(intra_k.to(MEMORY_DTYPE)).sum(dim=-1)  # (B, H, C)
-        mass = mass + (visible * key_mass[:, :, None, :]) @ assign
+        mass = mass + (visible * sk.sum(dim=-1)[:, :, None, :]) @ assign  # Σ φ(k) of the visible intra keys
     reads = numerator / (denominator.unsqueeze(-1) + eps)  # (B, H, R, S, D)
     if layout.read == "routed":
         top = q.to(MEMORY_DTYPE).abs().topk(layout.top_k, dim=-1)  # bases with the largest |<q, e_i>|
@@ -472,6 +471,7 @@ def reference_slotted_memory_attention(
                         g = expansion[b, hq, t].to(MEMORY_DTYPE)
                         out = (1 - g) * coarse + g * out
                 outputs[t][b][hq] = out
+
     def stack(nested: list) -> torch.Tensor:  # nested lists [i][j][l] of tensors -> one tensor (I, J, L, ...)
         return torch.stack([torch.stack([torch.stack(inner) for inner in middle]) for middle in nested])
 
