@@ -3,8 +3,15 @@
     cfg = ConfigManager(profile="auto", overrides={"max_steps": 30, "experiment.run_dir": "runs/x"})
     cfg.model.sliding_window, cfg.training.learning_rate, cfg.experiment.run_dir
 
-Order: file defaults <- profile <- overrides. ``auto`` picks ``a100`` (compute capability >= 8.0), ``t4`` (any
-other GPU) or ``cpu-smoke`` (no GPU). Every key and value is checked; a bad one raises naming it and what is valid.
+Order: file defaults <- profile <- overrides. ``auto`` picks by the GPU's compute capability and memory
+(:data:`GPU_PROFILES`): ``a100`` (bf16, >= 8.0 and >= 70 GiB), ``t4`` (any other GPU) or ``cpu-smoke`` (no GPU).
+Every key and value is checked; a bad one raises naming it and what is valid.
+
+A run is named (``experiment.run_name``, default: the profile) and has one directory every notebook finds,
+:meth:`ConfigManager.home_dir`: its Drive directory (``MyDrive/senri/<run_name>`` when Drive is mounted in Colab,
+or ``experiment.drive_dir``), else its local ``experiment.run_dir`` (default ``runs/<run_name>``). The settings
+that shape its model, data and training (:meth:`ConfigManager.identity`) are remembered there; a run continued
+with other ones is refused (:func:`identity_differences`).
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -24,7 +32,22 @@ from .io import atomic_write
 
 PROFILES = ("cpu-smoke", "cpu-proof", "t4", "a100")
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
-DRIVE_ROOT = Path("/content/drive/MyDrive")
+# What ``auto`` picks on a GPU, first match wins: (profile, minimum compute capability, minimum memory in GiB).
+# a100 trains batches of 8 x 2048 tokens in bf16 (an 80 GB A100 or H100); every other GPU (T4, L4, V100, a 40 GB
+# A100) gets t4's batch of 1 x 2048 with 8 accumulation steps in fp16, which fits 15 GB.
+GPU_PROFILES = (("a100", (8, 0), 70.0), ("t4", (0, 0), 0.0))
+# Where Colab mounts Google Drive; SENRI_DRIVE_MOUNTPOINT moves it (the simulated Colab session in the tests does).
+DEFAULT_DRIVE_MOUNTPOINT = "/content/drive"
+# Training settings that only say how long a run goes on and what it keeps: a run may continue with other values.
+CONTINUATION_KEYS = ("max_steps", "save_steps", "save_total_limit", "logging_steps")
+# Experiment settings that change what a run trains on (the others say where it lives or how it is evaluated).
+TRAINING_DATA_KEYS = ("dataset", "dataset_name", "data_files", "num_train_samples", "niah_ratio", "needle_beyond_window")
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def drive_root() -> Path:
+    """``MyDrive`` under the Drive mount point (it exists only while Drive is mounted)."""
+    return Path(os.environ.get("SENRI_DRIVE_MOUNTPOINT", DEFAULT_DRIVE_MOUNTPOINT)) / "MyDrive"
 
 
 @dataclass
@@ -40,6 +63,7 @@ class ModelSettings:
     memory_layer_interval: int = 10
     layer_types: list[str] | None = None
     memory_gate_init: float = 0.0
+    num_sink_tokens: int = 4
     memory_type: Literal["single", "multi", "hierarchical", "routed"] = "single"
     num_memories: int = 4
     top_k_memories: int = 8
@@ -77,8 +101,9 @@ class TrainingSettings:
 
 @dataclass
 class ExperimentSettings:
-    run_dir: str = "runs/default"
-    drive_dir: str | None = None
+    run_name: str | None = None  # None: the profile's name
+    run_dir: str | None = None  # None: runs/<run_name> (this machine's disk)
+    drive_dir: str | None = None  # None: MyDrive/senri/<run_name> while Drive is mounted (Colab)
     dataset: Literal["pg19", "text_files", "generated", "passkey"] = "pg19"
     dataset_name: str = "emozilla/pg19"
     data_files: list[str] = field(default_factory=list)
@@ -112,18 +137,22 @@ POSITIVE = {
     "real_model_niah_samples", "num_memories", "top_k_memories", "num_memory_banks", "segments_per_bank", "alibi_scale",
     "variant_max_steps",
 }
-NON_NEGATIVE = {"num_memory_layers", "first_memory_layer", "weight_decay", "warmup_steps", "max_grad_norm", "seed"}
+NON_NEGATIVE = {"num_sink_tokens", "num_memory_layers", "first_memory_layer", "weight_decay", "warmup_steps", "max_grad_norm", "seed"}
 FRACTIONS = {"memory_gate_init", "niah_ratio", "needle_beyond_window"}
 
 
 def detect_profile() -> str:
-    """The profile ``auto`` stands for on this machine."""
+    """The profile ``auto`` stands for on this machine: by the GPU's compute capability and memory
+    (:data:`GPU_PROFILES`), ``cpu-smoke`` without a GPU."""
     import torch
 
     if not torch.cuda.is_available():
         return "cpu-smoke"
     # is_bf16_supported() is True on a T4 through emulation; the compute capability tells the truth.
-    return "a100" if torch.cuda.get_device_capability() >= (8, 0) else "t4"
+    capability = tuple(torch.cuda.get_device_capability())
+    memory_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+    return next(name for name, min_capability, min_gib in GPU_PROFILES
+                if capability >= min_capability and memory_gib >= min_gib)
 
 
 def _suggest(key: str, valid: list[str]) -> str:
@@ -219,6 +248,14 @@ class ConfigManager:
         self.model: ModelSettings = self._build("model", merged["model"])
         self.training: TrainingSettings = self._build("training", merged["training"])
         self.experiment: ExperimentSettings = self._build("experiment", merged["experiment"])
+        e = self.experiment
+        if e.run_name is None:
+            e.run_name = self.profile
+        elif not _RUN_NAME.match(e.run_name) or e.run_name in (".", ".."):
+            raise ValueError(f"experiment.run_name = {e.run_name!r} is not valid; a run name is one folder name: "
+                             "letters, digits, '.', '_' and '-', starting with a letter or digit")
+        if e.run_dir is None:
+            e.run_dir = f"runs/{e.run_name}"
         self._validate_relations()
 
     # --- loading ------------------------------------------------------------------------------------------------
@@ -329,12 +366,26 @@ class ConfigManager:
         return "bf16" if torch.cuda.get_device_capability() >= (8, 0) else "fp16"
 
     def resolve_drive_dir(self) -> Path | None:
-        """Where checkpoints are mirrored: experiment.drive_dir, else Drive's senri/<run name> when mounted."""
+        """The run's directory on Drive: experiment.drive_dir, else ``MyDrive/senri/<run_name>`` while Drive is
+        mounted; None without Drive."""
         if self.experiment.drive_dir:
             return Path(self.experiment.drive_dir)
-        if DRIVE_ROOT.exists():
-            return DRIVE_ROOT / "senri" / Path(self.experiment.run_dir).name
+        if drive_root().is_dir():
+            return drive_root() / "senri" / self.experiment.run_name
         return None
+
+    def home_dir(self) -> Path:
+        """The run's directory that every notebook finds: on Drive when there is one (results outlive the runtime),
+        else ``experiment.run_dir``. Training works in ``run_dir`` and copies checkpoints and results here."""
+        return self.resolve_drive_dir() or Path(self.experiment.run_dir)
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that shape the run's model, data and training, as dotted keys: every model and training
+        key but :data:`CONTINUATION_KEYS`, and the experiment's :data:`TRAINING_DATA_KEYS`."""
+        keys = [("model", f.name) for f in dataclasses.fields(ModelSettings)]
+        keys += [("training", f.name) for f in dataclasses.fields(TrainingSettings) if f.name not in CONTINUATION_KEYS]
+        keys += [("experiment", name) for name in TRAINING_DATA_KEYS]
+        return {f"{section}.{name}": getattr(getattr(self, section), name) for section, name in keys}
 
     def senri_config_kwargs(self) -> dict[str, Any]:
         """The SenriConfig fields this configuration sets (architecture fields only for init: scratch)."""
@@ -343,7 +394,8 @@ class ConfigManager:
             sliding_window=m.sliding_window, chunk_size=m.chunk_size, memory_update=m.memory_update,
             num_memory_layers=m.num_memory_layers, first_memory_layer=m.first_memory_layer,
             memory_layer_interval=m.memory_layer_interval, layer_types=m.layer_types,
-            memory_gate_init=m.memory_gate_init, memory_type=m.memory_type, num_memories=m.num_memories,
+            memory_gate_init=m.memory_gate_init, num_sink_tokens=m.num_sink_tokens, memory_type=m.memory_type,
+            num_memories=m.num_memories,
             top_k_memories=m.top_k_memories, num_memory_banks=m.num_memory_banks,
             segments_per_bank=m.segments_per_bank, memory_relevance=m.memory_relevance, use_alibi=m.use_alibi, alibi_scale=m.alibi_scale,
         )
@@ -368,7 +420,43 @@ class ConfigManager:
         return SenriConfig(**fields)
 
     def __repr__(self) -> str:
-        return f"ConfigManager(profile={self.profile!r}, run_dir={self.experiment.run_dir!r})"
+        return (f"ConfigManager(profile={self.profile!r}, run_name={self.experiment.run_name!r}, "
+                f"run_dir={self.experiment.run_dir!r})")
 
 
-__all__ = ["ConfigManager", "ModelSettings", "TrainingSettings", "ExperimentSettings", "PROFILES", "detect_profile"]
+_DEFAULTS = {section: {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                       for f in dataclasses.fields(cls)} for section, cls in SECTIONS.items()}
+
+
+def identity_differences(cfg: ConfigManager, saved: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (saved value, cfg's value)}`` for each identity setting that differs between ``saved`` (a
+    resolved configuration as :meth:`ConfigManager.as_dict` writes it) and ``cfg``. A key the saved file lacks (it
+    was written before the key existed) counts as the key's default value."""
+    differences = {}
+    for key, value in cfg.identity().items():
+        section, name = key.split(".", 1)
+        before = _mapping(saved.get(section), section).get(name, _DEFAULTS[section][name])
+        if before != value:
+            differences[key] = (before, value)
+    return differences
+
+
+def check_identity(cfg: ConfigManager, saved_path: str | os.PathLike) -> None:
+    """Raise naming every differing key and both values when the run whose resolved configuration is at
+    ``saved_path`` was made with other identity settings than ``cfg``; do nothing when the file is absent."""
+    path = Path(saved_path)
+    if not path.is_file():
+        return
+    differences = identity_differences(cfg, _mapping(yaml.safe_load(path.read_text(encoding="utf-8")), str(path)))
+    if differences:
+        lines = "; ".join(f"{key}: {old!r} in the run, {new!r} now" for key, (old, new) in differences.items())
+        raise ValueError(
+            f"run {cfg.experiment.run_name!r} ({path.parent}) was made with other settings: {lines}. Continue it with "
+            f"its own settings, or start a new run under another name (notebook parameter run_name, or override "
+            f"experiment.run_name)"
+        )
+
+
+__all__ = ["ConfigManager", "ModelSettings", "TrainingSettings", "ExperimentSettings", "PROFILES", "GPU_PROFILES",
+           "CONTINUATION_KEYS", "TRAINING_DATA_KEYS", "detect_profile", "drive_root", "identity_differences",
+           "check_identity"]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
-from senri.config import ConfigManager
+from senri.config import ConfigManager, check_identity, identity_differences
 
 
 def test_profile_overrides_defaults_and_overrides_win():
@@ -16,16 +18,24 @@ def test_profile_overrides_defaults_and_overrides_win():
     assert ConfigManager("t4").model.sliding_window == 1024  # file default
 
 
-def test_auto_picks_by_compute_capability(monkeypatch):
+def test_auto_picks_by_compute_capability_and_memory(monkeypatch):
+    import types
+
     import torch
 
     assert ConfigManager("auto").profile == "cpu-smoke"  # this machine has no GPU
+    gpu = {"capability": (7, 5), "gib": 15}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # lies on a T4
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: gpu["capability"])
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: types.SimpleNamespace(total_memory=gpu["gib"] * 2**30))
     assert ConfigManager("auto").profile == "t4" and ConfigManager("auto").resolve_precision() == "fp16"
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
-    assert ConfigManager("auto").profile == "a100"
+    expected = {((8, 0), 80): "a100", ((9, 0), 80): "a100", ((8, 0), 40): "t4", ((8, 9), 24): "t4", ((7, 0), 32): "t4"}
+    for (capability, gib), profile in expected.items():  # A100 80/40 GB, H100, L4, V100
+        gpu.update(capability=capability, gib=gib)
+        assert ConfigManager("auto").profile == profile, (capability, gib)
+    # The batch that a 40 GB A100 gets is t4's: 1 sequence per step with accumulation, not a100's 8.
+    assert ConfigManager("t4").training.per_device_batch_size == 1 < ConfigManager("a100").training.per_device_batch_size
 
 
 @pytest.mark.parametrize(
@@ -106,10 +116,37 @@ def test_memory_variant_settings_reach_the_model_config():
             assert variant.to_senri_config(vocab_size=50).memory_type == overrides.get("memory_type", "single"), name
 
 
-def test_drive_dir_resolution(monkeypatch, tmp_path):
-    cfg = ConfigManager("cpu-smoke", overrides={"run_dir": "runs/abc"})
-    monkeypatch.setattr("senri.config.DRIVE_ROOT", tmp_path / "absent")
-    assert cfg.resolve_drive_dir() is None
-    monkeypatch.setattr("senri.config.DRIVE_ROOT", tmp_path)
-    assert cfg.resolve_drive_dir() == tmp_path / "senri" / "abc"
-    assert ConfigManager("cpu-smoke", overrides={"drive_dir": "/x/y"}).resolve_drive_dir().as_posix() == "/x/y"
+def test_run_name_locates_the_run_locally_and_on_drive(monkeypatch, tmp_path):
+    cfg = ConfigManager("cpu-smoke")
+    assert cfg.experiment.run_name == "cpu-smoke" and cfg.experiment.run_dir == "runs/cpu-smoke"
+    named = ConfigManager("cpu-smoke", overrides={"experiment.run_name": "abc"})
+    assert named.experiment.run_dir == "runs/abc"
+    monkeypatch.setenv("SENRI_DRIVE_MOUNTPOINT", str(tmp_path / "drive"))
+    assert named.resolve_drive_dir() is None and named.home_dir() == Path("runs/abc")  # Drive not mounted
+    (tmp_path / "drive" / "MyDrive").mkdir(parents=True)
+    assert named.resolve_drive_dir() == tmp_path / "drive" / "MyDrive" / "senri" / "abc" == named.home_dir()
+    explicit = ConfigManager("cpu-smoke", overrides={"drive_dir": "/x/y", "run_dir": "elsewhere"})
+    assert explicit.home_dir().as_posix() == "/x/y" and explicit.experiment.run_dir == "elsewhere"
+    for bad in ("a/b", "..", "", "-x"):
+        with pytest.raises(ValueError, match=f"experiment.run_name = {bad!r} is not valid; a run name is one folder"):
+            ConfigManager("cpu-smoke", overrides={"experiment.run_name": bad})
+
+
+def test_identity_names_each_differing_setting_and_ignores_continuation_ones(tmp_path):
+    cfg = ConfigManager("cpu-smoke", overrides={"run_dir": str(tmp_path)})
+    cfg.save(tmp_path / "config.yaml")
+    longer = ConfigManager("cpu-smoke", overrides={"run_dir": str(tmp_path), "max_steps": 500, "save_steps": 3,
+                                                   "niah_lengths": [64], "drive_dir": "/elsewhere"})
+    check_identity(longer, tmp_path / "config.yaml")  # continuation, evaluation and location settings may differ
+    other = ConfigManager("cpu-smoke", overrides={"run_dir": str(tmp_path), "seq_len": 64, "model.chunk_size": 4,
+                                                  "num_train_samples": 10})
+    assert identity_differences(other, yaml.safe_load((tmp_path / "config.yaml").read_text())) == {
+        "model.chunk_size": (8, 4), "training.seq_len": (128, 64), "experiment.num_train_samples": (200, 10)}
+    with pytest.raises(ValueError, match="run 'cpu-smoke' .* was made with other settings: model.chunk_size: 8 in the "
+                       "run, 4 now; training.seq_len: 128 in the run, 64 now; .*start a new run under another name"):
+        check_identity(other, tmp_path / "config.yaml")
+    # A file written before a key existed: the missing key counts as its default.
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    del saved["model"]["use_alibi"]
+    assert identity_differences(cfg, saved) == {}
+    check_identity(cfg, tmp_path / "absent.yaml")  # no run yet: nothing to check
