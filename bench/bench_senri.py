@@ -54,7 +54,7 @@ def main() -> None:
         def stream(n: int) -> None:
             cache = SenriCache(senri.config, batch_size=1)
             for s in range(0, n, PIECE):
-                senri(input_ids=ids[:, s : s + PIECE], past_key_values=cache, use_cache=True, logits_to_keep=1)
+                senri(input_ids=ids[:, s : s + PIECE], cache=cache, use_cache=True, logits_to_keep=1)
 
         per_2k = median_seconds(lambda: stream(2048), 3) / 2048
         per_16k = median_seconds(lambda: stream(16384), 3) / 16384
@@ -64,13 +64,13 @@ def main() -> None:
         def decode_after(n: int) -> float:
             cache = SenriCache(senri.config, batch_size=1)
             for s in range(0, n, PIECE):
-                senri(input_ids=ids[:, s : s + PIECE], past_key_values=cache, use_cache=True, logits_to_keep=1)
+                senri(input_ids=ids[:, s : s + PIECE], cache=cache, use_cache=True, logits_to_keep=1)
             token = ids[:, n : n + 1]
 
             def step() -> None:
                 # Decode 32 tokens from a copy-free state: each call advances the cache, which is what decoding does.
                 for _ in range(32):
-                    senri(input_ids=token, past_key_values=cache, use_cache=True)
+                    senri(input_ids=token, cache=cache, use_cache=True)
 
             return median_seconds(step) / 32
 
@@ -81,9 +81,9 @@ def main() -> None:
         from transformers import DynamicCache
 
         llama_cache = DynamicCache()
-        llama(ids[:, :8192], past_key_values=llama_cache, use_cache=True, logits_to_keep=1)
+        llama(ids[:, :8192], cache=llama_cache, use_cache=True, logits_to_keep=1)
         t_llama_decode = median_seconds(
-            lambda: [llama(ids[:, :1], past_key_values=llama_cache, use_cache=True) for _ in range(8)], 3
+            lambda: [llama(ids[:, :1], cache=llama_cache, use_cache=True) for _ in range(8)], 3
         ) / 8
         rows.append(("decode after 8K: llama / senri", t_llama_decode, d_8k, t_llama_decode / d_8k))
 

@@ -16,6 +16,9 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .configuration_senri import MEMORY_LAYER_TYPES, SenriConfig
+
+# Layers whose local attention has a window, and so keeps attention sinks.
+WINDOWED_LAYER_TYPES = ("sliding_attention", "memory")
 from .io import atomic_write
 from .memory import MEMORY_DTYPE
 
@@ -25,10 +28,11 @@ STATE_VERSION = 1
 STATE_CONFIG_FIELDS = (
     "num_hidden_layers", "num_key_value_heads", "head_dim", "sliding_window", "chunk_size", "memory_update",
     "layer_types", "memory_type", "num_memories", "num_memory_banks", "segments_per_bank", "use_alibi", "alibi_scale",
+    "num_sink_tokens",
 )
 # Fields added after states were first saved: a state without them was made by a model with these values.
 LEGACY_STATE_DEFAULTS = {"memory_type": "single", "num_memories": 4, "num_memory_banks": 1, "segments_per_bank": 4,
-                         "use_alibi": False, "alibi_scale": 1.0}
+                         "use_alibi": False, "alibi_scale": 1.0, "num_sink_tokens": 0}
 
 
 @dataclass
@@ -49,13 +53,15 @@ class LayerState:
     seen_tokens: int = 0
     written_chunks: int = 0
     rotated_keys: torch.Tensor | None = None
+    sink_keys: torch.Tensor | None = None
+    sink_values: torch.Tensor | None = None
 
     @property
     def window_start(self) -> int:
         return self.seen_tokens - (0 if self.keys is None else self.keys.shape[2])
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        names = ("keys", "values", "M", "z", "rotated_keys")
+        names = ("keys", "values", "M", "z", "rotated_keys", "sink_keys", "sink_values")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
 
@@ -112,7 +118,7 @@ class SenriCacheLayer(CacheLayerMixin):
 class SenriCache(Cache):
     """Streaming state of a Senri model: windows, memories and the number of tokens seen.
 
-    ``SenriCache(config, batch_size=1)`` is an empty state (reset memory). Pass it as ``past_key_values``; every
+    ``SenriCache(config, batch_size=1)`` is an empty state (reset memory). Pass it as ``cache``; every
     forward advances it. ``get_memory_state`` / ``from_memory_state`` move a state between processes.
     """
 
@@ -201,7 +207,8 @@ class SenriCache(Cache):
 
         By default only the memories (``M``, ``z``) are included: enough to carry what the model compressed into a
         new document. ``include_window=True`` adds every layer's window, the full streaming state, so that a model
-        fed the state continues exactly as if it had never stopped.
+        fed the state continues exactly as if it had never stopped. The attention sinks (``num_sink_tokens``) are
+        always included: a few tokens, and a windowed layer goes off its training distribution without them.
         """
         layers = {}
         for idx, layer in enumerate(self.layers):
@@ -211,6 +218,8 @@ class SenriCache(Cache):
                 entry["M"], entry["z"] = state.M.detach().clone(), state.z.detach().clone()
             if include_window and state.keys is not None:
                 entry["keys"], entry["values"] = state.keys.detach().clone(), state.values.detach().clone()
+            if state.sink_keys is not None:
+                entry["sink_keys"], entry["sink_values"] = state.sink_keys.detach().clone(), state.sink_values.detach().clone()
             layers[str(idx)] = entry
         return {
             "format": STATE_FORMAT,
@@ -252,7 +261,7 @@ class SenriCache(Cache):
             if "M" in entry and tuple(entry["M"].shape) in expected["M"]:
                 expected["z"] = [memory_shapes[expected["M"].index(tuple(entry["M"].shape))][1]]  # z goes with M
             tensors = {}
-            for name in ("M", "z", "keys", "values"):
+            for name in ("M", "z", "keys", "values", "sink_keys", "sink_values"):
                 if name not in entry:
                     continue
                 tensor = entry[name]
@@ -282,6 +291,16 @@ class SenriCache(Cache):
                 layer_seen = (seen // config.chunk_size) * config.chunk_size
                 if layer.layer_type != "full_attention":
                     written = layer_seen // config.chunk_size
+            sinks = min(config.num_sink_tokens, layer_seen) if layer.layer_type in WINDOWED_LAYER_TYPES else 0
+            held = tensors["sink_keys"].shape[2] if "sink_keys" in tensors else 0
+            if held < sinks:
+                raise ValueError(f"layer {idx}: the state holds {held} attention sink tokens, the model needs {sinks} "
+                                 f"(num_sink_tokens={config.num_sink_tokens})")
+            for name in ("sink_keys", "sink_values"):
+                if sinks:
+                    tensors[name] = tensors[name][:, :, :sinks]
+                else:
+                    tensors.pop(name, None)
             layer.state = LayerState(**tensors, seen_tokens=layer_seen, written_chunks=written)
         return cache
 

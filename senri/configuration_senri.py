@@ -49,6 +49,10 @@ class SenriConfig(LlamaConfig):
     * ``memory_gate_init``: weight of the memory path at initialisation, in [0, 1]. 0 (default) makes a converted
       model compute exactly what its source computed, while the gate still receives a gradient.
     * ``memory_eps``: the epsilon of the memory read's normaliser.
+    * ``num_sink_tokens``: the first S tokens of the stream (attention sinks, StreamingLLM) stay visible to every
+      windowed layer besides its window and are never written to memory, so each earlier token is still visible
+      through exactly one path. A pretrained model whose window loses its first tokens goes off its training
+      distribution; conversions default to 4. 0 (default here) is the plain window. At most ``chunk_size``.
     * ``use_alibi`` / ``alibi_scale``: older segments' memory contributions decay as exp(−slope_h · distance in
       segments), with ALiBi's per-head geometric slopes times ``alibi_scale``. Implemented as a decay of the whole
       state (every memory of the layer) by exp(−slope_h) per written chunk, which weighs a segment written d chunks
@@ -103,6 +107,7 @@ class SenriConfig(LlamaConfig):
     num_memory_banks: int = 1
     segments_per_bank: int = 4
     memory_relevance: str = "mass"
+    num_sink_tokens: int = 0
     tokenizer_name: str | None = None  # the tokenizer a preset is meant for (japanese(): JAPANESE_TOKENIZER)
     attention_output_bias: bool | None = None  # o_proj bias; None: same as attention_bias (Qwen2: q/k/v only)
 
@@ -259,6 +264,11 @@ class SenriConfig(LlamaConfig):
                     f"num_memory_banks = {self.num_memory_banks} is not supported with memory_type='routed' "
                     "(routing already assigns each key to a memory); use num_memory_banks=1"
                 )
+        if not 0 <= self.num_sink_tokens <= self.chunk_size:
+            raise ValueError(
+                f"num_sink_tokens must be in 0..chunk_size ({self.chunk_size}), got {self.num_sink_tokens} "
+                "(StreamingLLM keeps 4; 0 is the plain window)"
+            )
         if self.alibi_scale <= 0:
             raise ValueError(f"alibi_scale must be > 0, got {self.alibi_scale}")
         if self.memory_eps <= 0:

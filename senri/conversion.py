@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import difflib
 import functools
 import importlib.util
 import os
@@ -26,10 +28,25 @@ _DROPPED_SOURCE_FIELDS = ("model_type", "architectures", "layer_types", "sliding
                           "max_window_layers", "transformers_version", "dtype", "torch_dtype", "auto_map")
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# A pretrained model's sliding windows go off distribution once its first tokens leave them (StreamingLLM): converted
+# models keep the first 4 tokens visible in every window unless told otherwise (num_sink_tokens=0: plain window).
+CONVERSION_DEFAULTS = {"num_sink_tokens": 4}
+
+
+def check_config_keys(overrides: dict[str, Any]) -> None:
+    """Refuse a setting SenriConfig does not have (a typo would otherwise be stored and silently ignored)."""
+    known = {f.name for f in dataclasses.fields(SenriConfig)}
+    for key in overrides:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise TypeError(f"unknown Senri setting {key!r}{hint} (valid settings are SenriConfig's fields)")
 
 
 def senri_config_from(base_config: Any, **overrides: Any) -> SenriConfig:
-    """A SenriConfig with the source's architecture and Senri's settings (defaults, then ``overrides``)."""
+    """A SenriConfig with the source's architecture and Senri's settings (conversion defaults, then ``overrides``)."""
+    check_config_keys(overrides)
+    overrides = {**CONVERSION_DEFAULTS, **overrides}
     fields = {k: v for k, v in base_config.to_dict().items() if k not in _DROPPED_SOURCE_FIELDS}
     if base_config.model_type == "qwen2":  # Qwen2 has q/k/v biases but no o_proj bias
         fields.update(attention_bias=True, attention_output_bias=False)
@@ -41,7 +58,8 @@ def convert_llama_to_senri(base: LlamaForCausalLM | str, **config_overrides: Any
     """Build a Senri model computing exactly what ``base`` computes within the window (memory gates at 0).
 
     ``base`` is a ``LlamaForCausalLM`` (or a Llama-shaped model such as SmolLM) or a Hub name / local path.
-    ``config_overrides`` set Senri fields (``sliding_window=1024``, ``memory_update="linear"``...). Every source
+    ``config_overrides`` set Senri fields (``sliding_window=1024``, ``memory_update="linear"``...); an unknown one
+    raises, naming it. Attention sinks default to 4 (``num_sink_tokens=0`` gives the plain window). Every source
     weight is copied with its shape checked; any key or shape that does not match raises, naming it.
     """
     if isinstance(base, (str, Path)):
@@ -143,4 +161,4 @@ def load_base_model(name: str) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBas
     return LlamaForCausalLM.from_pretrained(name, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(name)
 
 
-__all__ = ["convert_llama_to_senri", "convert_qwen2_to_senri", "load_local_smollm2", "load_base_model", "senri_config_from"]
+__all__ = ["CONVERSION_DEFAULTS", "check_config_keys", "convert_llama_to_senri", "convert_qwen2_to_senri", "load_local_smollm2", "load_base_model", "senri_config_from"]

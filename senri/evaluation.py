@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .io import atomic_write
-from .niah import build_niah_prompt, generate_haystack_text, make_needle
+from .niah import build_niah_prompt, haystack_text_for, make_needle
 
 # Fictional "A is B" facts written for Senri (no model has seen them): (subject, relation, object).
 REVERSAL_PAIRS: tuple[tuple[str, str, str], ...] = (
@@ -90,9 +90,9 @@ def stream_logits(model: Any, input_ids: torch.Tensor, chunk_tokens: int | None,
     step = chunk_tokens or input_ids.shape[1]
     kept = []
     for start in range(0, input_ids.shape[1], step):
-        out = model(input_ids=input_ids[:, start : start + step], past_key_values=cache, use_cache=True,
+        out = model(input_ids=input_ids[:, start : start + step], cache=cache, use_cache=True,
                     logits_to_keep=0 if keep_all else 1)
-        cache = out.past_key_values
+        cache = out.cache
         kept.append(out.logits.float())
     return (torch.cat(kept, dim=1) if keep_all else kept[-1]), cache
 
@@ -104,8 +104,8 @@ def greedy_continue(model: Any, prompt_ids: Sequence[int], max_new_tokens: int, 
     logits, cache = stream_logits(model, torch.tensor([list(prompt_ids)], device=device), chunk_tokens)
     generated = [int(logits[0, -1].argmax())]
     while len(generated) < max_new_tokens:  # no forward after the last token: its logits would go unused
-        out = model(input_ids=torch.tensor([[generated[-1]]], device=device), past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(input_ids=torch.tensor([[generated[-1]]], device=device), cache=cache, use_cache=True)
+        cache = out.cache
         generated.append(int(out.logits[0, -1].argmax()))
     return generated[:max_new_tokens]
 
@@ -144,10 +144,11 @@ def run_niah(
     if window is None:
         window = getattr(model.config, "sliding_window", None) if _is_senri(model) else None
     name = model_name or type(model).__name__
-    haystack_text = haystack_text or generate_haystack_text(max(lengths) + 64, seed)
-    haystack_ids = list(tokenizer(haystack_text, add_special_tokens=False)["input_ids"])
     records = []
     for template in templates:
+        # passkey: the classic filler; other templates: haystack_text or generated prose.
+        text = haystack_text_for(template, max(lengths) + 64, seed, haystack_text)
+        haystack_ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
         for length in lengths:
             for depth in depths:
                 for sample in range(num_samples):
@@ -189,7 +190,7 @@ def token_nlls(model: Any, input_ids: torch.Tensor, chunk_tokens: int | None = N
     step = chunk_tokens or input_ids.shape[1]
     for start in range(0, input_ids.shape[1], step):
         piece = input_ids[:, start : start + step]
-        logits = model(input_ids=piece, past_key_values=cache, use_cache=True).logits.float()
+        logits = model(input_ids=piece, cache=cache, use_cache=True).logits.float()
         if previous is not None:  # the previous piece's last position predicts this piece's first token
             nlls.append(F.cross_entropy(previous, piece[:, 0], reduction="none"))
         if piece.shape[1] > 1:

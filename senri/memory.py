@@ -55,7 +55,7 @@ def alibi_decay(num_heads: int, scale: float = 1.0) -> torch.Tensor:
 
 def memory_states(
     k: torch.Tensor, v: torch.Tensor, M: torch.Tensor, z: torch.Tensor, update: str, eps: float,
-    decay: torch.Tensor | None = None,
+    decay: torch.Tensor | None = None, keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Write ``N`` chunks into memory, one chunk at a time, and return every intermediate state.
 
@@ -67,8 +67,11 @@ def memory_states(
     and in both z_j+1 = z_j + Σ_t φ(K_j,t).
     With ``decay`` (H,) (ALiBi-style, ``use_alibi``), the old state is scaled by it before each write:
     M_j+1 = γ M_j + ..., z_j+1 = γ z_j + ..., so a segment written d segments ago weighs γ^d — a fixed-size state.
+    ``keep`` (N, C) of 0/1 leaves out the tokens marked 0 (attention sinks): φ(k) = 0 writes nothing to M or z.
     """
     sk, v = phi(k.to(MEMORY_DTYPE)), v.to(MEMORY_DTYPE)
+    if keep is not None:
+        sk = sk * keep.to(sk.dtype)[..., None]
     if decay is not None:
         return _decayed_memory_states(sk, v, M, z, update, eps, decay.to(sk.device))
     dz = sk.sum(dim=3)  # (B, H, N, D)
@@ -102,6 +105,18 @@ def _decayed_memory_states(sk, v, M, z, update, eps, decay):
     return torch.stack(Ms, dim=2), torch.stack(zs, dim=2)
 
 
+def sink_keep_mask(
+    first_position: int, num_tokens: int, num_sink_tokens: int, device: torch.device | str | None = None
+) -> torch.Tensor | None:
+    """(num_tokens,) 0/1 float mask of the tokens at ``first_position..`` that may be written to memory: the first
+    ``num_sink_tokens`` tokens of the stream (attention sinks) stay in every local window and are never written.
+    None when no token of the range is a sink."""
+    if first_position >= num_sink_tokens or num_tokens == 0:
+        return None
+    positions = torch.arange(first_position, first_position + num_tokens, device=device)
+    return (positions >= num_sink_tokens).to(MEMORY_DTYPE)
+
+
 def memory_read(
     q: torch.Tensor, M: torch.Tensor, z: torch.Tensor, eps: float, intra_k: torch.Tensor | None = None,
     intra_v: torch.Tensor | None = None,
@@ -131,15 +146,16 @@ def memory_read(
 def memory_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, M: torch.Tensor, z: torch.Tensor, q_start: int, written: int,
     new_written: int, chunk_size: int, window_chunks: int, update: str, eps: float, intra_chunk: bool = False,
-    decay: torch.Tensor | None = None,
+    decay: torch.Tensor | None = None, num_sink_tokens: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The memory path of one layer for queries at positions ``q_start..``: write, then read chunk by chunk.
 
     q: (B, Hq, T, D) raw queries; k, v: (B, H, L, D) raw keys/values from position ``written * chunk_size`` on
     (the not-yet-memorised window followed by the new tokens); M, z: the memory holding chunks < ``written``.
     Chunks ``written .. new_written - 1`` are written; the query chunk c reads the state holding exactly the chunks
-    < c − window_chunks (exact coverage: the rest is in its window). Returns the output (B, Hq, T, D) float32 and
-    the final (M, z).
+    < c − window_chunks (exact coverage: the rest is in its window). The first ``num_sink_tokens`` tokens of the
+    stream are never written (they stay in every window). Returns the output (B, Hq, T, D) float32 and the final
+    (M, z).
     """
     B, Hq, T, D = q.shape
     H, C = k.shape[1], chunk_size
@@ -150,7 +166,9 @@ def memory_attention(
     with float32_memory(q.device):
         write_k = k[:, :, : n_write * C].reshape(B, H, n_write, C, D)
         write_v = v[:, :, : n_write * C].reshape(B, H, n_write, C, D)
-        Ms, zs = memory_states(write_k, write_v, M, z, update, eps, decay)
+        keep = sink_keep_mask(written * C, n_write * C, num_sink_tokens, q.device)
+        keep = None if keep is None else keep.view(n_write, C)
+        Ms, zs = memory_states(write_k, write_v, M, z, update, eps, decay, keep)
         chunks = torch.arange(first_chunk, last_chunk + 1, device=q.device)
         index = (chunks - window_chunks - written).clamp(0, n_write)
         # Lay the queries on the chunk grid: (B, Hq, T, D) -> (B, H, n_query, G*C, D), heads of a group stacked.
@@ -169,7 +187,7 @@ def memory_attention(
 
 def reference_memory_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int, window_chunks: int, update: str, eps: float,
-    intra_chunk: bool = False, decay: torch.Tensor | None = None,
+    intra_chunk: bool = False, decay: torch.Tensor | None = None, num_sink_tokens: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Naive token-by-token memory path of a sequence starting at position 0, for testing.
 
@@ -192,7 +210,7 @@ def reference_memory_attention(
             if decay is not None:  # older segments fade by γ per newer segment
                 M = M * decay.to(M.dtype)[:, None, None]
                 z = z * decay.to(z.dtype)[:, None]
-            for s in range(written * chunk_size, (written + 1) * chunk_size):
+            for s in range(max(written * chunk_size, num_sink_tokens), (written + 1) * chunk_size):
                 sk = phi(k[:, :, s].to(MEMORY_DTYPE))  # (B, H, D)
                 vs = v[:, :, s].to(MEMORY_DTYPE)
                 if update == "delta":
@@ -267,18 +285,21 @@ class MemoryLayout:
 
 def write_slots(
     k: torch.Tensor, v: torch.Tensor, slots: int | torch.Tensor, M: torch.Tensor, z: torch.Tensor, update: str,
-    eps: float, decay: torch.Tensor | None = None,
+    eps: float, decay: torch.Tensor | None = None, keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Write one chunk into S memories: all of it into memory ``slots`` (an int), or each key (and its value) into
     its own memory ``slots[b, h, c]`` (a (B, H, C) long tensor).
 
     k, v: (B, H, C, D) raw keys/values; M: (B, H, S, D, D), z: (B, H, S, D). Memory i takes the rules of
     :func:`memory_states` with the chunk's keys assigned to it (delta: each key retrieves from its own memory as it
-    was before the chunk); with ``decay`` (H,) every memory of the head is first scaled by γ_h.
+    was before the chunk); with ``decay`` (H,) every memory of the head is first scaled by γ_h. ``keep`` (C,) 0/1
+    leaves out the tokens marked 0 (attention sinks).
     """
     if update not in ("delta", "linear"):
         raise ValueError(f"memory update {update!r} is unknown; valid values are ['delta', 'linear']")
     sk, v = phi(k.to(MEMORY_DTYPE)), v.to(MEMORY_DTYPE)
+    if keep is not None:
+        sk = sk * keep.to(sk.dtype)[:, None]
     B, H, C, D = sk.shape
     S = M.shape[2]
     if isinstance(slots, int):
@@ -359,6 +380,7 @@ def slotted_memory_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, M: torch.Tensor, z: torch.Tensor, q_start: int, written: int,
     new_written: int, chunk_size: int, window_chunks: int, update: str, eps: float, layout: MemoryLayout,
     intra_chunk: bool = False, decay: torch.Tensor | None = None, expansion: torch.Tensor | None = None,
+    num_sink_tokens: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`memory_attention` for a layer of S memories per KV head (M: (B, H, S, D, D), z: (B, H, S, D)).
 
@@ -383,7 +405,8 @@ def slotted_memory_attention(
             while current < min(max(chunk - window_chunks, written), new_written):
                 start = (current - written) * C
                 k_c, v_c = k[:, :, start : start + C], v[:, :, start : start + C]
-                M, z = write_slots(k_c, v_c, layout.slots(current, k_c), M, z, update, eps, decay)
+                keep = sink_keep_mask(current * C, C, num_sink_tokens, q.device)
+                M, z = write_slots(k_c, v_c, layout.slots(current, k_c), M, z, update, eps, decay, keep)
                 current += 1
             intra = {}
             if intra_chunk:
@@ -403,7 +426,7 @@ def slotted_memory_attention(
 def reference_slotted_memory_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int, window_chunks: int, update: str, eps: float,
     layout: MemoryLayout, intra_chunk: bool = False, decay: torch.Tensor | None = None,
-    expansion: torch.Tensor | None = None,
+    expansion: torch.Tensor | None = None, num_sink_tokens: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Naive token-by-token loop of :func:`slotted_memory_attention` from position 0, one (batch, head, memory) at a
     time, for testing. Returns (outputs (B, Hq, T, D), final M (B, H, S, D, D), final z (B, H, S, D))."""
@@ -429,7 +452,7 @@ def reference_slotted_memory_attention(
                     if decay is not None:
                         M[b][h] = [decay[h].to(MEMORY_DTYPE) * m for m in M[b][h]]
                         z[b][h] = [decay[h].to(MEMORY_DTYPE) * n for n in z[b][h]]
-                    for s in range(written * C, (written + 1) * C):
+                    for s in range(max(written * C, num_sink_tokens), (written + 1) * C):
                         i = slot_of(written, b, h, s)
                         sk, vs = phi(k[b, h, s].to(MEMORY_DTYPE)), v[b, h, s].to(MEMORY_DTYPE)
                         if update == "delta":
@@ -479,7 +502,7 @@ def reference_slotted_memory_attention(
 
 
 __all__ = [
-    "MEMORY_DTYPE", "phi", "alibi_decay", "float32_memory", "empty_memory", "memory_states", "memory_read", "memory_attention",
+    "MEMORY_DTYPE", "phi", "alibi_decay", "sink_keep_mask", "float32_memory", "empty_memory", "memory_states", "memory_read", "memory_attention",
     "reference_memory_attention", "MemoryLayout", "RELEVANCES", "write_slots", "read_slots", "slotted_memory_attention",
     "reference_slotted_memory_attention",
 ]

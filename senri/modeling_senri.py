@@ -38,19 +38,22 @@ def window_start_of(position: torch.Tensor | int, chunk_size: int, window_chunks
 
 def local_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, k_start: int, scaling: float,
-    chunk_size: int, window_chunks: int | None,
+    chunk_size: int, window_chunks: int | None, sink_k: torch.Tensor | None = None, sink_v: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention of queries at positions ``q_start..`` over keys at ``k_start..`` (both RoPE'd).
 
     q: (B, Hq, T, D); k, v: (B, H, L, D), the keys ending with the queries' own tokens. ``window_chunks=None`` is
-    full causal attention; otherwise query t sees keys s with window_start_of(t) <= s <= t.
+    full causal attention; otherwise query t sees keys s with window_start_of(t) <= s <= t, and also the attention
+    sinks ``sink_k``/``sink_v`` (B, H, S, D), the stream's first S tokens (RoPE'd at their positions 0..S-1), those
+    of them that lie before its window (StreamingLLM): they join the window's keys, one attention call per block.
 
     Queries are taken one chunk at a time: all queries of a chunk share their window's start, so each block's mask
     is a lower-right causal mask over the keys from that start, the same for every full chunk (built once per
     call), and the cost is O(T · window): no L × L mask on long inputs.
     """
     T = q.shape[2]
-    masks: dict[tuple[int, int], torch.Tensor | None] = {}
+    num_sinks = 0 if sink_k is None else sink_k.shape[2]
+    masks: dict[tuple[int, int, int], torch.Tensor | None] = {}
     outputs = []
     b0 = 0
     while b0 < T:
@@ -58,18 +61,24 @@ def local_attention(
         b1 = T if window_chunks is None else min(T, b0 + chunk_size - first % chunk_size)  # to the chunk's end
         last = q_start + b1 - 1
         lo = k_start if window_chunks is None else max(k_start, window_start_of(first, chunk_size, window_chunks))
-        n_q, n_k = b1 - b0, last + 1 - lo
-        if (n_q, n_k) not in masks:
-            # Query i sees keys j <= i + (n_k - n_q); None when that is plain causal (square) attention.
+        n_q, n_k, n_s = b1 - b0, last + 1 - lo, min(num_sinks, max(lo, 0))
+        if (n_q, n_k, n_s) not in masks:
+            # Sinks first (always visible), then query i sees window keys j <= i + (n_k - n_q); None when that is
+            # plain causal (square) attention.
             allowed = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(diagonal=n_k - n_q)
-            masks[n_q, n_k] = None if n_q == n_k else torch.zeros(
-                n_q, n_k, dtype=q.dtype, device=q.device
+            allowed = torch.cat([allowed.new_ones(n_q, n_s), allowed], dim=1)
+            masks[n_q, n_k, n_s] = None if n_q == n_k and n_s == 0 else torch.zeros(
+                n_q, n_s + n_k, dtype=q.dtype, device=q.device
             ).masked_fill_(~allowed, float("-inf"))
-        mask = masks[n_q, n_k]
+        mask = masks[n_q, n_k, n_s]
         keys = slice(lo - k_start, last + 1 - k_start)
+        block_k, block_v = k[:, :, keys], v[:, :, keys]
+        if n_s:
+            block_k = torch.cat([sink_k[:, :, :n_s], block_k], dim=2)
+            block_v = torch.cat([sink_v[:, :, :n_s], block_v], dim=2)
         outputs.append(
             F.scaled_dot_product_attention(
-                q[:, :, b0:b1], k[:, :, keys], v[:, :, keys], attn_mask=mask, is_causal=mask is None, scale=scaling,
+                q[:, :, b0:b1], block_k, block_v, attn_mask=mask, is_causal=mask is None, scale=scaling,
                 enable_gqa=True,
             )
         )
@@ -130,6 +139,8 @@ class SenriAttention(nn.Module):
         self.window_chunks = None if self.layer_type == "full_attention" else (
             config.window_chunks if self.has_local else 0
         )
+        # Attention sinks belong to windows: full attention sees them anyway, memory_only layers write them to memory.
+        self.num_sink_tokens = config.num_sink_tokens if self.has_local and self.window_chunks is not None else 0
 
         bias = config.attention_bias
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
@@ -183,7 +194,7 @@ class SenriAttention(nn.Module):
         return None if self.layer_type != "memory" else self.memory_gate.detach().clamp(0.0, 1.0)
 
     def forward(
-        self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor, int],
+        self, hidden_states: torch.Tensor, position_embeddings: tuple,
         state: LayerState,
     ) -> tuple[torch.Tensor, LayerState]:
         B, T, _ = hidden_states.shape
@@ -200,9 +211,20 @@ class SenriAttention(nn.Module):
             # Chunks that every query of this call has pushed out of its window leave it (and enter memory).
             new_written = max(written, (P + T - 1) // self.chunk_size - self.window_chunks)
 
+        sink_keys, sink_values = state.sink_keys, state.sink_values
+        if self.num_sink_tokens and (sink_keys is None or sink_keys.shape[2] < self.num_sink_tokens):
+            # Only while the stream is shorter than S: no chunk has left any window yet (S <= sliding_window).
+            if k_start != 0:
+                raise RuntimeError(f"layer {self.layer_idx}: sinks incomplete but the window starts at {k_start}")
+            sink_keys, sink_values = k[:, :, : self.num_sink_tokens], v[:, :, : self.num_sink_tokens]
+
         output = None
         if self.has_local:
-            cos, sin, rope_start = position_embeddings
+            cos, sin, rope_start, sink_tables = position_embeddings
+            sink_k = None
+            if self.num_sink_tokens:
+                n = sink_keys.shape[2]
+                sink_k = rope(sink_keys, sink_tables[0][:, :n], sink_tables[1][:, :n])  # at positions 0..n-1
             q_cos, q_sin = cos[:, P - rope_start :], sin[:, P - rope_start :]
             q_rope = rope(q, q_cos, q_sin)
             if self.first_position_to_rotate(state) == P:
@@ -215,7 +237,7 @@ class SenriAttention(nn.Module):
                 k_sin = sin[:, k_start - rope_start : P + T - rope_start]
                 k_rope = rope(k, k_cos, k_sin)
             output = local_attention(
-                q_rope, k_rope, v, P, k_start, self.scaling, self.chunk_size, self.window_chunks
+                q_rope, k_rope, v, P, k_start, self.scaling, self.chunk_size, self.window_chunks, sink_k, sink_values
             )  # (B, Hq, T, D)
 
         M, z = state.M, state.z
@@ -229,7 +251,7 @@ class SenriAttention(nn.Module):
             # Computed from the config, not held as a tensor attribute: a model built on the meta device by
             # from_pretrained would otherwise keep a meta tensor (ALiBi decay factors are not weights).
             decay = alibi_decay(self.num_kv_heads, self.config.alibi_scale) if self.config.use_alibi else None
-            common = dict(intra_chunk=not self.has_local, decay=decay)
+            common = dict(intra_chunk=not self.has_local, decay=decay, num_sink_tokens=self.num_sink_tokens)
             args = (q, k, v, M, z, P, written, new_written, self.chunk_size, self.window_chunks,
                     self.config.memory_update, self.config.memory_eps)
             if layout is None:
@@ -250,6 +272,7 @@ class SenriAttention(nn.Module):
         new_state = LayerState(
             keys=k[:, :, keep_from:], values=v[:, :, keep_from:], M=M, z=z, seen_tokens=P + T,
             written_chunks=new_written, rotated_keys=k_rope[:, :, keep_from:] if self.has_local else None,
+            sink_keys=sink_keys if self.num_sink_tokens else None, sink_values=sink_values if self.num_sink_tokens else None,
         )
         output = output.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
         return self.o_proj(output), new_state
@@ -264,7 +287,7 @@ class SenriDecoderLayer(nn.Module):
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(
-        self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor, int],
+        self, hidden_states: torch.Tensor, position_embeddings: tuple,
         state: LayerState,
     ) -> tuple[torch.Tensor, LayerState]:
         attn_output, state = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, state)
@@ -273,13 +296,20 @@ class SenriDecoderLayer(nn.Module):
         return hidden_states, state
 
 
+def _cache_argument(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The streaming state passed as ``cache`` (transformers >= 5.24) or by its former name ``past_key_values``."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("give the streaming state as `cache` or as `past_key_values`, not both")
+    return cache if cache is not None else past_key_values
+
+
 class SenriPreTrainedModel(PreTrainedModel):
     config_class = SenriConfig
     config: SenriConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = False
     _no_split_modules = ["SenriDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -307,11 +337,13 @@ class SenriModel(SenriPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        cache = _cache_argument(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -321,13 +353,11 @@ class SenriModel(SenriPreTrainedModel):
             raise ValueError("input has no tokens (sequence length 0)")
         if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
             raise ValueError("attention_mask with padding is not supported by Senri: feed unpadded sequences")
-        if past_key_values is None:
+        if cache is None:
             cache = SenriCache(self.config, batch_size=B)  # no cache given: start from an empty memory
-        elif isinstance(past_key_values, SenriCache):
-            cache = past_key_values
-        else:
+        elif not isinstance(cache, SenriCache):
             raise TypeError(
-                f"past_key_values must be a SenriCache, got {type(past_key_values).__name__}; "
+                f"cache must be a SenriCache, got {type(cache).__name__}; "
                 "create one with SenriCache(model.config, batch_size=...)"
             )
         P = cache.seen_tokens
@@ -343,7 +373,9 @@ class SenriModel(SenriPreTrainedModel):
                                 for i, layer in enumerate(self.layers)])
         positions = torch.arange(rope_start, P + T, device=inputs_embeds.device)[None]
         cos, sin = self.rotary_emb(inputs_embeds, positions)
-        position_embeddings = (cos, sin, rope_start)
+        sinks = self.config.num_sink_tokens
+        sink_tables = self.rotary_emb(inputs_embeds, torch.arange(sinks, device=inputs_embeds.device)[None]) if sinks else None
+        position_embeddings = (cos, sin, rope_start, sink_tables)
 
         for idx, layer in enumerate(self.layers):  # before any layer advances the cache
             layer.self_attn.check_state(cache.layer_state(idx))
@@ -355,7 +387,7 @@ class SenriModel(SenriPreTrainedModel):
             hidden_states, state = layer(hidden_states, position_embeddings, state)
             cache.set_layer_state(idx, state)
         hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=cache if use_cache else None)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
 
 
 class SenriForCausalLM(SenriPreTrainedModel, GenerationMixin):
@@ -373,16 +405,17 @@ class SenriForCausalLM(SenriPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            cache=_cache_argument(cache, past_key_values), inputs_embeds=inputs_embeds, use_cache=use_cache,
         )
         hidden_states = outputs.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
@@ -393,15 +426,16 @@ class SenriForCausalLM(SenriPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
 
     @torch.no_grad()
     def generate(self, inputs: torch.Tensor | None = None, **kwargs):
         """``GenerationMixin.generate`` with a fresh :class:`SenriCache` unless one is passed."""
-        if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):
+        kwargs["cache"] = _cache_argument(kwargs.get("cache"), kwargs.pop("past_key_values", None))
+        if kwargs["cache"] is None and kwargs.get("use_cache", True):
             reference = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
             batch_size = 1 if reference is None else reference.shape[0]
-            kwargs["past_key_values"] = SenriCache(self.config, batch_size=batch_size)
+            kwargs["cache"] = SenriCache(self.config, batch_size=batch_size)
         return super().generate(inputs, **kwargs)
 
     def memory_gate_values(self) -> dict[int, torch.Tensor]:

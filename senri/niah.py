@@ -1,6 +1,8 @@
 """Needle-in-a-haystack building blocks shared by training-data injection and evaluation.
 
-Templates (written for Senri): ``passkey`` (the classic pass-key retrieval), and RULER-style single needles
+Templates (written for Senri): ``passkey`` (the classic pass-key retrieval of the passkey papers: a 5-digit key in
+the repeated filler ``PASSKEY_FILLER``), ``passkey_sentences`` (the same needle in a haystack of random sentences,
+harder and not comparable with published tables), and RULER-style single needles
 ``niah_words`` / ``niah_numbers`` / ``niah_uuids`` plus ``multikey`` (distractor needles with other keys),
 ``multivalue`` (one key, several values, all must be recalled) and ``multiquery`` (several keys asked).
 A prompt is: haystack with the needle sentences inserted at a depth, then the question; the answer follows.
@@ -12,7 +14,12 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-TEMPLATES = ("passkey", "niah_words", "niah_numbers", "niah_uuids", "multikey", "multivalue", "multiquery")
+TEMPLATES = ("passkey", "passkey_sentences", "niah_words", "niah_numbers", "niah_uuids", "multikey", "multivalue", "multiquery")
+
+# The classic pass-key filler (Mohtashami & Jaggi 2023 and the long-context papers after it), repeated.
+PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+# Templates whose haystack is the classic filler rather than the given / generated haystack text.
+FILLER_TEMPLATES = ("passkey",)
 
 # Values for niah_words and keys for the multi-* templates: never used by the haystack generator.
 VALUE_WORDS = (
@@ -66,7 +73,7 @@ def _uuid(rng: random.Random) -> str:
 
 def make_needle(template: str, rng: random.Random) -> Needle:
     """A random needle of ``template`` (see TEMPLATES), drawn from ``rng``."""
-    if template == "passkey":
+    if template in ("passkey", "passkey_sentences"):
         key = _number(rng, 5)
         return Needle(template, [f"The pass key is {key}. Remember it. {key} is the pass key."],
                       "What is the pass key? The pass key is", f" {key}", [key])
@@ -107,6 +114,13 @@ def generate_haystack_text(num_words: int, seed: int) -> str:
         sentences.append(sentence)
         count += len(sentence.split())
     return " ".join(sentences)
+
+
+def haystack_text_for(template: str, num_words: int, seed: int, haystack_text: str | None = None) -> str:
+    """The haystack of a template: the classic filler for ``passkey``, else ``haystack_text`` or generated prose."""
+    if template in FILLER_TEMPLATES:
+        return " ".join([PASSKEY_FILLER] * (num_words // 16 + 1))
+    return haystack_text or generate_haystack_text(num_words, seed)
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -171,6 +185,6 @@ def build_synthetic_tokenizer():
 
 
 __all__ = [
-    "TEMPLATES", "VALUE_WORDS", "Needle", "make_needle", "generate_haystack_text", "build_niah_prompt",
+    "TEMPLATES", "PASSKEY_FILLER", "FILLER_TEMPLATES", "haystack_text_for", "VALUE_WORDS", "Needle", "make_needle", "generate_haystack_text", "build_niah_prompt",
     "needle_span", "build_synthetic_tokenizer",
 ]

@@ -41,7 +41,7 @@ def test_converted_smollm2_default_window_streams_like_one_pass(smollm2):
         # Positions < window + chunk (1088) see their whole prefix.
         assert (llama(ids).logits[:, :1088] - one_pass[:, :1088]).abs().max().item() < 2e-3
         cache = SenriCache(senri.config, batch_size=1)
-        pieces = [senri(input_ids=ids[:, s : s + n], past_key_values=cache, use_cache=True).logits
+        pieces = [senri(input_ids=ids[:, s : s + n], cache=cache, use_cache=True).logits
                   for s, n in ((0, 700), (700, 1), (701, 399))]
     # fp32 rounding through 30 layers moves logits by ~1e-4 (the float64 test below shows the algorithm is exact).
     torch.testing.assert_close(torch.cat(pieces, dim=1), one_pass, rtol=0, atol=2e-3)
@@ -79,6 +79,34 @@ def test_real_model_streaming_beyond_the_window_in_float64(smollm2, gate, atol):
     with torch.no_grad():
         one_pass = senri(input_ids=ids).logits
         for n in (100, 1, 57, 200, 242):
-            pieces.append(senri(input_ids=ids[:, start : start + n], past_key_values=cache, use_cache=True).logits)
+            pieces.append(senri(input_ids=ids[:, start : start + n], cache=cache, use_cache=True).logits)
             start += n
     torch.testing.assert_close(torch.cat(pieces, dim=1), one_pass, rtol=0, atol=atol)
+
+
+def test_conversion_keeps_four_attention_sinks_by_default_and_refuses_unknown_settings():
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    small = dict(sliding_window=8, chunk_size=4, layer_types=["memory", "sliding_attention"])
+    assert convert_llama_to_senri(llama, **small).config.num_sink_tokens == 4
+    assert convert_llama_to_senri(llama, **small, num_sink_tokens=0).config.num_sink_tokens == 0
+    with pytest.raises(TypeError, match="unknown Senri setting 'num_sinks_tokens'.*did you mean 'num_sink_tokens'"):
+        convert_llama_to_senri(llama, num_sinks_tokens=4)
+
+
+def test_sinks_keep_converted_smollm2_on_distribution_beyond_the_window(smollm2):
+    """Once the first tokens leave a 128-token window, the gates-closed model without sinks goes off distribution;
+    keeping 4 sink tokens visible brings its loss beyond twice the window back towards the base model's."""
+    llama, tokenizer = smollm2
+    ids = tokenizer(open(torch.__file__.replace("__init__.py", "functional.py")).read()[:20000],
+                    return_tensors="pt").input_ids[:, :640]
+
+    def nll(model) -> float:
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, 256:-1]
+        return torch.nn.functional.cross_entropy(logits.float(), ids[0, 257:]).item()
+
+    base = nll(llama)
+    plain = nll(convert_llama_to_senri(llama, sliding_window=128, chunk_size=32, num_sink_tokens=0))
+    sinks = nll(convert_llama_to_senri(llama, sliding_window=128, chunk_size=32, num_sink_tokens=4))
+    assert sinks < plain - 0.5 and sinks < 1.5 * base + 0.5, (base, plain, sinks)

@@ -36,15 +36,15 @@ class LookupOracle(torch.nn.Module):
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # the harness reads the device off a parameter
         self.vocab_size, self.window, self.max_suffix = vocab_size, window, max_suffix
 
-    def forward(self, input_ids, past_key_values, use_cache=True, logits_to_keep=0, **kwargs):
+    def forward(self, input_ids, cache, use_cache=True, logits_to_keep=0, **kwargs):
         ids = input_ids.to(torch.float64).view(1, 1, -1, 1)  # (B=1, heads=1, T, dim=1)
-        history = past_key_values.update(ids, ids, 0)[0].flatten().long().tolist()
+        history = cache.update(ids, ids, 0)[0].flatten().long().tolist()
         keep = logits_to_keep or input_ids.shape[1]
         logits = torch.zeros(1, keep, self.vocab_size)
         for row, end in enumerate(range(len(history) - keep + 1, len(history) + 1)):
             visible = history[max(0, end - self.window) : end] if self.window else history[:end]
             logits[0, row, self._recall(visible)] = 1.0
-        return CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values)
+        return CausalLMOutputWithPast(logits=logits, cache=cache)
 
     def _recall(self, visible: list[int]) -> int:
         for n in range(min(self.max_suffix, len(visible) - 1), 0, -1):

@@ -14,7 +14,7 @@ def _inputs(T: int, seed: int = 0, B: int = 2, Hq: int = 4, H: int = 2, D: int =
     return q, k, v
 
 
-def _chunked(q, k, v, C, window_chunks, update, pieces=None, intra=False, decay=None):
+def _chunked(q, k, v, C, window_chunks, update, pieces=None, intra=False, decay=None, sinks=0):
     """The fast path as the model drives it, fed in pieces (the keys not yet in memory carried along)."""
     B, _, T, D = q.shape
     M, z = empty_memory(B, k.shape[1], D)
@@ -26,15 +26,17 @@ def _chunked(q, k, v, C, window_chunks, update, pieces=None, intra=False, decay=
         new_written = max(written, (end - 1) // C - window_chunks)
         out, M, z = memory_attention(
             q[:, :, start:end], k[:, :, written * C : end], v[:, :, written * C : end], M, z, start, written,
-            new_written, C, window_chunks, update, 1e-6, intra_chunk=intra, decay=decay,
+            new_written, C, window_chunks, update, 1e-6, intra_chunk=intra, decay=decay, num_sink_tokens=sinks,
         )
         outputs.append(out)
         start, written = end, new_written
     return torch.cat(outputs, dim=2), M, z
 
 
-def _reference(q, k, v, C, window_chunks, update, intra=False, decay=None):
-    out, M, z = reference_memory_attention(q, k, v, C, window_chunks, update, 1e-6, intra_chunk=intra, decay=decay)
+def _reference(q, k, v, C, window_chunks, update, intra=False, decay=None, sinks=0):
+    out, M, z = reference_memory_attention(
+        q, k, v, C, window_chunks, update, 1e-6, intra_chunk=intra, decay=decay, num_sink_tokens=sinks
+    )
     return out, M, z
 
 
@@ -45,15 +47,16 @@ def _float64(monkeypatch):
 
 
 @pytest.mark.parametrize("update", ["linear", "delta"])
-@pytest.mark.parametrize("window_chunks,intra", [(2, False), (0, True)])
+# memory_only layers (intra) have no window, hence no attention sinks; windowed memory layers with 0 and 3 sinks.
+@pytest.mark.parametrize("window_chunks,intra,sinks", [(2, False, 0), (2, False, 3), (0, True, 0)])
 @pytest.mark.parametrize("pieces", [None, [5, 1, 1, 9, 3, 18], [1] * 37])
 @pytest.mark.parametrize("alibi", [False, True])
-def test_chunked_equals_naive_loop_outputs_state_and_gradients(update, window_chunks, intra, pieces, alibi):
+def test_chunked_equals_naive_loop_outputs_state_and_gradients(update, window_chunks, intra, sinks, pieces, alibi):
     T, C = 37, 4
     q, k, v = _inputs(T)
     decay = alibi_decay(2, scale=4.0).double() if alibi else None
-    fast, M_fast, z_fast = _chunked(q, k, v, C, window_chunks, update, pieces, intra, decay)
-    slow, M_slow, z_slow = _reference(q, k, v, C, window_chunks, update, intra, decay)
+    fast, M_fast, z_fast = _chunked(q, k, v, C, window_chunks, update, pieces, intra, decay, sinks)
+    slow, M_slow, z_slow = _reference(q, k, v, C, window_chunks, update, intra, decay, sinks)
     torch.testing.assert_close(fast, slow, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(M_fast, M_slow, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(z_fast, z_slow, rtol=1e-9, atol=1e-9)
@@ -108,3 +111,18 @@ def test_alibi_weights_each_segment_by_decay_to_the_power_of_its_age():
     torch.testing.assert_close(zs[:, :, -1], sum(decay[:, None] ** (4 - j) * sk[:, :, j].sum(2) for j in range(5)))
     slopes = -torch.log(alibi_decay(4))
     torch.testing.assert_close(slopes.float(), torch.tensor([2.0 ** (-8 * h / 4) for h in (1, 2, 3, 4)]))
+
+
+def test_attention_sinks_are_never_written_to_memory():
+    T, C, sinks = 37, 4, 3
+    q, k, v = _inputs(T)
+    _, M, z = _chunked(q, k, v, C, 2, "linear", sinks=sinks)
+    with torch.no_grad():
+        k2, v2 = k.clone(), v.clone()
+        k2[:, :, :sinks] += 5.0
+        v2[:, :, :sinks] -= 3.0
+    _, M2, z2 = _chunked(q, k2, v2, C, 2, "linear", sinks=sinks)
+    torch.testing.assert_close(M, M2, rtol=0, atol=0)
+    torch.testing.assert_close(z, z2, rtol=0, atol=0)
+    _, M0, _ = _chunked(q, k2, v2, C, 2, "linear", sinks=0)
+    assert not torch.allclose(M0, M)  # without sinks, the same tokens are written

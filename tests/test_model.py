@@ -19,20 +19,21 @@ def _stream(model, ids, pieces, cache=None):
     cache = cache or SenriCache(model.config, batch_size=ids.shape[0])
     logits, start = [], 0
     for n in pieces:
-        out = model(input_ids=ids[:, start : start + n], past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids[:, start : start + n], cache=cache, use_cache=True)
         logits.append(out.logits)
-        cache, start = out.past_key_values, start + n
+        cache, start = out.cache, start + n
     assert start == ids.shape[1]
     return torch.cat(logits, dim=1), cache
 
 
+@pytest.mark.parametrize("sinks", [0, 4])
 @pytest.mark.parametrize("update", UPDATES)
 @pytest.mark.parametrize(
     "layer_types",
     [["sliding_attention", "memory", "sliding_attention"], ["memory_only", "memory", "full_attention"]],
 )
-def test_streaming_in_any_pieces_equals_one_pass(update, layer_types):
-    model = tiny_model(memory_update=update, layer_types=layer_types)
+def test_streaming_in_any_pieces_equals_one_pass(update, layer_types, sinks):
+    model = tiny_model(memory_update=update, layer_types=layer_types, num_sink_tokens=sinks)
     T = 260  # 16 windows; pieces straddle chunk (4) and window (16) boundaries
     ids = torch.randint(0, 97, (2, T), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -78,14 +79,17 @@ def test_sliding_window_only_model_provably_forgets():
     assert _last_logits_change_when_token_zero_changes(tiny_model(memory_gate_init=0.0), 400) == 0.0
 
 
-def test_exact_coverage_every_earlier_token_through_exactly_one_path():
-    """Each earlier token reaches a query through the window or the memory, never both, never neither."""
-    config = tiny_config(num_hidden_layers=1, layer_types=["memory"], memory_gate_init=0.5)
+@pytest.mark.parametrize("sinks", [0, 3])
+def test_exact_coverage_every_earlier_token_through_exactly_one_path(sinks):
+    """Each earlier token reaches a query through the window or the memory, never both, never neither; the attention
+    sinks (the first tokens) through the window only."""
+    config = tiny_config(num_hidden_layers=1, layer_types=["memory"], memory_gate_init=0.5, num_sink_tokens=sinks)
     model = SenriForCausalLM(config).eval()
     attn = model.model.layers[0].self_attn
     T = 45
     x = torch.randn(1, T, config.hidden_size, requires_grad=True)
     cos, sin = model.model.rotary_emb(x, torch.arange(T)[None])
+    sink_tables = model.model.rotary_emb(x, torch.arange(sinks)[None]) if sinks else None
     from senri.cache import LayerState
 
     for t in (3, 19, 20, 23, 24, 44):
@@ -94,27 +98,29 @@ def test_exact_coverage_every_earlier_token_through_exactly_one_path():
         for name, gate in (("local", 0.0), ("memory", 1.0)):
             with torch.no_grad():
                 attn.memory_gate.fill_(gate)
-            out, _ = attn(x, (cos, sin, 0), LayerState())
+            out, _ = attn(x, (cos, sin, 0, sink_tables), LayerState())
             (grad,) = torch.autograd.grad(out[0, t].sum(), x)
             paths[name] = grad[0].abs().sum(-1) > 0
         window_start = max(0, (t // 4 - 4) * 4)
         for s in range(t):
-            in_window = s >= window_start
+            in_window = s >= window_start or s < sinks
             assert paths["local"][s] == in_window, f"query {t}, token {s}: local path"
             assert paths["memory"][s] == (not in_window), f"query {t}, token {s}: memory path"
 
 
-def test_cache_bytes_stop_growing_once_the_window_is_full():
-    model = tiny_model()
+@pytest.mark.parametrize("sinks", [0, 4])
+def test_cache_bytes_stop_growing_once_the_window_is_full(sinks):
+    model = tiny_model(num_sink_tokens=sinks)
     cache = SenriCache(model.config, batch_size=1)
     sizes = []
     with torch.no_grad():
         for step in range(200):
-            model(input_ids=torch.tensor([[step % 97]]), past_key_values=cache, use_cache=True)
+            model(input_ids=torch.tensor([[step % 97]]), cache=cache, use_cache=True)
             sizes.append(cache.nbytes())
     # Full after window + chunk tokens (+ the memory allocated at the first write); bounded ever after.
     assert max(sizes[40:]) == max(sizes[:40]) and sizes[-1] <= max(sizes)
     assert all(layer.state.keys.shape[2] <= 16 + 4 for layer in cache.layers)
+    assert all((layer.state.sink_keys is None) == (sinks == 0) for layer in cache.layers)
 
 
 def test_full_attention_cache_grows_and_memory_state_is_float32():
@@ -124,9 +130,9 @@ def test_full_attention_cache_grows_and_memory_state_is_float32():
     assert cache.layers[0].state.M.dtype == torch.float32
 
 
-@pytest.mark.parametrize("update", UPDATES)
-def test_state_saved_to_disk_continues_identically_in_a_fresh_process(tmp_path, update):
-    model = tiny_model(memory_update=update)
+@pytest.mark.parametrize("update,sinks", [("delta", 0), ("linear", 0), ("delta", 4)])
+def test_state_saved_to_disk_continues_identically_in_a_fresh_process(tmp_path, update, sinks):
+    model = tiny_model(memory_update=update, num_sink_tokens=sinks)
     model.save_pretrained(tmp_path / "model")
     ids = torch.randint(0, 97, (1, 300), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
@@ -142,22 +148,25 @@ def test_state_saved_to_disk_continues_identically_in_a_fresh_process(tmp_path, 
         cache = senri.SenriCache.from_memory_state(model.config, senri.load_memory_state({str(tmp_path / 'state.pt')!r}))
         rest = torch.load({str(tmp_path / 'rest.pt')!r})
         with torch.no_grad():
-            torch.save(model(input_ids=rest, past_key_values=cache, use_cache=True).logits, {str(tmp_path / 'out.pt')!r})
+            torch.save(model(input_ids=rest, cache=cache, use_cache=True).logits, {str(tmp_path / 'out.pt')!r})
     """)
     subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, rtol=0, atol=1e-5)
 
 
-def test_memory_only_state_keeps_memory_and_drops_the_window():
-    model = tiny_model()
+@pytest.mark.parametrize("sinks", [0, 4])
+def test_memory_only_state_keeps_memory_and_drops_the_window(sinks):
+    model = tiny_model(num_sink_tokens=sinks)
     _, cache = _stream(model, torch.randint(0, 97, (1, 150)), [150])
     state = cache.get_memory_state()
     assert "keys" not in state["layers"]["1"] and state["layers"]["1"]["M"].dtype == torch.float32
     restored = SenriCache.from_memory_state(model.config, state)
     torch.testing.assert_close(restored.layers[1].state.M, cache.layers[1].state.M)
     assert restored.seen_tokens == 148 and restored.layers[0].state.keys is None
+    if sinks:  # the sinks are kept: a few tokens, and the windows need them
+        torch.testing.assert_close(restored.layers[0].state.sink_keys, cache.layers[0].state.sink_keys)
     with torch.no_grad():
-        model(input_ids=torch.randint(0, 97, (1, 30)), past_key_values=restored, use_cache=True)
+        model(input_ids=torch.randint(0, 97, (1, 30)), cache=restored, use_cache=True)
 
 
 def test_mismatched_memory_states_are_refused_with_the_reason(tmp_path):
@@ -199,6 +208,7 @@ def test_mismatched_memory_states_are_refused_with_the_reason(tmp_path):
         (dict(memory_update="hebbian"), "memory_update = 'hebbian' is unknown.*'delta', 'linear'"),
         (dict(memory_gate_init=1.5), "memory_gate_init must be in \\[0, 1\\], got 1.5"),
         (dict(chunk_size=0, sliding_window=0), "chunk_size must be a positive integer"),
+        (dict(num_sink_tokens=5), "num_sink_tokens must be in 0..chunk_size \\(4\\), got 5"),
     ],
 )
 def test_bad_configs_raise_errors_naming_the_problem(fields, message):
@@ -247,25 +257,31 @@ def test_million_token_stream_under_autocast_stays_finite_with_float32_memory(dt
     g = torch.Generator().manual_seed(5)
     with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
         for _ in range((1 << 20) // piece):
-            out = model(input_ids=torch.randint(0, 32, (1, piece), generator=g), past_key_values=cache, use_cache=True)
+            out = model(input_ids=torch.randint(0, 32, (1, piece), generator=g), cache=cache, use_cache=True)
             assert torch.isfinite(out.logits).all()
     state = cache.layers[1].state
     assert cache.seen_tokens == 1 << 20
     assert state.M.dtype == torch.float32 and torch.isfinite(state.M).all() and torch.isfinite(state.z).all()
 
 
+@pytest.mark.parametrize("sinks", [0, 3])
 @pytest.mark.parametrize("q_start,T", [(0, 37), (5, 30), (23, 1), (40, 9)])
-def test_local_attention_equals_a_naive_masked_softmax(q_start, T):
+def test_local_attention_equals_a_naive_masked_softmax(q_start, T, sinks):
+    """Block-sliding window (+ the first ``sinks`` tokens of the stream) ≡ one softmax over all keys with a mask."""
     from senri.modeling_senri import local_attention
 
     C, window_chunks = 4, 2
     k_start = max(0, (q_start // C - window_chunks) * C)
     g = torch.Generator().manual_seed(6)
-    L = q_start + T - k_start
+    L = q_start + T  # every key from position 0; the fast path gets the window's and the sinks'
     q, k, v = torch.randn(2, 4, T, 8, generator=g), torch.randn(2, 2, L, 8, generator=g), torch.randn(2, 2, L, 8, generator=g)
-    fast = local_attention(q, k, v, q_start, k_start, 8**-0.5, C, window_chunks)
-    q_pos, k_pos = torch.arange(q_start, q_start + T), torch.arange(k_start, q_start + T)
-    allowed = (k_pos[None] <= q_pos[:, None]) & (k_pos[None] >= ((q_pos // C - window_chunks) * C)[:, None])
+    sink_k, sink_v = (k[:, :, :sinks], v[:, :, :sinks]) if sinks else (None, None)
+    fast = local_attention(q, k[:, :, k_start:], v[:, :, k_start:], q_start, k_start, 8**-0.5, C, window_chunks,
+                           sink_k, sink_v)
+    q_pos, k_pos = torch.arange(q_start, q_start + T), torch.arange(L)
+    allowed = (k_pos[None] <= q_pos[:, None]) & (
+        (k_pos[None] >= ((q_pos // C - window_chunks) * C)[:, None]) | (k_pos[None] < sinks)
+    )
     scores = (q @ k.repeat_interleave(2, dim=1).transpose(-1, -2)) * 8**-0.5
     naive = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v.repeat_interleave(2, dim=1)
     torch.testing.assert_close(fast, naive, rtol=1e-5, atol=1e-5)
@@ -306,7 +322,7 @@ def test_decoding_rotates_only_new_keys_and_a_restored_state_recomputes_the_wind
     ids = torch.randint(0, 97, (2, 60), generator=torch.Generator().manual_seed(3))
     cache = SenriCache(model.config, 2)
     with torch.no_grad():
-        model(input_ids=ids[:, :41], past_key_values=cache, use_cache=True)
+        model(input_ids=ids[:, :41], cache=cache, use_cache=True)
         state = cache.layer_state(0)
         positions = torch.arange(state.window_start, state.seen_tokens)[None]
         cos, sin = model.model.rotary_emb(state.keys, positions)
@@ -317,15 +333,15 @@ def test_decoding_rotates_only_new_keys_and_a_restored_state_recomputes_the_wind
         restored = SenriCache.from_memory_state(model.config, cache.get_memory_state(include_window=True))
         assert restored.layer_state(0).rotated_keys is None
         assert model.model.layers[0].self_attn.first_position_to_rotate(restored.layer_state(0)) == 41 - 17
-        expected = model(input_ids=ids[:, 41:], past_key_values=restored, use_cache=True).logits
+        expected = model(input_ids=ids[:, 41:], cache=restored, use_cache=True).logits
         poisoned = SenriCache.from_memory_state(model.config, cache.get_memory_state(include_window=True))
         for idx in range(3):
             poisoned.set_layer_state(idx, replace(cache.layer_state(idx)))
         for step in range(41, 60):
-            logits = model(input_ids=ids[:, step : step + 1], past_key_values=cache, use_cache=True).logits
+            logits = model(input_ids=ids[:, step : step + 1], cache=cache, use_cache=True).logits
             torch.testing.assert_close(logits[:, 0], expected[:, step - 41], rtol=0, atol=1e-5)
         # The kept rotation is really what attention reads: corrupt it and the output changes.
         bad = poisoned.layer_state(0)
         poisoned.set_layer_state(0, replace(bad, rotated_keys=torch.zeros_like(bad.rotated_keys)))
-        wrong = model(input_ids=ids[:, 41:42], past_key_values=poisoned, use_cache=True).logits
+        wrong = model(input_ids=ids[:, 41:42], cache=poisoned, use_cache=True).logits
         assert (wrong[:, 0] - expected[:, 0]).abs().max() > 1e-4  # 10x the tolerance the equal paths meet

@@ -28,7 +28,7 @@ def _streamed_cache(model, T=120):
     cache = SenriCache(model.config, batch_size=2)
     with torch.no_grad():
         model(input_ids=torch.randint(0, 97, (2, T), generator=torch.Generator().manual_seed(0)),
-              past_key_values=cache, use_cache=True)
+              cache=cache, use_cache=True)
     return cache
 
 
@@ -69,8 +69,8 @@ def test_cleaned_state_still_streams_and_transfers():
     restored = SenriCache.from_memory_state(model.config, cache.get_memory_state(include_window=True))
     nxt = torch.randint(0, 97, (2, 9))
     with torch.no_grad():
-        a = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits
-        b = model(input_ids=nxt, past_key_values=restored, use_cache=True).logits
+        a = model(input_ids=nxt, cache=cache, use_cache=True).logits
+        b = model(input_ids=nxt, cache=restored, use_cache=True).logits
     assert torch.equal(a, b)
 
 
@@ -94,7 +94,7 @@ def test_presets_describe_the_seed_models():
     with torch.no_grad():
         one = model(input_ids=ids).logits
         cache = SenriCache(model.config, 1)
-        parts = [model(input_ids=ids[:, s : s + 7], past_key_values=cache, use_cache=True).logits for s in range(0, 40, 7)]
+        parts = [model(input_ids=ids[:, s : s + 7], cache=cache, use_cache=True).logits for s in range(0, 40, 7)]
     torch.testing.assert_close(torch.cat(parts, 1), one, rtol=0, atol=1e-5)
 
 
@@ -123,9 +123,9 @@ def test_alibi_model_streams_like_one_pass_and_transfers(update):
     with torch.no_grad():
         one = model(input_ids=ids).logits
         cache = SenriCache(model.config, 1)
-        first = [model(input_ids=ids[:, s : s + 13], past_key_values=cache, use_cache=True).logits for s in range(0, 91, 13)]
+        first = [model(input_ids=ids[:, s : s + 13], cache=cache, use_cache=True).logits for s in range(0, 91, 13)]
         restored = SenriCache.from_memory_state(model.config, cache.get_memory_state(include_window=True))
-        rest = model(input_ids=ids[:, 91:], past_key_values=restored, use_cache=True).logits
+        rest = model(input_ids=ids[:, 91:], cache=restored, use_cache=True).logits
     torch.testing.assert_close(torch.cat(first + [rest], 1), one, rtol=0, atol=1e-5)
     plain = tiny_model(memory_update=update)
     with torch.no_grad():
@@ -161,7 +161,7 @@ def _qkv(T, seed=0, B=2, Hq=4, H=2, D=8, gate=False):
     return q, k, v, expansion
 
 
-def _slotted(q, k, v, layout, C, window_chunks, update, pieces, intra=False, decay=None, expansion=None):
+def _slotted(q, k, v, layout, C, window_chunks, update, pieces, intra=False, decay=None, expansion=None, sinks=0):
     """The fast path as the model drives it, fed in pieces (the keys not yet in memory carried along)."""
     B, _, T, D = q.shape
     M, z = (t.double() for t in empty_memory(B, k.shape[1], D, num_slots=layout.num_slots))
@@ -172,7 +172,7 @@ def _slotted(q, k, v, layout, C, window_chunks, update, pieces, intra=False, dec
         gate = None if expansion is None else expansion[:, :, start:end]
         out, M, z = slotted_memory_attention(
             q[:, :, start:end], k[:, :, written * C : end], v[:, :, written * C : end], M, z, start, written,
-            new_written, C, window_chunks, update, 1e-6, layout, intra, decay, gate,
+            new_written, C, window_chunks, update, 1e-6, layout, intra, decay, gate, num_sink_tokens=sinks,
         )
         outputs.append(out)
         start, written = end, new_written
@@ -187,15 +187,17 @@ def float64_memory(monkeypatch):
 
 @pytest.mark.parametrize("name", LAYOUTS)
 @pytest.mark.parametrize("update", ["delta", "linear"])
-@pytest.mark.parametrize("window_chunks,intra,pieces", [(2, False, [5, 1, 1, 9, 3, 10]), (0, True, [1] * 12 + [5, 6])])
+@pytest.mark.parametrize("window_chunks,intra,pieces,sinks", [
+    (2, False, [5, 1, 1, 9, 3, 10], 0), (2, False, [2, 1, 9, 3, 14], 3), (0, True, [1] * 12 + [5, 6], 0),
+])
 def test_slotted_memory_equals_naive_loop_outputs_state_and_gradients(float64_memory, name, update, window_chunks,
-                                                                      intra, pieces):
+                                                                      intra, pieces, sinks):
     layout = LAYOUTS[name]
     q, k, v, expansion = _qkv(sum(pieces), gate=layout.read == "hierarchical")
     decay = alibi_decay(2, scale=4.0).double() if update == "delta" else None
-    fast, M_fast, z_fast = _slotted(q, k, v, layout, 4, window_chunks, update, pieces, intra, decay, expansion)
+    fast, M_fast, z_fast = _slotted(q, k, v, layout, 4, window_chunks, update, pieces, intra, decay, expansion, sinks)
     slow, M_slow, z_slow = reference_slotted_memory_attention(q, k, v, 4, window_chunks, update, 1e-6, layout, intra,
-                                                              decay, expansion)
+                                                              decay, expansion, num_sink_tokens=sinks)
     for a, b in ((fast, slow), (M_fast, M_slow), (z_fast, z_slow)):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
     inputs = (q, k, v) + (() if expansion is None else (expansion,))
@@ -246,7 +248,7 @@ def _slot_written_per_chunk(config_overrides, chunks=14):
     with torch.no_grad():
         for start in range(0, ids.shape[1], 4):
             before = cache.layers[0].state
-            model(input_ids=ids[:, start : start + 4], past_key_values=cache, use_cache=True)
+            model(input_ids=ids[:, start : start + 4], cache=cache, use_cache=True)
             after = cache.layers[0].state
             if after.written_chunks > before.written_chunks:
                 assert after.written_chunks == before.written_chunks + 1
@@ -336,26 +338,26 @@ def _variant_model(name, memory_only=False, **overrides):
     return tiny_model(**fields)
 
 
-@pytest.mark.parametrize("memory_only", [False, True])
+@pytest.mark.parametrize("memory_only,sinks", [(False, 0), (False, 4), (True, 0), (True, 4)])
 @pytest.mark.parametrize("name", VARIANTS)
-def test_variant_streams_like_one_pass_with_constant_state_and_transfers(tmp_path, name, memory_only):
+def test_variant_streams_like_one_pass_with_constant_state_and_transfers(tmp_path, name, memory_only, sinks):
     """Streaming in pieces (1-token steps included) ≡ one pass; cache bytes stop growing; a state saved to disk and
-    loaded into a new cache continues identically."""
-    model = _variant_model(name, memory_only)
+    loaded into a new cache continues identically (with and without attention sinks)."""
+    model = _variant_model(name, memory_only, num_sink_tokens=sinks)
     ids = torch.randint(0, 97, (2, 120), generator=torch.Generator().manual_seed(4))
     cache, logits, sizes = SenriCache(model.config, 2), [], []
     with torch.no_grad():
         one_pass = model(input_ids=ids).logits
         for start in range(45):
-            logits.append(model(input_ids=ids[:, start : start + 1], past_key_values=cache, use_cache=True).logits)
+            logits.append(model(input_ids=ids[:, start : start + 1], cache=cache, use_cache=True).logits)
             sizes.append(cache.nbytes())
         for start in range(45, 85, 13):
             end = min(start + 13, 85)
-            logits.append(model(input_ids=ids[:, start:end], past_key_values=cache, use_cache=True).logits)
+            logits.append(model(input_ids=ids[:, start:end], cache=cache, use_cache=True).logits)
         path = save_memory_state(cache.get_memory_state(include_window=True), tmp_path / "state.pt")
         restored = SenriCache.from_memory_state(model.config, load_memory_state(path))
-        logits.append(model(input_ids=ids[:, 85:86], past_key_values=restored, use_cache=True).logits)
-        logits.append(model(input_ids=ids[:, 86:], past_key_values=restored, use_cache=True).logits)
+        logits.append(model(input_ids=ids[:, 85:86], cache=restored, use_cache=True).logits)
+        logits.append(model(input_ids=ids[:, 86:], cache=restored, use_cache=True).logits)
     torch.testing.assert_close(torch.cat(logits, dim=1), one_pass, rtol=0, atol=1e-5)
     assert max(sizes[30:]) == max(sizes[:30])  # window (16) + chunk (4) tokens, then the memory: no growth after
 
@@ -397,29 +399,29 @@ def test_routed_is_the_single_memory_in_training_and_refuses_a_state_of_the_othe
     with torch.no_grad():
         torch.testing.assert_close(routed(input_ids=ids).logits, single(input_ids=ids).logits, rtol=0, atol=0)
         train_cache = SenriCache(routed.config, 1)
-        routed(input_ids=ids, past_key_values=train_cache, use_cache=True)
+        routed(input_ids=ids, cache=train_cache, use_cache=True)
         assert train_cache.layers[1].state.M.shape == (1, 2, 8, 8)
         routed.eval()
         assert not torch.allclose(routed(input_ids=ids).logits[:, -1], single(input_ids=ids).logits[:, -1])
         with pytest.raises(RuntimeError, match="layer 1: the cache holds a single memory.*eval mode.*not valid"):
-            routed(input_ids=ids[:, :5], past_key_values=train_cache, use_cache=True)
+            routed(input_ids=ids[:, :5], cache=train_cache, use_cache=True)
         assert train_cache.seen_tokens == 90 and all(layer.state.seen_tokens == 90 for layer in train_cache.layers)
         eval_cache = SenriCache(routed.config, 1)
-        routed(input_ids=ids, past_key_values=eval_cache, use_cache=True)
+        routed(input_ids=ids, cache=eval_cache, use_cache=True)
         assert eval_cache.layers[1].state.M.shape == (1, 2, 8, 8, 8)
         # Both shapes are valid states of a routed model; each continues only in its own mode.
         transferred = SenriCache.from_memory_state(routed.config, train_cache.get_memory_state(include_window=True))
         routed.train()
-        routed(input_ids=ids[:, :5], past_key_values=transferred, use_cache=True)
+        routed(input_ids=ids[:, :5], cache=transferred, use_cache=True)
         with pytest.raises(RuntimeError, match="holds 8 memories.*training mode"):
-            routed(input_ids=ids[:, :5], past_key_values=eval_cache, use_cache=True)
+            routed(input_ids=ids[:, :5], cache=eval_cache, use_cache=True)
 
 
 def test_multi_memory_states_are_checked_on_transfer():
     model = _variant_model("multi")
     cache = SenriCache(model.config, 1)
     with torch.no_grad():
-        model(input_ids=torch.randint(0, 97, (1, 60)), past_key_values=cache, use_cache=True)
+        model(input_ids=torch.randint(0, 97, (1, 60)), cache=cache, use_cache=True)
     state = cache.get_memory_state(include_window=True)
     with pytest.raises(ValueError, match="num_memories: state has 3, model has 2"):
         SenriCache.from_memory_state(tiny_config(memory_type="multi", num_memories=2), state)
@@ -496,7 +498,7 @@ def test_memory_only_presets_stream_like_one_pass_with_variants():
         with torch.no_grad():
             one = model(input_ids=ids).logits
             cache = SenriCache(config, 1)
-            parts = [model(input_ids=ids[:, s : s + 3], past_key_values=cache, use_cache=True).logits
+            parts = [model(input_ids=ids[:, s : s + 3], cache=cache, use_cache=True).logits
                      for s in range(0, 50, 3)]
         torch.testing.assert_close(torch.cat(parts, 1), one, rtol=0, atol=1e-5)
 
