@@ -53,6 +53,9 @@ class SenriConfig(LlamaConfig):
       windowed layer besides its window and are never written to memory, so each earlier token is still visible
       through exactly one path. A pretrained model whose window loses its first tokens goes off its training
       distribution; conversions default to 4. 0 (default here) is the plain window. At most ``chunk_size``.
+    * ``memory_qk_map``: memory layers get per-KV-head maps ``memory_query_map`` / ``memory_key_map`` (H, D, D),
+      identity at start, applied to the raw queries and keys of the memory path only (read and write): q and k were
+      trained for softmax attention with RoPE, the memory reads them without it.
     * ``use_alibi`` / ``alibi_scale``: older segments' memory contributions decay as exp(−slope_h · distance in
       segments), with ALiBi's per-head geometric slopes times ``alibi_scale``. Implemented as a decay of the whole
       state (every memory of the layer) by exp(−slope_h) per written chunk, which weighs a segment written d chunks
@@ -108,6 +111,7 @@ class SenriConfig(LlamaConfig):
     segments_per_bank: int = 4
     memory_relevance: str = "mass"
     num_sink_tokens: int = 0
+    memory_qk_map: bool = False
     tokenizer_name: str | None = None  # the tokenizer a preset is meant for (japanese(): JAPANESE_TOKENIZER)
     attention_output_bias: bool | None = None  # o_proj bias; None: same as attention_bias (Qwen2: q/k/v only)
 

@@ -22,6 +22,7 @@ from .modeling_senri import SenriForCausalLM
 # Parameters a converted model has that its source does not: initialised from the config, not copied.
 NEW_PARAMETER_SUFFIXES = (
     "self_attn.memory_gate", "self_attn.memory_expansion_weight", "self_attn.memory_expansion_bias",
+    "self_attn.memory_query_map", "self_attn.memory_key_map",
 )
 # Source config entries that describe the source's own attention layout, not the architecture.
 _DROPPED_SOURCE_FIELDS = ("model_type", "architectures", "layer_types", "sliding_window", "use_sliding_window",

@@ -152,6 +152,13 @@ class SenriAttention(nn.Module):
             # Weight of the memory path per query head (eq. 6 mixes with sigmoid(β); we use a clamped linear gate
             # so that 0 is reachable exactly and the gradient at 0 is not squashed).
             self.memory_gate = nn.Parameter(torch.full((self.num_heads,), float(config.memory_gate_init)))
+        if self.has_memory and config.memory_qk_map:
+            # Per KV head maps of the raw (NoPE) queries and keys before φ, for the memory path only: q and k were
+            # trained for softmax attention with RoPE, the memory reads them without it. Identity at start, so a
+            # converted model still computes exactly what its source did.
+            eye = torch.eye(self.head_dim).expand(self.num_kv_heads, -1, -1)
+            self.memory_query_map = nn.Parameter(eye.clone())
+            self.memory_key_map = nn.Parameter(eye.clone())
         if self.has_memory and config.memory_type == "hierarchical":
             # Expansion gate g = sigmoid(w_h · q + b_h) per query head, from the raw (NoPE) query; 0 init: g = 0.5.
             self.memory_expansion_weight = nn.Parameter(torch.zeros(self.num_heads, self.head_dim))
@@ -252,14 +259,22 @@ class SenriAttention(nn.Module):
             # from_pretrained would otherwise keep a meta tensor (ALiBi decay factors are not weights).
             decay = alibi_decay(self.num_kv_heads, self.config.alibi_scale) if self.config.use_alibi else None
             common = dict(intra_chunk=not self.has_local, decay=decay, num_sink_tokens=self.num_sink_tokens)
-            args = (q, k, v, M, z, P, written, new_written, self.chunk_size, self.window_chunks,
+            memory_q, memory_k = q, k
+            if self.config.memory_qk_map:
+                G = self.num_groups
+                memory_q = torch.einsum(
+                    "bhgtd,hde->bhgte", q.view(B, self.num_kv_heads, G, T, self.head_dim),
+                    self.memory_query_map.to(q.dtype),
+                ).reshape(q.shape)
+                memory_k = torch.einsum("bhtd,hde->bhte", k, self.memory_key_map.to(k.dtype))
+            args = (memory_q, memory_k, v, M, z, P, written, new_written, self.chunk_size, self.window_chunks,
                     self.config.memory_update, self.config.memory_eps)
             if layout is None:
                 memory_output, M, z = memory_attention(*args, **common)
             else:
                 expansion = None
                 if layout.read == "hierarchical":
-                    logits = torch.einsum("bhtd,hd->bht", q, self.memory_expansion_weight.to(q.dtype))
+                    logits = torch.einsum("bhtd,hd->bht", memory_q, self.memory_expansion_weight.to(q.dtype))
                     expansion = torch.sigmoid(logits + self.memory_expansion_bias.to(q.dtype)[:, None])
                 memory_output, M, z = slotted_memory_attention(*args, layout, expansion=expansion, **common)
             if output is None:
@@ -316,6 +331,10 @@ class SenriPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, SenriAttention) and module.layer_type == "memory":
             init.constant_(module.memory_gate, float(self.config.memory_gate_init))
+        if isinstance(module, SenriAttention) and hasattr(module, "memory_query_map"):
+            eye = torch.eye(module.head_dim).expand(module.num_kv_heads, -1, -1)
+            init.copy_(module.memory_query_map, eye)
+            init.copy_(module.memory_key_map, eye)
         if isinstance(module, SenriAttention) and hasattr(module, "memory_expansion_weight"):
             init.zeros_(module.memory_expansion_weight)
             init.zeros_(module.memory_expansion_bias)

@@ -345,3 +345,28 @@ def test_decoding_rotates_only_new_keys_and_a_restored_state_recomputes_the_wind
         poisoned.set_layer_state(0, replace(bad, rotated_keys=torch.zeros_like(bad.rotated_keys)))
         wrong = model(input_ids=ids[:, 41:42], cache=poisoned, use_cache=True).logits
         assert (wrong[:, 0] - expected[:, 0]).abs().max() > 1e-4  # 10x the tolerance the equal paths meet
+
+
+def test_memory_qk_maps_start_as_identity_then_change_the_memory_path_and_stream_exactly(tmp_path):
+    """memory_qk_map adds identity-initialised per-KV-head maps of the memory's q and k: at start the model computes
+    exactly what the same weights without maps compute; moved, they change the output beyond the window only; the
+    model still streams like one pass and the maps survive save_pretrained / from_pretrained bit-exact."""
+    plain = tiny_model(num_sink_tokens=4)
+    mapped = SenriForCausalLM(tiny_config(num_sink_tokens=4, memory_qk_map=True)).eval()
+    missing = mapped.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == ["model.layers.1.self_attn.memory_key_map", "model.layers.1.self_attn.memory_query_map"]
+    ids = torch.randint(0, 97, (2, 120), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(mapped(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=0, atol=0)
+        attn = mapped.model.layers[1].self_attn
+        attn.memory_query_map.add_(0.1 * torch.randn_like(attn.memory_query_map))
+        attn.memory_key_map.add_(0.1 * torch.randn_like(attn.memory_key_map))
+        moved = mapped(input_ids=ids).logits
+        assert torch.equal(moved[:, :20], plain(input_ids=ids).logits[:, :20])  # nothing in memory yet
+        assert (moved[:, 40:] - plain(input_ids=ids).logits[:, 40:]).abs().max() > 1e-4
+        streamed, _ = _stream(mapped, ids, [7, 1, 33, 79])
+    torch.testing.assert_close(streamed, moved, rtol=0, atol=1e-5)
+    mapped.save_pretrained(tmp_path)
+    again = SenriForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(again.model.layers[1].self_attn.memory_key_map, attn.memory_key_map)
+    assert torch.equal(again.model.layers[1].self_attn.memory_query_map, attn.memory_query_map)
