@@ -121,6 +121,7 @@ class ExperimentSettings:
     real_model_window: int = 1024
     real_model_niah_lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096])
     real_model_niah_samples: int = 1
+    compare_real_model: bool = True  # 03: the pretrained base next to its conversion (loads the base model)
     # Memory variants compared on this profile's task: name -> model.* overrides (see compare_variants).
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     variant_max_steps: int | None = None  # training.max_steps of each variant run (None: training.max_steps)

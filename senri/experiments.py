@@ -1,5 +1,6 @@
 """What the evaluation and analysis notebooks run: every step reads the configuration and writes or reads
-``{run_dir}/eval/*.json`` and ``{run_dir}/figures/*.png``, so a notebook is a few calls and its asserts."""
+``eval/*.json`` and ``figures/*.png`` in the run's directory (``cfg.home_dir()``: on Drive in Colab, so a new
+runtime finds what another one trained), so a notebook is a few calls and its asserts."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import yaml
 from . import plots
 from .analysis import gate_table, local_attention_map, memory_norm_trace
 from .cache import SenriCache
-from .config import ConfigManager
+from .config import TRAINING_DATA_KEYS, ConfigManager
 from .conversion import convert_llama_to_senri, load_base_model
 from .data import build_tokenizer
 from .evaluation import (
@@ -31,7 +32,13 @@ from .training import model_runs, train
 
 
 def eval_dir(cfg: ConfigManager) -> Path:
-    return Path(cfg.experiment.run_dir) / "eval"
+    return cfg.home_dir() / "eval"
+
+
+def trained_dir(cfg: ConfigManager) -> Path:
+    """Where a training run's results are: its home directory (Drive) or, if they never reached it, ``run_dir``."""
+    home = cfg.home_dir()
+    return home if (home / "train_summary.json").is_file() else Path(cfg.experiment.run_dir)
 
 
 def eval_device() -> str:
@@ -48,9 +55,11 @@ def load_trained(cfg: ConfigManager) -> dict[str, SenriForCausalLM]:
     """The final model of each of the run's models (``senri`` and, for a twin run, ``swa_only``)."""
     models = {}
     for name, run_cfg in model_runs(cfg).items():
-        path = Path(run_cfg.experiment.run_dir) / "final"
+        path = trained_dir(run_cfg) / "final"
         if not (path / "config.json").exists():
-            raise FileNotFoundError(f"no trained model at {path}: run notebooks/02_training first (same run_dir)")
+            raise FileNotFoundError(
+                f"no trained model at {path}: run notebooks/02_training first with the same profile and run_name "
+                f"({cfg.profile!r}, {cfg.experiment.run_name!r})")
         models[name] = load_for_evaluation(path)
     return models
 
@@ -119,9 +128,9 @@ def evaluate_real_model(cfg: ConfigManager) -> dict[str, Any]:
 
 
 def analyse(cfg: ConfigManager) -> dict[str, Path]:
-    """Every figure of the analysis notebook, from saved results only → {run_dir}/figures/*.png."""
-    run_dir, out = Path(cfg.experiment.run_dir), eval_dir(cfg)
-    metrics = {name: plots.read_jsonl(Path(c.experiment.run_dir) / "metrics.jsonl") for name, c in model_runs(cfg).items()}
+    """Every figure of the analysis notebook, from saved results only → ``cfg.home_dir()/figures/*.png``."""
+    run_dir, out = cfg.home_dir(), eval_dir(cfg)
+    metrics = {name: plots.read_jsonl(trained_dir(c) / "metrics.jsonl") for name, c in model_runs(cfg).items()}
     stats = load_records(out / "memory_stats.json")
     figures = {
         "loss_curves": plots.loss_curves(metrics),
@@ -196,14 +205,10 @@ def memory_statistics(model: SenriForCausalLM, input_ids: torch.Tensor, energy_t
     return stats
 
 
-# Experiment settings that change what a run trains on (the others only change where it lives or how it is evaluated).
-TRAINING_DATA_KEYS = ("dataset", "dataset_name", "data_files", "num_train_samples", "niah_ratio", "needle_beyond_window")
-
-
 def _finished_run(run_cfg: ConfigManager) -> bool:
     """Whether ``run_cfg``'s run directory holds a finished run of exactly this configuration; a finished run of
     another configuration is an error (it is not silently reused, nor overwritten)."""
-    run_dir = Path(run_cfg.experiment.run_dir)
+    run_dir = trained_dir(run_cfg)
     if not (run_dir / "train_summary.json").exists():
         return False
     saved, wanted = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")), run_cfg.as_dict()
@@ -237,11 +242,12 @@ def compare_variants(cfg: ConfigManager, retrain: bool = False) -> dict[str, Any
     for name, seeds in variant_runs(cfg).items():
         summary[name], by_seed[name] = {"overrides": e.variants[name], "runs": {}}, {}
         for seed, run_cfg in seeds.items():
-            run_dir = Path(run_cfg.experiment.run_dir)
-            if retrain and run_dir.exists():
-                shutil.rmtree(run_dir)
+            if retrain:
+                for where in {Path(run_cfg.experiment.run_dir), run_cfg.home_dir()}:
+                    shutil.rmtree(where, ignore_errors=True)
             if not _finished_run(run_cfg):
                 train(run_cfg)
+            run_dir = trained_dir(run_cfg)
             trained = load_records(run_dir / "train_summary.json")
             model = load_for_evaluation(run_dir / "final")
             records = run_niah(model, tokenizer, e.niah_lengths, e.niah_depths, e.niah_samples, seed=seed + 1,
@@ -269,4 +275,5 @@ def accuracy_by_length(records: list[dict[str, Any]]) -> dict[str, dict[int, flo
 
 
 __all__ = ["evaluate_trained", "evaluate_real_model", "analyse", "accuracy_by_length", "load_trained", "eval_dir",
+           "trained_dir",
            "variant_runs", "memory_statistics", "compare_variants"]

@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use(os.environ.get("MPLBACKEND", "Agg"))
 import matplotlib.pyplot as plt  # noqa: E402
+import seaborn as sns  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from .io import atomic_write
@@ -61,14 +62,17 @@ def gate_curves(records: Sequence[Mapping]) -> Figure:
 
 
 def gate_values(table: Mapping[str, Sequence[float]]) -> Figure:
-    """Memory weight per query head for each memory layer (from ``senri.analysis.gate_table``)."""
-    fig, ax = plt.subplots(figsize=(6, 3))
-    width = 0.8 / max(1, len(table))
-    for i, (layer, values) in enumerate(table.items()):
-        ax.bar([h + i * width for h in range(len(values))], values, width=width, label=layer)
-    ax.set(xlabel="query head", ylabel="memory weight", title="Gate values per head", ylim=(0, 1))
-    if table:
-        ax.legend()
+    """Memory weight per query head (columns) for each memory layer (rows), a heat map annotated with the values
+    (from ``senri.analysis.gate_table``)."""
+    layers = list(table)
+    heads = max((len(v) for v in table.values()), default=0)
+    grid = [[float(v) for v in table[layer]] + [float("nan")] * (heads - len(table[layer])) for layer in layers]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.7 * heads + 2), 0.6 * max(1, len(layers)) + 1.4))
+    if layers:
+        sns.heatmap(grid, ax=ax, vmin=0, vmax=1, cmap="viridis", annot=True, fmt=".2f",
+                    xticklabels=[str(h) for h in range(heads)], yticklabels=layers,
+                    cbar_kws={"label": "memory weight"})
+    ax.set(xlabel="query head", ylabel="memory layer", title="Gate values per head")
     return fig
 
 
@@ -94,24 +98,21 @@ def attention_map(weights, title: str = "Local attention") -> Figure:
 
 
 def niah_heatmaps(records: Iterable[Mapping]) -> Figure:
-    """Mean NIAH accuracy on a depth × length grid, one panel per model."""
+    """Mean NIAH accuracy on a needle depth × context length grid, one annotated heat map per model."""
     cells: dict[str, dict[tuple[float, int], list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         cells[r.get("model", "model")][(float(r["depth"]), int(r["length"]))].append(float(r["accuracy"]))
     models = sorted(cells)
-    fig, axes = plt.subplots(1, max(1, len(models)), figsize=(4.5 * max(1, len(models)), 3.5), squeeze=False)
-    for ax, model in zip(axes[0], models):
+    fig, axes = plt.subplots(1, max(1, len(models)), figsize=(4.5 * max(1, len(models)) + 1, 3.5), squeeze=False)
+    for i, (ax, model) in enumerate(zip(axes[0], models)):
         depths = sorted({d for d, _ in cells[model]})
         lengths = sorted({n for _, n in cells[model]})
-        grid = [[_mean(cells[model].get((d, n), [])) for n in lengths] for d in depths]
-        image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], rotation=45)
-        ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths])
-        for i, row in enumerate(grid):
-            for j, value in enumerate(row):
-                ax.text(j, i, "–" if value != value else f"{value:.2f}", ha="center", va="center", fontsize=8)
+        grid = [[_mean(cells[model].get((d, n), [])) for n in lengths] for d in depths]  # missing cells: NaN, blank
+        sns.heatmap(grid, ax=ax, vmin=0, vmax=1, cmap="RdYlGn", annot=True, fmt=".2f", annot_kws={"fontsize": 8},
+                    xticklabels=[str(n) for n in lengths], yticklabels=[f"{d:.2f}" for d in depths],
+                    cbar=i == len(models) - 1, cbar_kws={"label": "accuracy"})
         ax.set(xlabel="context length (tokens)", ylabel="needle depth", title=f"NIAH: {model}")
-    fig.colorbar(image, ax=axes[0].tolist())
+        ax.tick_params(axis="x", rotation=45)
     return fig
 
 

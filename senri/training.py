@@ -13,10 +13,14 @@ module adds what Senri needs around it:
   it; only a checkpoint whose manifest matches its files is resumed from, so a save, copy or deletion cut short
   by a kill is never mistaken for a checkpoint;
 * the last ``save_total_limit`` complete checkpoints are kept, locally and on Google Drive, where each is copied
-  under a temporary name and renamed once complete;
+  under a temporary name and renamed once complete; a copy that fails (quota, a dropped mount) is a warning, and
+  the next save copies its newer checkpoint instead: training goes on;
+* a finished run's ``final/`` model, ``metrics.jsonl``, ``config.yaml`` and ``train_summary.json`` are copied to
+  the run's Drive directory too (``cfg.home_dir()``), the summary last: a fresh runtime evaluates from there;
 * a run restarted with the same configuration resumes from the newest complete checkpoint, local or on Drive,
   and logs the same per-step losses as an uninterrupted run (Trainer restores the RNG states and skips the
-  batches already seen; the sampler is seeded by ``data_seed`` and the epoch).
+  batches already seen; the sampler is seeded by ``data_seed`` and the epoch); restarted with settings that
+  shape another model, data or training (``cfg.identity()``), it refuses, naming them.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
 from .cache import SenriCache
-from .config import ConfigManager
+from .config import ConfigManager, check_identity
 from .configuration_senri import SenriConfig
 from .conversion import convert_llama_to_senri, load_base_model
 from .data import build_dataset, build_tokenizer
@@ -46,6 +50,8 @@ GATE_PARAMETER_SUFFIXES = ("memory_gate",)
 MEMORY_PARAMETER_FRAGMENTS = ("memory",)
 GATE_GROUP = "memory_gates"  # name of the optimizer param group holding the gates
 COMPLETE_MARKER = "SENRI_COMPLETE"
+# A finished run's results besides final/, copied to Drive in this order: train_summary.json (finished) comes last.
+RESULT_FILES = ("config.yaml", "metrics.jsonl", "train_summary.json")
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _LAYER_ATTENTION = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.")
 
@@ -221,6 +227,49 @@ def mirror_checkpoint(checkpoint: Path, drive_dir: Path, keep: int) -> Path:
     return target
 
 
+def drive_warning(message: str) -> None:
+    """One line on stderr: a Drive copy that failed is reported, never raised (the local run is complete)."""
+    print(f"WARNING: {message}", file=sys.stderr, flush=True)
+
+
+def _copy_file(source: Path, target: Path) -> None:
+    with atomic_write(target, "wb") as f, open(source, "rb") as data:
+        shutil.copyfileobj(data, f)
+
+
+def publish_results(run_dir: Path, home: Path, files: tuple[str, ...] = RESULT_FILES, model: bool = True) -> bool:
+    """Copy ``final/`` (under a temporary name, then renamed) and ``files`` of ``run_dir`` that exist into ``home``,
+    in that order. A failure is a warning (:func:`drive_warning`) and returns False: training re-run later copies
+    them again."""
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        if model and (run_dir / "final").is_dir():
+            tmp = home / f".final.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(run_dir / "final", tmp)
+            if (home / "final").exists():
+                _remove(home / "final")
+            os.replace(tmp, home / "final")
+        for name in files:
+            if (run_dir / name).is_file():
+                _copy_file(run_dir / name, home / name)
+    except OSError as error:
+        drive_warning(f"results of {run_dir} were not copied to {home} ({type(error).__name__}: {error}); "
+                      "they are complete locally; running training again copies them")
+        return False
+    return True
+
+
+def _finished_summary(directory: Path, max_steps: int) -> dict[str, Any] | None:
+    """The summary of a run in ``directory`` that trained ``max_steps`` or more and saved its final model."""
+    try:
+        summary = load_records(directory / "train_summary.json")
+    except (OSError, ValueError):
+        return None
+    done = isinstance(summary, dict) and int(summary.get("global_step") or 0) >= max_steps
+    return summary if done and (directory / "final" / "config.json").is_file() else None
+
+
 def _checkpoint_step(checkpoint: Path | None) -> int:
     return int(_CHECKPOINT.match(checkpoint.name).group(1)) if checkpoint else 0
 
@@ -233,7 +282,8 @@ def _wait_for_everyone() -> None:
 
 class CheckpointCallback(TrainerCallback):
     """Adds the metrics logged so far to each checkpoint and marks it complete once every process has written its
-    part, then mirrors it to Drive (so a run restored from Drive keeps its metrics history)."""
+    part, then mirrors it to Drive (so a run restored from Drive keeps its metrics history). A failed copy is a
+    warning; the next save copies its own, newer checkpoint (and the run's config.yaml) again."""
 
     def __init__(self, drive_dir: Path | None, keep: int, metrics_path: Path):
         self.drive_dir, self.keep, self.metrics_path = drive_dir, keep, metrics_path
@@ -249,7 +299,14 @@ class CheckpointCallback(TrainerCallback):
             # newest complete checkpoint is intact.
             prune_checkpoints(checkpoint.parent, self.keep)
             if self.drive_dir is not None:
-                mirror_checkpoint(checkpoint, self.drive_dir, self.keep)
+                try:
+                    mirror_checkpoint(checkpoint, self.drive_dir, self.keep)
+                    config = checkpoint.parent / "config.yaml"
+                    if config.is_file():
+                        _copy_file(config, self.drive_dir / config.name)
+                except OSError as error:
+                    drive_warning(f"{checkpoint.name} was not copied to {self.drive_dir} ({type(error).__name__}: "
+                                  f"{error}); training goes on and the next save copies its checkpoint")
         _wait_for_everyone()
         return control
 
@@ -400,21 +457,31 @@ def train(cfg: ConfigManager, model: SenriForCausalLM | None = None, tokenizer: 
     """Train (or resume) the run described by ``cfg``; return a summary, also written to ``train_summary.json``.
 
     Writes ``{run_dir}/config.yaml``, ``metrics.jsonl``, ``checkpoint-N/`` (mirrored to Drive when
-    ``cfg.resolve_drive_dir()`` gives a directory), ``final/`` (model and tokenizer) and ``train_summary.json``.
-    Works unchanged under ``torchrun --nproc_per_node N`` (gloo on CPU).
+    ``cfg.resolve_drive_dir()`` gives a directory), ``final/`` (model and tokenizer) and ``train_summary.json``;
+    with Drive, the results are copied there when training ends (:func:`publish_results`). A run whose saved
+    ``config.yaml`` (local or on Drive) has other identity settings raises naming them. A finished run, here or on
+    Drive, is returned as it is. Works unchanged under ``torchrun --nproc_per_node N`` (gloo on CPU).
     """
     run_dir = Path(cfg.experiment.run_dir)
     args = training_arguments(cfg, run_dir)  # sets up the process group under torchrun
     drive_dir = cfg.resolve_drive_dir()
     with args.main_process_first(local=False, desc="resume checkpoint and data"):
         # The main process restores a Drive copy and builds the token cache; the others then find them ready.
+        for where in (run_dir, drive_dir):
+            if where is not None:
+                check_identity(cfg, where / "config.yaml")
+        # A run that already reached max_steps is finished: running it again returns its summary (transformers'
+        # Trainer, resumed at max_steps, would take one more step each time); one finished on another runtime is
+        # read from Drive, and one whose copy to Drive failed is copied now.
+        for where in (run_dir, drive_dir):
+            done = _finished_summary(where, cfg.training.max_steps) if where is not None else None
+            if done is not None:
+                if where == run_dir and drive_dir is not None and args.process_index == 0:
+                    publish_results(run_dir, drive_dir)
+                return done
         run_dir.mkdir(parents=True, exist_ok=True)
         resume = find_resume_checkpoint(run_dir, drive_dir)
-        # A run that already reached max_steps is finished: running it again returns its summary (transformers'
-        # Trainer, resumed at max_steps, would take one more step each time).
         finished = resume is not None and _checkpoint_step(resume) >= cfg.training.max_steps
-        if finished and (run_dir / "train_summary.json").exists() and (run_dir / "final" / "config.json").exists():
-            return load_records(run_dir / "train_summary.json")
         if model is None:
             model, tokenizer = build_model(cfg)
         if train_dataset is None:
@@ -422,7 +489,9 @@ def train(cfg: ConfigManager, model: SenriForCausalLM | None = None, tokenizer: 
     probe = torch.as_tensor(train_dataset[0]["input_ids"])[None]  # (1, T): memory norms are read on this sample
     metrics = MetricsCallback(run_dir / "metrics.jsonl", probe)
     if args.process_index == 0:
-        cfg.save(run_dir / "config.yaml")
+        cfg.save(run_dir / "config.yaml")  # the run's identity, on Drive too before the first step
+        if drive_dir is not None:
+            publish_results(run_dir, drive_dir, files=("config.yaml",), model=False)
         metrics.restore(resume)
     trainer = SenriTrainer(
         model=model, args=args, train_dataset=train_dataset, data_collator=default_data_collator,
@@ -449,6 +518,8 @@ def train(cfg: ConfigManager, model: SenriForCausalLM | None = None, tokenizer: 
         if tokenizer is not None:
             tokenizer.save_pretrained(str(run_dir / "final"))
         save_records(run_dir / "train_summary.json", summary)
+        if drive_dir is not None:
+            publish_results(run_dir, drive_dir)
     _wait_for_everyone()
     return summary
 
@@ -456,6 +527,7 @@ def train(cfg: ConfigManager, model: SenriForCausalLM | None = None, tokenizer: 
 __all__ = [
     "build_model", "make_optimizer_param_groups", "SenriTrainer", "training_arguments", "train", "model_runs",
     "find_resume_checkpoint", "mirror_checkpoint", "prune_checkpoints", "mark_complete", "is_complete",
+    "publish_results", "drive_warning", "RESULT_FILES",
     "gate_stats", "memory_norms", "COMPLETE_MARKER", "GATE_GROUP", "GATE_PARAMETER_SUFFIXES",
     "MEMORY_PARAMETER_FRAGMENTS",
 ]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 from senri.config import ConfigManager
 from senri.training import (
@@ -95,13 +96,15 @@ def test_training_logs_metrics_moves_the_gates_and_resumes_from_drive(tmp_path):
     assert (run_dir / "config.yaml").exists() and (run_dir / "final" / "config.json").exists()
     # Local and Drive keep the last save_total_limit (1) checkpoints, each complete.
     assert [p.name for p in run_dir.glob("checkpoint-*")] == ["checkpoint-8"]
-    assert sorted(p.name for p in drive.iterdir()) == ["checkpoint-8"] and is_complete(drive / "checkpoint-8")
+    assert sorted(p.name for p in drive.glob("checkpoint-*")) == ["checkpoint-8"] and is_complete(drive / "checkpoint-8")
+    assert {"final", "metrics.jsonl", "config.yaml", "train_summary.json"} <= {p.name for p in drive.iterdir()}
     # A fresh machine (local run directory lost) resumes from the Drive copy, metrics history included.
     shutil.rmtree(run_dir)
     summary = train(ConfigManager("cpu-smoke", overrides=_overrides(run_dir, max_steps=11, **settings)))
     assert summary["resumed_from"] == str(run_dir / "checkpoint-8") and summary["global_step"] == 11
     assert [r["step"] for r in _records(run_dir)] == [3, 6, 8, 9, 11]
-    assert sorted(p.name for p in drive.iterdir()) == ["checkpoint-11"]
+    assert sorted(p.name for p in drive.glob("checkpoint-*")) == ["checkpoint-11"]
+    assert json.loads((drive / "train_summary.json").read_text())["global_step"] == 11
 
 
 def _fake_checkpoint(directory: Path, step: int, complete: bool = True) -> Path:
@@ -239,3 +242,50 @@ def test_a_finished_run_is_not_trained_further_when_run_again(tmp_path):
     assert finished["global_step"] == 4 and finished["resumed_from"] == str(run_dir / "checkpoint-4")
     assert not (run_dir / "checkpoint-5").exists() and max(_losses(run_dir)) == 4
     assert (run_dir / "final" / "model.safetensors").read_bytes() == final_weights
+
+
+def test_a_failed_drive_copy_warns_and_the_next_save_copies_again(tmp_path, capfd):
+    """Drive unreachable at the first save (its folder cannot be made): training goes on, warned once per failed
+    copy; once Drive is back, the next save copies its checkpoint and the end of training the results."""
+    run_dir, blocked = tmp_path / "run", tmp_path / "drive"
+    blocked.write_text("not a folder")  # every copy into drive/... fails with an OSError, like a dropped mount
+
+    class DriveComesBack(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):  # runs after CheckpointCallback's copy attempt
+            if state.global_step == 2:
+                blocked.unlink()
+            return control
+
+    cfg = ConfigManager("cpu-smoke", overrides=_overrides(run_dir, max_steps=4, save_steps=2, save_total_limit=1,
+                                                         drive_dir=str(blocked / "run")))
+    summary = train(cfg, callbacks=[DriveComesBack()])
+    err = capfd.readouterr().err
+    assert summary["global_step"] == 4
+    assert err.count("WARNING: checkpoint-2 was not copied to") == 1 and "training goes on" in err
+    assert "WARNING: checkpoint-4" not in err
+    drive = blocked / "run"
+    assert sorted(p.name for p in drive.glob("checkpoint-*")) == ["checkpoint-4"] and is_complete(drive / "checkpoint-4")
+    assert {"final", "metrics.jsonl", "config.yaml", "train_summary.json"} <= {p.name for p in drive.iterdir()}
+    assert not list(drive.glob(".*")), "no temporary copy is left behind"
+
+
+def test_a_run_finished_on_another_runtime_is_read_from_drive(tmp_path):
+    run_dir, drive = tmp_path / "run", tmp_path / "drive"
+    cfg = ConfigManager("cpu-smoke", overrides=_overrides(run_dir, max_steps=2, save_steps=2, drive_dir=str(drive)))
+    first = train(cfg)
+    shutil.rmtree(run_dir)  # a new runtime: nothing on its disk
+    again = train(cfg)
+    assert again == json.loads((drive / "train_summary.json").read_text()) == json.loads(json.dumps(first))
+    assert not run_dir.exists(), "nothing was trained or copied back"
+
+
+def test_a_run_continued_with_other_settings_is_refused_naming_them(tmp_path):
+    run_dir = tmp_path / "run"
+    train(ConfigManager("cpu-smoke", overrides=_overrides(run_dir, max_steps=2, save_steps=2)))
+    other = ConfigManager("cpu-smoke", overrides=_overrides(run_dir, max_steps=2, save_steps=2, seq_len=48,
+                                                            learning_rate=1e-3))
+    with pytest.raises(ValueError, match="training.learning_rate: 0.003 in the run, 0.001 now; training.seq_len: 64 "
+                                         "in the run, 48 now.*another name"):
+        train(other)
+    longer = train(ConfigManager("cpu-smoke", overrides=_overrides(run_dir, max_steps=3, save_steps=2, logging_steps=2)))
+    assert longer["global_step"] == 3 and longer["resumed_from"] == str(run_dir / "checkpoint-2")
