@@ -42,7 +42,7 @@ class SenriConfig(LlamaConfig):
     * ``sliding_window`` / ``chunk_size``: the local window is *block-sliding*: a query in chunk ``c`` sees the
       tokens of chunks ``c - sliding_window // chunk_size .. c`` (between ``sliding_window + 1`` and
       ``sliding_window + chunk_size`` tokens); every older chunk has been written to memory. So each earlier token
-      is visible through exactly one path (DESIGN.md, exact coverage invariant).
+      is visible through exactly one path (docs/DESIGN.md, exact coverage invariant).
     * ``memory_update``: ``"delta"`` (default) or ``"linear"`` (Infini-attention, eqs. 4 and 5).
     * ``layer_types``: one of ``sliding_attention``, ``memory`` (window + memory), ``memory_only``, ``full_attention``
       per layer. By default derived from ``num_memory_layers`` / ``first_memory_layer`` / ``memory_layer_interval``.
