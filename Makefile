@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
-RUN_DIR ?= runs/demo
+RUN_NAME ?= demo
+RUN_DIR := runs/$(RUN_NAME)
 NOTEBOOKS := 01_model_test 02_training 03_evaluation 04_analysis
 
 .PHONY: setup test demo bench variants clean
@@ -30,15 +31,17 @@ test: setup
 demo: setup
 	mkdir -p $(RUN_DIR)
 	for nb in $(NOTEBOOKS); do \
-		$(PY) -m papermill -k python3 notebooks/$$nb.ipynb $(RUN_DIR)/$$nb.ipynb -p profile auto -p run_dir $(RUN_DIR) || exit 1; \
+		$(PY) -m papermill -k python3 notebooks/$$nb.ipynb $(RUN_DIR)/$$nb.ipynb -p profile auto -p run_name $(RUN_NAME) || exit 1; \
 	done
-	@echo "executed notebooks and figures are in $(RUN_DIR)/"
+	@echo "executed notebooks, results and figures are in $(RUN_DIR)/"
 
-# Train and evaluate the profile's memory variants (experiment.variants) → $(RUN_DIR)/eval/variants.json.
+# Train and evaluate the profile's memory variants (experiment.variants) → runs/<name>/eval/variants.json
+# (name: VARIANTS_RUN, default the profile's run name).
 PROFILE ?= auto
+VARIANTS_RUN ?=
 variants: setup
 	$(PY) -c "from senri.config import ConfigManager; from senri.experiments import compare_variants; \
-	print(compare_variants(ConfigManager('$(PROFILE)', {'experiment.run_dir': '$(RUN_DIR)'}))['table'])"
+	print(compare_variants(ConfigManager('$(PROFILE)', {'experiment.run_name': '$(VARIANTS_RUN)' or None}))['table'])"
 
 bench: setup
 	$(PY) bench/bench_senri.py

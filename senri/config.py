@@ -33,8 +33,8 @@ from .io import atomic_write
 PROFILES = ("cpu-smoke", "cpu-proof", "t4", "a100")
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 # What ``auto`` picks on a GPU, first match wins: (profile, minimum compute capability, minimum memory in GiB).
-# a100 trains batches of 8 x 2048 tokens in bf16 (an 80 GB A100 or H100); every other GPU (T4, L4, V100, a 40 GB
-# A100) gets t4's batch of 1 x 2048 with 8 accumulation steps in fp16, which fits 15 GB.
+# a100 trains batches of 8 x 2048 tokens in bf16, meant for an 80 GB A100 or an H100; every other GPU (T4, L4,
+# V100, a 40 GB A100) gets t4's batch of 1 x 2048 with 8 accumulation steps in fp16.
 GPU_PROFILES = (("a100", (8, 0), 70.0), ("t4", (0, 0), 0.0))
 # Where Colab mounts Google Drive; SENRI_DRIVE_MOUNTPOINT moves it (the simulated Colab session in the tests does).
 DEFAULT_DRIVE_MOUNTPOINT = "/content/drive"
