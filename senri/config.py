@@ -42,6 +42,9 @@ DEFAULT_DRIVE_MOUNTPOINT = "/content/drive"
 CONTINUATION_KEYS = ("max_steps", "save_steps", "save_total_limit", "logging_steps")
 # Experiment settings that change what a run trains on (the others say where it lives or how it is evaluated).
 TRAINING_DATA_KEYS = ("dataset", "dataset_name", "data_files", "num_train_samples", "niah_ratio", "needle_beyond_window")
+# Identity keys whose default differs from what runs saved before the key existed were made with: a saved
+# config.yaml without them is read with these values (any other missing key counts as its default).
+LEGACY_IDENTITY = {"model.num_sink_tokens": 0}
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -432,11 +435,12 @@ _DEFAULTS = {section: {f.name: f.default if f.default is not dataclasses.MISSING
 def identity_differences(cfg: ConfigManager, saved: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """``{dotted key: (saved value, cfg's value)}`` for each identity setting that differs between ``saved`` (a
     resolved configuration as :meth:`ConfigManager.as_dict` writes it) and ``cfg``. A key the saved file lacks (it
-    was written before the key existed) counts as the key's default value."""
+    was written before the key existed) counts as :data:`LEGACY_IDENTITY`'s value or else the key's default."""
     differences = {}
     for key, value in cfg.identity().items():
         section, name = key.split(".", 1)
-        before = _mapping(saved.get(section), section).get(name, _DEFAULTS[section][name])
+        missing = LEGACY_IDENTITY.get(key, _DEFAULTS[section][name])
+        before = _mapping(saved.get(section), section).get(name, missing)
         if before != value:
             differences[key] = (before, value)
     return differences

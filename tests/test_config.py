@@ -149,4 +149,9 @@ def test_identity_names_each_differing_setting_and_ignores_continuation_ones(tmp
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     del saved["model"]["use_alibi"]
     assert identity_differences(cfg, saved) == {}
+    # ...except where the default changed: runs made before attention sinks had none (the default is now 4).
+    converted = ConfigManager("t4")
+    saved = converted.as_dict()
+    del saved["model"]["num_sink_tokens"]
+    assert identity_differences(converted, saved) == {"model.num_sink_tokens": (0, 4)}
     check_identity(cfg, tmp_path / "absent.yaml")  # no run yet: nothing to check
