@@ -26,6 +26,7 @@ from .evaluation import (
     run_niah,
     save_records,
 )
+from .configuration_senri import SenriConfig
 from .modeling_senri import SenriForCausalLM
 from .niah import generate_haystack_text
 from .training import model_runs, train
@@ -267,6 +268,59 @@ def compare_variants(cfg: ConfigManager, retrain: bool = False) -> dict[str, Any
 
 
 def accuracy_by_length(records: list[dict[str, Any]]) -> dict[str, dict[int, float]]:
+def proof_seeds(cfg: ConfigManager, seeds: list[int], retrain: bool = False) -> dict[str, Any]:
+    """The memory proof repeated over ``seeds``: the profile's Senri model (``senri``, its defaults) and its
+    sliding-window-only twin (``swa_only``) trained once per seed, each evaluated on the profile's NIAH grid with
+    that seed's held-out haystack (:func:`compare_variants` with these two as its variants) →
+    ``{run_dir}/eval/variants.json``; ``by_seed`` is the per-seed table."""
+    layers = cfg.model.layer_types or SenriConfig.default_layer_types(
+        cfg.model.num_hidden_layers, cfg.model.num_memory_layers, cfg.model.first_memory_layer,
+        cfg.model.memory_layer_interval)
+    variants = {"senri": {}, "swa_only": {"layer_types": ["sliding_attention"] * len(layers)}}
+    overrides = {**cfg._overrides, "experiment.variants": variants, "experiment.variant_seeds": list(seeds),
+                 "experiment.variant_max_steps": None}
+    return compare_variants(ConfigManager(cfg.requested_profile, overrides, cfg.config_dir), retrain=retrain)
+
+
+def seed_study(cfg: ConfigManager) -> dict[str, Any]:
+    """Learned vs failed seeds of a multi-seed study (``eval/variants.json`` from :func:`compare_variants` or
+    :func:`proof_seeds`), from saved results only → ``figures/seed_table.png`` and, per variant with a memory,
+    ``figures/dynamics_<variant>.png`` (:func:`senri.plots.training_dynamics`, failed runs dashed red).
+
+    Returns ``{"outcomes": {variant: {seed: learned}}, "takeoff": {variant: {seed: step}}, "figures": {...}}``;
+    a run learned when its NIAH accuracy is >= 0.8 at every length of 8 windows or more, and its take-off step is
+    the first logged step at which it retrieves half of the held-out needles beyond the window.
+    """
+    from .analysis import seed_outcomes, takeoff_step
+
+    variants = load_records(eval_dir(cfg) / "variants.json")
+    window = cfg.model.sliding_window
+    outcomes = seed_outcomes(variants["by_seed"], window)
+    figures = {"seed_table": plots.seed_table(variants["by_seed"], window=window)}
+    takeoff: dict[str, dict[int, int | None]] = {}
+    for name, seeds in variant_runs(_with_variants(cfg, variants)).items():
+        runs = {}
+        for seed, run_cfg in seeds.items():
+            path = trained_dir(run_cfg) / "metrics.jsonl"
+            if path.exists() and int(seed) in outcomes.get(name, {}):
+                runs[f"{name} seed {seed}"] = plots.read_jsonl(path)
+        if not runs or not any(k.startswith("probe/") for r in runs.values() for k in r[-1]):
+            continue  # no memory or no retrieval probe logged (runs before issue 10)
+        takeoff[name] = {int(label.rsplit(" ", 1)[1]): takeoff_step(records) for label, records in runs.items()}
+        learned = {f"{name} seed {seed}": ok for seed, ok in outcomes[name].items()}
+        figures[f"dynamics_{name}"] = plots.training_dynamics(runs, learned)
+    paths = {name: plots.save_figure(fig, cfg.home_dir(), name) for name, fig in figures.items()}
+    return {"outcomes": outcomes, "takeoff": takeoff, "figures": paths}
+
+
+def _with_variants(cfg: ConfigManager, variants: dict[str, Any]) -> ConfigManager:
+    """``cfg`` with the variants and seeds that ``variants.json`` (a compare_variants result) was made of."""
+    seeds = sorted({int(s) for by in variants["by_seed"].values() for s in by})
+    overrides = {**cfg._overrides, "experiment.variants": {n: v["overrides"] for n, v in variants["summary"].items()},
+                 "experiment.variant_seeds": seeds}
+    return ConfigManager(cfg.requested_profile, overrides, cfg.config_dir)
+
+
     """Mean NIAH accuracy per model and context length (the memory-proof table)."""
     table: dict[str, dict[int, list[float]]] = {}
     for r in records:
@@ -276,4 +330,5 @@ def accuracy_by_length(records: list[dict[str, Any]]) -> dict[str, dict[int, flo
 
 __all__ = ["evaluate_trained", "evaluate_real_model", "analyse", "accuracy_by_length", "load_trained", "eval_dir",
            "trained_dir",
-           "variant_runs", "memory_statistics", "compare_variants"]
+           "variant_runs", "memory_statistics", "compare_variants", "proof_seeds",
+           "seed_study"]

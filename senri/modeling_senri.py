@@ -20,6 +20,8 @@ from transformers.models.llama.modeling_llama import (
     LlamaRotaryEmbedding,
     rotate_half,
 )
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .cache import LayerState, SenriCache
 from .configuration_senri import MEMORY_LAYER_TYPES, SenriConfig
@@ -84,6 +86,39 @@ def local_attention(
         )
         b0 = b1
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+
+
+def explicit_local_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, k_start: int, scaling: float,
+    chunk_size: int, window_chunks: int | None, sink_k: torch.Tensor | None = None, sink_v: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`local_attention` through one explicit masked softmax, also returning its weights.
+
+    Same arguments and output; the weights are (B, Hq, T, q_start + T) over the stream positions 0..q_start+T-1:
+    each query's softmax weights over the keys it sees (its window, and the attention sinks before the window),
+    zero everywhere else (tokens in memory, tokens outside the window, the future). Only used when attention weights
+    are asked for (``output_attentions=True``): it materialises the (T, L) scores.
+    """
+    B, Hq, T, D = q.shape
+    G = Hq // k.shape[1]
+    q_pos = torch.arange(q_start, q_start + T, device=q.device)[:, None]
+    k_pos = torch.arange(k_start, k_start + k.shape[2], device=q.device)[None]
+    allowed = k_pos <= q_pos
+    if window_chunks is not None:
+        allowed &= k_pos >= window_start_of(q_pos, chunk_size, window_chunks)
+    num_sinks = 0 if sink_k is None else sink_k.shape[2]
+    if num_sinks:
+        # A sink is seen through this copy only before the window (inside it, through the window's own key).
+        sink_allowed = torch.arange(num_sinks, device=q.device)[None] < window_start_of(q_pos, chunk_size, window_chunks)
+        allowed = torch.cat([sink_allowed, allowed], dim=1)
+        k, v = torch.cat([sink_k, k], dim=2), torch.cat([sink_v, v], dim=2)
+    scores = (q @ k.repeat_interleave(G, dim=1).transpose(-1, -2)).float() * scaling
+    weights = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+    output = (weights.to(v.dtype) @ v.repeat_interleave(G, dim=1)).to(q.dtype)
+    full = weights.new_zeros(B, Hq, T, q_start + T)
+    full[..., k_start:] = weights[..., num_sinks:]
+    full[..., :num_sinks] += weights[..., :num_sinks]
+    return output, full.to(q.dtype)
 
 
 class _GateClamp(torch.autograd.Function):
@@ -202,8 +237,17 @@ class SenriAttention(nn.Module):
 
     def forward(
         self, hidden_states: torch.Tensor, position_embeddings: tuple,
-        state: LayerState,
-    ) -> tuple[torch.Tensor, LayerState]:
+        state: LayerState, output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, LayerState]:
+        """Returns the attention output (B, T, hidden), the window attention weights (B, Hq, T, P + T) when
+        ``output_attentions`` (see :func:`explicit_local_attention`; else None) and the layer's new state.
+
+        The weights are those of the softmax (local) path only. On a ``memory`` layer that path is mixed with the
+        memory read, output = (1 − g_h) · local + g_h · memory per query head (g_h = the clamped ``memory_gate``):
+        the weights still sum to 1 over the window and sinks and do not show the memory's share (the memory read is
+        a normalised linear attention over every token that left the window). ``memory_only`` layers have no
+        softmax path: their weights are all zero.
+        """
         B, T, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, D)
         k = self.k_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -225,7 +269,7 @@ class SenriAttention(nn.Module):
                 raise RuntimeError(f"layer {self.layer_idx}: sinks incomplete but the window starts at {k_start}")
             sink_keys, sink_values = k[:, :, : self.num_sink_tokens], v[:, :, : self.num_sink_tokens]
 
-        output = None
+        output = weights = None
         if self.has_local:
             cos, sin, rope_start, sink_tables = position_embeddings
             sink_k = None
@@ -243,9 +287,14 @@ class SenriAttention(nn.Module):
                 k_cos = cos[:, k_start - rope_start : P + T - rope_start]
                 k_sin = sin[:, k_start - rope_start : P + T - rope_start]
                 k_rope = rope(k, k_cos, k_sin)
-            output = local_attention(
+            attend = explicit_local_attention if output_attentions else local_attention
+            output = attend(
                 q_rope, k_rope, v, P, k_start, self.scaling, self.chunk_size, self.window_chunks, sink_k, sink_values
             )  # (B, Hq, T, D)
+            if output_attentions:
+                output, weights = output
+        elif output_attentions:
+            weights = q.new_zeros(B, self.num_heads, T, P + T)
 
         M, z = state.M, state.z
         if self.has_memory:
@@ -290,7 +339,7 @@ class SenriAttention(nn.Module):
             sink_keys=sink_keys if self.num_sink_tokens else None, sink_values=sink_values if self.num_sink_tokens else None,
         )
         output = output.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
-        return self.o_proj(output), new_state
+        return self.o_proj(output), weights, new_state
 
 
 class SenriDecoderLayer(nn.Module):
@@ -303,9 +352,11 @@ class SenriDecoderLayer(nn.Module):
 
     def forward(
         self, hidden_states: torch.Tensor, position_embeddings: tuple,
-        state: LayerState,
+        state: LayerState, output_attentions: bool = False,
     ) -> tuple[torch.Tensor, LayerState]:
-        attn_output, state = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, state)
+        attn_output, _, state = self.self_attn(
+            self.input_layernorm(hidden_states), position_embeddings, state, output_attentions=output_attentions
+        )
         hidden_states = hidden_states + attn_output
         hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
         return hidden_states, state
@@ -326,6 +377,12 @@ class SenriPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["SenriDecoderLayer"]
     _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
+    # output_hidden_states: the embeddings, then each decoder layer's output (the last one after the final norm);
+    # output_attentions: each layer's window attention weights (SenriAttention.forward says what they mean).
+    _can_record_outputs = {
+        "hidden_states": SenriDecoderLayer,
+        "attentions": OutputRecorder(SenriAttention, index=1),
+    }
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -351,6 +408,8 @@ class SenriModel(SenriPreTrainedModel):
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
         self.post_init()
 
+    @merge_with_config_defaults  # use_cache=None: config.use_cache
+    @capture_outputs  # output_hidden_states / output_attentions / return_dict
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -363,6 +422,7 @@ class SenriModel(SenriPreTrainedModel):
         **kwargs,
     ) -> BaseModelOutputWithPast:
         cache = _cache_argument(cache, past_key_values)
+        output_attentions = bool(kwargs.get("output_attentions", False))
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -403,7 +463,7 @@ class SenriModel(SenriPreTrainedModel):
             state = cache.layer_state(idx)
             if state.keys is not None and state.keys.shape[0] != B:
                 raise ValueError(f"cache holds batch size {state.keys.shape[0]} but the input has batch size {B}")
-            hidden_states, state = layer(hidden_states, position_embeddings, state)
+            hidden_states, state = layer(hidden_states, position_embeddings, state, output_attentions=output_attentions)
             cache.set_layer_state(idx, state)
         hidden_states = self.norm(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
@@ -419,6 +479,7 @@ class SenriForCausalLM(SenriPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @can_return_tuple  # return_dict=False: a tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -435,6 +496,7 @@ class SenriForCausalLM(SenriPreTrainedModel, GenerationMixin):
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             cache=_cache_argument(cache, past_key_values), inputs_embeds=inputs_embeds, use_cache=use_cache,
+            **kwargs,
         )
         hidden_states = outputs.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
@@ -445,7 +507,10 @@ class SenriForCausalLM(SenriPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
 
     @torch.no_grad()
     def generate(self, inputs: torch.Tensor | None = None, **kwargs):

@@ -141,11 +141,81 @@ def variant_accuracy(table: Mapping[str, Mapping[Any, float]], window: int | Non
     return fig
 
 
+# Panels of :func:`training_dynamics`: (title, metrics.jsonl key prefix, how heads combine, y label, log scale).
+DYNAMICS_PANELS = (
+    ("answer loss (all needles)", "loss", None, "cross-entropy", False),
+    ("model retrieval beyond the window", "probe/acc", None, "accuracy", False),
+    ("answer loss, needles beyond the window", "probe/answer_loss", None, "cross-entropy", False),
+    ("weight on the needle in the memory read (best head)", "probe/needle_lift/", max, "× uniform", True),
+    ("memory gates (each head)", "gate/", "each", "memory weight", False),
+    ("‖M‖ after one training sample", "memory_norm/", max, "Frobenius norm", True),
+)
+
+
+def _series(records: Sequence[Mapping], prefix: str, combine: Any) -> dict[str, list[tuple[int, float]]]:
+    """Per-step values of the keys starting with ``prefix``: one series (``combine`` of the matching keys, or the
+    exact key), or one per key (``combine="each"``, gate keys ``gate/<layer>/head<h>``)."""
+    out: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for r in records:
+        if combine == "each":
+            for key, value in r.items():
+                if key.startswith(prefix) and "/head" in key:
+                    out[key[len(prefix):]].append((r["step"], value))
+        elif combine is None:
+            if prefix in r:
+                out[""].append((r["step"], r[prefix]))
+        else:
+            values = [v for k, v in r.items() if k.startswith(prefix)]
+            if values:
+                out[""].append((r["step"], combine(values)))
+    return out
+
+
+def training_dynamics(runs: Mapping[str, Sequence[Mapping]], outcome: Mapping[str, bool] | None = None) -> Figure:
+    """Training runs side by side (``{label: metrics.jsonl records}``): answer loss (training batches, and held-out
+    needles beyond the window), retrieval of those needles, the needle's weight in the memory read (best head, ×
+    uniform), each head's gate and the memory norm against step.
+    ``outcome`` ({label: learned?}) colours learned runs blue and failed ones red, so the two groups compare at a
+    glance."""
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
+    palette = plt.get_cmap("tab10")
+    for n, (label, records) in enumerate(runs.items()):
+        if outcome is not None:
+            color, style = ("tab:blue", "-") if outcome.get(label, True) else ("tab:red", "--")
+        else:
+            color, style = palette(n % 10), "-"
+        for ax, (title, prefix, combine, ylabel, log) in zip(axes.flat, DYNAMICS_PANELS):
+            for i, (key, points) in enumerate(sorted(_series(records, prefix, combine).items())):
+                ax.plot(*zip(*points), color=color, linestyle=style, alpha=0.85, linewidth=1.2,
+                        label=label if i == 0 else None)
+            ax.set(title=title, xlabel="step", ylabel=ylabel, yscale="log" if log else "linear")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def seed_table(by_seed: Mapping[str, Mapping[Any, Mapping[Any, float]]], lengths: Sequence[int] | None = None,
+               window: int | None = None) -> Figure:
+    """NIAH accuracy per (model, seed) and context length as a heat map (``variants.json``'s ``by_seed``)."""
+    rows = [(f"{name} / seed {seed}", acc) for name, seeds in by_seed.items() for seed, acc in seeds.items()]
+    lengths = list(lengths or sorted({int(n) for _, acc in rows for n in acc}))
+    grid = [[float(acc.get(n, acc.get(str(n), float("nan")))) for n in lengths] for _, acc in rows]
+    fig, ax = plt.subplots(figsize=(1.1 * len(lengths) + 3, 0.35 * len(rows) + 1.2))
+    ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(len(lengths)), [f"{n}" + (f" ({n // window}×)" if window else "") for n in lengths])
+    ax.set_yticks(range(len(rows)), [label for label, _ in rows])
+    for i, row in enumerate(grid):
+        for j, value in enumerate(row):
+            ax.text(j, i, "–" if value != value else f"{value:.2f}", ha="center", va="center", fontsize=8)
+    ax.set(xlabel="context length (tokens)", title="NIAH accuracy by seed")
+    return fig
+
+
 def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
 __all__ = [
     "read_jsonl", "save_figure", "loss_curves", "gate_curves", "gate_values", "memory_norms", "attention_map",
-    "niah_heatmaps", "ppl_by_position", "variant_accuracy",
+    "niah_heatmaps", "ppl_by_position", "variant_accuracy", "training_dynamics", "seed_table", "DYNAMICS_PANELS",
 ]

@@ -31,7 +31,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
@@ -315,8 +315,9 @@ class MetricsCallback(TrainerCallback):
     """Appends one JSON object per logged step to ``metrics.jsonl``: loss, learning rates, grad norm, gate values
     (mean/min/max per memory layer) and ‖M‖ per memory layer after reading ``probe`` into a fresh cache."""
 
-    def __init__(self, path: Path, probe: torch.Tensor | None = None):
-        self.path, self.probe = path, probe
+    def __init__(self, path: Path, probe: torch.Tensor | None = None,
+                 extra: Callable[[SenriForCausalLM], dict[str, float]] | None = None):
+        self.path, self.probe, self.extra = path, probe, extra  # extra(model): more metrics (retrieval probe)
 
     def restore(self, checkpoint: Path | None) -> None:
         """Start the file as it was when ``checkpoint`` was saved (empty for a new run), so it has each step once."""
@@ -361,6 +362,8 @@ class MetricsCallback(TrainerCallback):
             record.update(gate_stats(model))
             if self.probe is not None:
                 record.update(memory_norms(model, self.probe))
+            if self.extra is not None:
+                record.update(self.extra(model))
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         return control
@@ -372,6 +375,7 @@ def gate_stats(model: SenriForCausalLM) -> dict[str, float]:
     for layer, values in model.memory_gate_values().items():
         stats.update({f"gate/{layer}/mean": float(values.mean()), f"gate/{layer}/min": float(values.min()),
                       f"gate/{layer}/max": float(values.max())})
+        stats.update({f"gate/{layer}/head{h}": float(v) for h, v in enumerate(values.tolist())})
     return stats
 
 
@@ -384,6 +388,22 @@ def memory_norms(model: SenriForCausalLM, probe: torch.Tensor) -> dict[str, floa
     model(input_ids=probe.to(model.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
     model.train(was_training)
     return {f"memory_norm/{layer}": norm for layer, norm in cache.memory_norms().items()}
+
+
+def retrieval_metrics(cfg: ConfigManager, tokenizer: Any, samples: int = 32) -> Callable[[SenriForCausalLM], dict[str, float]] | None:
+    """On the passkey task: a function logging, per step, retrieval of needles beyond the window by the model and by
+    its memory alone (:func:`senri.analysis.retrieval_probe` on ``samples`` fixed held-out samples); None for other
+    datasets."""
+    if cfg.experiment.dataset != "passkey" or not samples or tokenizer is None:
+        return None
+    from .analysis import passkey_probe, retrieval_probe
+    from .niah import VALUE_WORDS
+
+    probe = passkey_probe(tokenizer, cfg.training.seq_len, samples, cfg.training.seed, cfg.model.sliding_window,
+                          cfg.model.chunk_size, template=cfg.experiment.niah_templates[0])
+    words = [tokenizer(" " + w, add_special_tokens=False)["input_ids"] for w in VALUE_WORDS]
+    candidates = torch.tensor(sorted({ids[0] for ids in words if len(ids) == 1}))
+    return lambda model: retrieval_probe(model, probe, candidates if len(candidates) else None)
 
 
 # --- training -----------------------------------------------------------------------------------------------------

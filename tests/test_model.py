@@ -98,7 +98,7 @@ def test_exact_coverage_every_earlier_token_through_exactly_one_path(sinks):
         for name, gate in (("local", 0.0), ("memory", 1.0)):
             with torch.no_grad():
                 attn.memory_gate.fill_(gate)
-            out, _ = attn(x, (cos, sin, 0, sink_tables), LayerState())
+            out, _, _ = attn(x, (cos, sin, 0, sink_tables), LayerState())
             (grad,) = torch.autograd.grad(out[0, t].sum(), x)
             paths[name] = grad[0].abs().sum(-1) > 0
         window_start = max(0, (t // 4 - 4) * 4)
@@ -268,7 +268,7 @@ def test_million_token_stream_under_autocast_stays_finite_with_float32_memory(dt
 @pytest.mark.parametrize("q_start,T", [(0, 37), (5, 30), (23, 1), (40, 9)])
 def test_local_attention_equals_a_naive_masked_softmax(q_start, T, sinks):
     """Block-sliding window (+ the first ``sinks`` tokens of the stream) ≡ one softmax over all keys with a mask."""
-    from senri.modeling_senri import local_attention
+    from senri.modeling_senri import explicit_local_attention, local_attention
 
     C, window_chunks = 4, 2
     k_start = max(0, (q_start // C - window_chunks) * C)
@@ -283,8 +283,15 @@ def test_local_attention_equals_a_naive_masked_softmax(q_start, T, sinks):
         (k_pos[None] >= ((q_pos // C - window_chunks) * C)[:, None]) | (k_pos[None] < sinks)
     )
     scores = (q @ k.repeat_interleave(2, dim=1).transpose(-1, -2)) * 8**-0.5
-    naive = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v.repeat_interleave(2, dim=1)
+    weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+    naive = weights @ v.repeat_interleave(2, dim=1)
     torch.testing.assert_close(fast, naive, rtol=1e-5, atol=1e-5)
+    # The explicit path (output_attentions) gives the same output and these weights over positions 0..q_start+T-1.
+    explicit, explicit_weights = explicit_local_attention(
+        q, k[:, :, k_start:], v[:, :, k_start:], q_start, k_start, 8**-0.5, C, window_chunks, sink_k, sink_v
+    )
+    torch.testing.assert_close(explicit, naive, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(explicit_weights, weights, rtol=1e-5, atol=1e-6)
 
 
 def test_gate_clamp_passes_gradient_at_zero_and_only_inward_outside():

@@ -1,0 +1,65 @@
+"""Senri as a transformers model: config defaults, output options, generation modes, export, checkpointing, loading."""
+
+from __future__ import annotations
+
+import torch
+
+from senri import SenriCache
+from tests.conftest import tiny_model
+
+
+def test_use_cache_none_follows_the_config_and_generate_continues_from_a_returned_cache():
+    model = tiny_model()
+    ids = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert isinstance(model(input_ids=ids).cache, SenriCache)  # config.use_cache is True
+        assert model(input_ids=ids, use_cache=False).cache is None
+        model.config.use_cache = False
+        assert model(input_ids=ids).cache is None
+        model.config.use_cache = True
+    whole = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    first = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    cache = first.cache
+    assert isinstance(cache, SenriCache) and cache.seen_tokens == 34  # the last token is not fed yet
+    again = model.generate(first.sequences, cache=cache, max_new_tokens=7, do_sample=False, pad_token_id=0)
+    assert torch.equal(again, whole)
+    # inputs_embeds: generate returns the new tokens only, the same ones.
+    from_embeds = model.generate(inputs_embeds=model.get_input_embeddings()(ids), max_new_tokens=12, do_sample=False,
+                                 pad_token_id=0)
+    assert torch.equal(from_embeds, whole[:, 30:])
+
+
+def test_hidden_states_attentions_and_tuples_come_back_in_the_documented_shapes():
+    layer_types = ["sliding_attention", "memory", "memory_only", "full_attention"]
+    model = tiny_model(num_hidden_layers=4, layer_types=layer_types, num_sink_tokens=2)
+    ids = torch.randint(0, 97, (2, 45), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = model(input_ids=ids)
+        out = model(input_ids=ids, output_hidden_states=True, output_attentions=True)
+    torch.testing.assert_close(out.logits, plain.logits, rtol=0, atol=1e-5)  # the explicit path computes the same
+    assert plain.hidden_states is None and plain.attentions is None
+    assert len(out.hidden_states) == 5 and all(h.shape == (2, 45, 32) for h in out.hidden_states)
+    torch.testing.assert_close(out.hidden_states[0], model.model.embed_tokens(ids))
+    assert len(out.attentions) == 4 and all(a.shape == (2, 4, 45, 45) for a in out.attentions)
+    sliding, memory, memory_only, full = out.attentions
+    assert not memory_only.any()  # no softmax path
+    q, k = torch.arange(45)[:, None], torch.arange(45)[None]
+    window = (k <= q) & ((k >= (q // 4 - 4) * 4) | (k < 2))  # chunk 4, window 16, two sinks
+    for weights, visible in ((sliding, window), (memory, window), (full, k <= q)):
+        torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, 45))
+        assert not weights[..., ~visible].any() and (weights[..., visible] > 0).all()
+
+    # Streaming: the key axis covers every position seen so far.
+    cache = SenriCache(model.config, batch_size=2)
+    with torch.no_grad():
+        model(input_ids=ids[:, :30], cache=cache)
+        tail = model(input_ids=ids[:, 30:], cache=cache, output_attentions=True)
+    assert all(a.shape == (2, 4, 15, 45) for a in tail.attentions)
+    torch.testing.assert_close(tail.attentions[0], sliding[:, :, 30:], rtol=0, atol=1e-5)
+
+    with torch.no_grad():
+        as_tuple = model(input_ids=ids, labels=ids, return_dict=False)
+        base = model.model(input_ids=ids, return_dict=False, use_cache=False, output_hidden_states=True)
+    assert isinstance(as_tuple, tuple) and as_tuple[0].dim() == 0 and torch.equal(as_tuple[1], plain.logits)
+    assert isinstance(as_tuple[2], SenriCache)
+    assert isinstance(base, tuple) and len(base) == 2 and base[0].shape == (2, 45, 32) and len(base[1]) == 5
