@@ -267,7 +267,6 @@ def compare_variants(cfg: ConfigManager, retrain: bool = False) -> dict[str, Any
     return result
 
 
-def accuracy_by_length(records: list[dict[str, Any]]) -> dict[str, dict[int, float]]:
 def proof_seeds(cfg: ConfigManager, seeds: list[int], retrain: bool = False) -> dict[str, Any]:
     """The memory proof repeated over ``seeds``: the profile's Senri model (``senri``, its defaults) and its
     sliding-window-only twin (``swa_only``) trained once per seed, each evaluated on the profile's NIAH grid with
@@ -321,6 +320,7 @@ def _with_variants(cfg: ConfigManager, variants: dict[str, Any]) -> ConfigManage
     return ConfigManager(cfg.requested_profile, overrides, cfg.config_dir)
 
 
+def accuracy_by_length(records: list[dict[str, Any]]) -> dict[str, dict[int, float]]:
     """Mean NIAH accuracy per model and context length (the memory-proof table)."""
     table: dict[str, dict[int, list[float]]] = {}
     for r in records:
