@@ -377,6 +377,9 @@ class SenriPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["SenriDecoderLayer"]
     _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
+    # A memory write cannot be undone, so the cache cannot be cropped back to an earlier length: generate refuses the
+    # modes that would need it (assisted and prompt-lookup decoding) with its own error, as for recurrent models.
+    _is_stateful = True
     # output_hidden_states: the embeddings, then each decoder layer's output (the last one after the final norm);
     # output_attentions: each layer's window attention weights (SenriAttention.forward says what they mean).
     _can_record_outputs = {

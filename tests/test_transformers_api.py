@@ -63,3 +63,15 @@ def test_hidden_states_attentions_and_tuples_come_back_in_the_documented_shapes(
     assert isinstance(as_tuple, tuple) and as_tuple[0].dim() == 0 and torch.equal(as_tuple[1], plain.logits)
     assert isinstance(as_tuple[2], SenriCache)
     assert isinstance(base, tuple) and len(base) == 2 and base[0].shape == (2, 45, 32) and len(base[1]) == 5
+
+
+def test_assisted_and_prompt_lookup_decoding_are_refused_by_generate_as_for_any_stateful_model():
+    import pytest
+
+    model = tiny_model()
+    ids = torch.randint(0, 97, (1, 20), generator=torch.Generator().manual_seed(2))
+    for kwargs in (dict(assistant_model=tiny_model(seed=1)), dict(prompt_lookup_num_tokens=3)):
+        with pytest.raises(ValueError, match="assisted generation is not supported with stateful models"):
+            model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0, **kwargs)
+    # Plain greedy decoding is unaffected.
+    assert model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0).shape == (1, 25)
