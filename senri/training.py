@@ -507,7 +507,7 @@ def train(cfg: ConfigManager, model: SenriForCausalLM | None = None, tokenizer: 
         if train_dataset is None:
             train_dataset = build_dataset(cfg, tokenizer)
     probe = torch.as_tensor(train_dataset[0]["input_ids"])[None]  # (1, T): memory norms are read on this sample
-    metrics = MetricsCallback(run_dir / "metrics.jsonl", probe)
+    metrics = MetricsCallback(run_dir / "metrics.jsonl", probe, retrieval_metrics(cfg, tokenizer))
     if args.process_index == 0:
         cfg.save(run_dir / "config.yaml")  # the run's identity, on Drive too before the first step
         if drive_dir is not None:
