@@ -14,6 +14,13 @@ MEMORY_LAYER_TYPES = ("memory", "memory_only")
 MEMORY_UPDATES = ("delta", "linear")
 MEMORY_TYPES = ("single", "multi", "hierarchical", "routed")
 SERIALIZED_LAYER_TYPES = "senri_layer_types"
+# The fields SenriConfig._validate_senri reads: checked again whenever one of them is assigned.
+VALIDATED_ON_ASSIGNMENT = frozenset({
+    "layer_types", "num_hidden_layers", "chunk_size", "sliding_window", "memory_update", "memory_gate_init",
+    "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size", "memory_relevance", "memory_type",
+    "num_memories", "top_k_memories", "num_memory_banks", "segments_per_bank", "num_sink_tokens", "alibi_scale",
+    "memory_eps",
+})
 JAPANESE_TOKENIZER = "cyberagent/open-calm-small"
 
 
@@ -128,6 +135,45 @@ class SenriConfig(LlamaConfig):
         # Checked here, before transformers' strict validators, so that errors are plain ValueErrors.
         self._validate_senri()
         super().__post_init__(**kwargs)
+
+    def __setattr__(self, name: str, value) -> None:
+        """Fields that Senri checks are checked again on assignment once the config exists (an invalid value is
+        refused, naming the key, and the config keeps its old value). Use :meth:`update` to change several fields
+        that must agree (e.g. ``chunk_size`` and ``sliding_window``) at once."""
+        if name not in VALIDATED_ON_ASSIGNMENT or not self.__dict__.get("_post_init_done", False) or (
+            self.__dict__.get("_senri_deferred", False)
+        ):
+            super().__setattr__(name, value)
+            return
+        self._assign_validated({name: value})
+
+    def update(self, config_dict: dict) -> None:
+        """Set several fields, then check them together (all or nothing)."""
+        checked = {key: value for key, value in config_dict.items() if key in VALIDATED_ON_ASSIGNMENT}
+        for key, value in config_dict.items():
+            if key not in checked:
+                setattr(self, key, value)
+        if checked:
+            self._assign_validated(checked)
+
+    def _assign_validated(self, values: dict) -> None:
+        missing = object()
+        old = {name: self.__dict__.get(name, missing) for name in values}
+        self.__dict__["_senri_deferred"] = True
+        try:
+            for name, value in values.items():
+                super().__setattr__(name, value)
+            self._validate_senri()
+        except (ValueError, TypeError) as error:
+            for name, value in old.items():  # restore, bypassing the validators
+                if value is missing:
+                    self.__dict__.pop(name, None)
+                else:
+                    self.__dict__[name] = value
+            keys = ", ".join(f"{name} = {value!r}" for name, value in values.items())
+            raise ValueError(f"SenriConfig: setting {keys} is refused: {error}") from error
+        finally:
+            self.__dict__.pop("_senri_deferred", None)
 
     def to_dict(self) -> dict:
         output = super().to_dict()

@@ -402,6 +402,7 @@ class SenriPreTrainedModel(PreTrainedModel):
 
 class SenriModel(SenriPreTrainedModel):
     def __init__(self, config: SenriConfig):
+        config._validate_senri()  # again: a list field (layer_types) may have been changed in place
         super().__init__(config)
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size

@@ -75,3 +75,34 @@ def test_assisted_and_prompt_lookup_decoding_are_refused_by_generate_as_for_any_
             model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0, **kwargs)
     # Plain greedy decoding is unaffected.
     assert model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0).shape == (1, 25)
+
+
+def test_an_invalid_config_assignment_is_refused_naming_the_key_and_changes_nothing():
+    import pytest
+
+    from senri import SenriConfig, SenriForCausalLM
+    from tests.conftest import tiny_config
+
+    config = tiny_config()
+    with pytest.raises(ValueError, match=r"sliding_window = 2 is refused: sliding_window \(2\) must be a non-negative "
+                                         r"multiple of chunk_size \(4\)"):
+        config.sliding_window = 2
+    assert config.sliding_window == 16
+    for key, value in (("num_sink_tokens", 9), ("memory_type", "mutli"), ("layer_types", ["memory"]),
+                       ("num_hidden_layers", 4), ("chunk_size", 5)):
+        with pytest.raises(ValueError, match=f"setting {key} = "):
+            setattr(config, key, value)
+    assert config.to_dict() == tiny_config().to_dict()
+    # Fields that must change together: update() checks them once, all or nothing.
+    config.update({"chunk_size": 8, "sliding_window": 24})
+    assert (config.chunk_size, config.sliding_window) == (8, 24)
+    with pytest.raises(ValueError, match="sliding_window = 20"):
+        config.update({"chunk_size": 16, "sliding_window": 20})
+    assert (config.chunk_size, config.sliding_window) == (8, 24)
+    config.sliding_window = 32  # a valid assignment goes through
+    # from_pretrained's overrides are assignments too; a list changed in place is caught when a model reads it.
+    with pytest.raises(ValueError, match="sliding_window = 12 is refused"):
+        SenriConfig.from_dict(config.to_dict(), sliding_window=12)
+    config.layer_types[1] = "memroy"
+    with pytest.raises(ValueError, match="'memroy' is unknown"):
+        SenriForCausalLM(config)
