@@ -99,6 +99,11 @@ class SenriConfig(LlamaConfig):
     """
 
     model_type = "senri"
+    # Llama's tensor- and pipeline-parallel plans are not inherited: a q/k/v head split would cut the compressive
+    # memory and the window state across devices, and the pipeline plan passes an attention mask between stages
+    # that Senri's layers do not take (they carry a cache state). Senri advertises no plan rather than a broken one.
+    base_model_tp_plan = None
+    base_model_pp_plan = None
 
     sliding_window: int = 1024
     chunk_size: int = 64

@@ -106,3 +106,10 @@ def test_an_invalid_config_assignment_is_refused_naming_the_key_and_changes_noth
     config.layer_types[1] = "memroy"
     with pytest.raises(ValueError, match="'memroy' is unknown"):
         SenriForCausalLM(config)
+
+
+def test_no_tensor_or_pipeline_parallel_plan_is_advertised():
+    model = tiny_model()
+    assert model.config.base_model_tp_plan is None and model.config.base_model_pp_plan is None
+    assert model.tp_plan == {} and model.pp_plan == {} and model.model.tp_plan == {}
+    assert not model.supports_tp_plan and not model.supports_pp_plan
