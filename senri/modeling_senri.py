@@ -362,6 +362,30 @@ class SenriDecoderLayer(nn.Module):
         return hidden_states, state
 
 
+def _tracing() -> bool:
+    """Under torch.compile / torch.export / jit tracing: checks on tensor values must not branch in Python."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def _require(condition: torch.Tensor, message: str) -> None:
+    """Raise ValueError(message) unless the boolean tensor ``condition`` holds; when traced, the check is a runtime
+    assertion in the graph (torch._assert_async) instead of a Python branch on a tensor value."""
+    if _tracing():
+        torch._assert_async(condition, message)
+    elif not bool(condition):
+        raise ValueError(message)
+
+
+def _check_inputs(attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None, P: int, T: int) -> None:
+    """Refuse padding and position_ids that do not continue the cache (Senri derives positions from the cache)."""
+    if attention_mask is not None and attention_mask.dim() == 2:
+        _require(attention_mask.all(), "attention_mask with padding is not supported by Senri: feed unpadded sequences")
+    if position_ids is not None:
+        expected = torch.arange(P, P + T, device=position_ids.device)
+        _require((position_ids == expected).all(),
+                 f"position_ids must continue the cache ({P}..{P + T - 1}); Senri derives positions from the cache")
+
+
 def _cache_argument(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
     """The streaming state passed as ``cache`` (transformers >= 5.24) or by its former name ``past_key_values``."""
     if cache is not None and past_key_values is not None and cache is not past_key_values:
@@ -434,8 +458,6 @@ class SenriModel(SenriPreTrainedModel):
         B, T, _ = inputs_embeds.shape
         if T == 0:
             raise ValueError("input has no tokens (sequence length 0)")
-        if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
-            raise ValueError("attention_mask with padding is not supported by Senri: feed unpadded sequences")
         if cache is None:
             cache = SenriCache(self.config, batch_size=B)  # no cache given: start from an empty memory
         elif not isinstance(cache, SenriCache):
@@ -444,12 +466,7 @@ class SenriModel(SenriPreTrainedModel):
                 "create one with SenriCache(model.config, batch_size=...)"
             )
         P = cache.seen_tokens
-        if position_ids is not None:
-            expected = torch.arange(P, P + T, device=position_ids.device)
-            if not bool((position_ids == expected).all()):
-                raise ValueError(
-                    f"position_ids must continue the cache ({P}..{P + T - 1}); Senri derives positions from the cache"
-                )
+        _check_inputs(attention_mask, position_ids, P, T)
         # RoPE tables from the first position a layer must rotate in this call: the new tokens' only, unless a
         # window's rotated keys are missing (a restored state), then from that window's start.
         rope_start = min([P] + [layer.self_attn.first_position_to_rotate(cache.layer_state(i))

@@ -113,3 +113,27 @@ def test_no_tensor_or_pipeline_parallel_plan_is_advertised():
     assert model.config.base_model_tp_plan is None and model.config.base_model_pp_plan is None
     assert model.tp_plan == {} and model.pp_plan == {} and model.model.tp_plan == {}
     assert not model.supports_tp_plan and not model.supports_pp_plan
+
+
+def test_torch_export_traces_the_forward_and_keeps_the_input_checks_as_runtime_assertions():
+    import pytest
+
+    model = tiny_model(num_sink_tokens=2)
+    ids = torch.randint(0, 97, (2, 45), generator=torch.Generator().manual_seed(3))
+
+    class Logits(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, position_ids):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False).logits
+
+    positions = torch.arange(45)[None].expand(2, 45)
+    program = torch.export.export(Logits(model), (ids, torch.ones_like(ids), positions))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    torch.testing.assert_close(program.module()(ids, torch.ones_like(ids), positions), expected, rtol=0, atol=1e-5)
+    with pytest.raises(RuntimeError, match="position_ids must continue the cache"):
+        program.module()(ids, torch.ones_like(ids), positions + 1)
