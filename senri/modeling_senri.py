@@ -13,6 +13,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import (
     LlamaMLP,
@@ -342,7 +343,10 @@ class SenriAttention(nn.Module):
         return self.o_proj(output), weights, new_state
 
 
-class SenriDecoderLayer(nn.Module):
+class SenriDecoderLayer(GradientCheckpointingLayer):
+    """A Llama block around SenriAttention. Under gradient checkpointing (``gradient_checkpointing_enable()``) its
+    activations are recomputed in the backward pass: safe because a layer never mutates the state it reads."""
+
     def __init__(self, config: SenriConfig, layer_idx: int):
         super().__init__()
         self.self_attn = SenriAttention(config, layer_idx)
@@ -397,7 +401,7 @@ class SenriPreTrainedModel(PreTrainedModel):
     config_class = SenriConfig
     config: SenriConfig
     base_model_prefix = "model"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
     _no_split_modules = ["SenriDecoderLayer"]
     _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True

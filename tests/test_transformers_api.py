@@ -137,3 +137,33 @@ def test_torch_export_traces_the_forward_and_keeps_the_input_checks_as_runtime_a
     torch.testing.assert_close(program.module()(ids, torch.ones_like(ids), positions), expected, rtol=0, atol=1e-5)
     with pytest.raises(RuntimeError, match="position_ids must continue the cache"):
         program.module()(ids, torch.ones_like(ids), positions + 1)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    import pytest
+
+    ids = torch.randint(0, 97, (2, 90), generator=torch.Generator().manual_seed(4))  # 5+ windows: memory is written
+
+    def loss_and_grads(checkpointing: dict | None):
+        model = tiny_model(num_sink_tokens=2, layer_types=["memory_only", "memory", "sliding_attention"]).train()
+        if checkpointing is not None:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+            assert all(layer.gradient_checkpointing for layer in model.model.layers)
+        calls = []
+        for layer in model.model.layers:
+            layer.self_attn.register_forward_hook(lambda *args: calls.append(1))
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        # Checkpointed layers really ran again in the backward pass.
+        assert len(calls) == (3 if checkpointing is None else 6)
+        return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
+
+    plain_loss, plain_grads = loss_and_grads(None)
+    assert plain_grads["model.layers.1.self_attn.memory_gate"].abs().sum() > 0
+    for kwargs in ({"use_reentrant": False}, {"use_reentrant": True}):
+        with pytest.warns(FutureWarning):  # gradient_checkpointing_enable is transformers' deprecated alias
+            loss, grads = loss_and_grads(kwargs)
+        torch.testing.assert_close(loss, plain_loss, rtol=0, atol=0)
+        assert grads.keys() == plain_grads.keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, plain_grads[name], rtol=1e-5, atol=1e-7, msg=name)
