@@ -30,7 +30,7 @@ import yaml
 from .configuration_senri import LAYER_TYPES
 from .io import atomic_write
 
-PROFILES = ("cpu-smoke", "cpu-proof", "t4", "a100")
+PROFILES = ("cpu-smoke", "cpu-proof", "cpu-real", "t4", "a100")
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 # What ``auto`` picks on a GPU, first match wins: (profile, minimum compute capability, minimum memory in GiB).
 # a100 trains batches of 8 x 2048 tokens in bf16, meant for an 80 GB A100 or an H100; every other GPU (T4, L4,
@@ -67,6 +67,7 @@ class ModelSettings:
     layer_types: list[str] | None = None
     memory_gate_init: float = 0.0
     num_sink_tokens: int = 4
+    memory_qk_map: bool = False
     memory_type: Literal["single", "multi", "hierarchical", "routed"] = "single"
     num_memories: int = 4
     top_k_memories: int = 8
@@ -100,6 +101,11 @@ class TrainingSettings:
     logging_steps: int = 10
     seed: int = 42
     trainable: Literal["all", "memory"] = "memory"
+    # lm: language-model training with transformers' Trainer; transfer: phase A of the real-model recipe
+    # (senri.transfer: layer-local attention transfer from the full-attention base, gates and memory maps only).
+    recipe: Literal["lm", "transfer"] = "lm"
+    transfer_passkey_share: float = 0.5
+    transfer_base_weight: float = 0.01
 
 
 @dataclass
@@ -142,7 +148,7 @@ POSITIVE = {
     "variant_max_steps",
 }
 NON_NEGATIVE = {"num_sink_tokens", "num_memory_layers", "first_memory_layer", "weight_decay", "warmup_steps", "max_grad_norm", "seed"}
-FRACTIONS = {"memory_gate_init", "niah_ratio", "needle_beyond_window"}
+FRACTIONS = {"transfer_passkey_share", "memory_gate_init", "niah_ratio", "needle_beyond_window"}
 
 
 def detect_profile() -> str:
@@ -398,7 +404,8 @@ class ConfigManager:
             sliding_window=m.sliding_window, chunk_size=m.chunk_size, memory_update=m.memory_update,
             num_memory_layers=m.num_memory_layers, first_memory_layer=m.first_memory_layer,
             memory_layer_interval=m.memory_layer_interval, layer_types=m.layer_types,
-            memory_gate_init=m.memory_gate_init, num_sink_tokens=m.num_sink_tokens, memory_type=m.memory_type,
+            memory_gate_init=m.memory_gate_init, num_sink_tokens=m.num_sink_tokens, memory_qk_map=m.memory_qk_map,
+            memory_type=m.memory_type,
             num_memories=m.num_memories,
             top_k_memories=m.top_k_memories, num_memory_banks=m.num_memory_banks,
             segments_per_bank=m.segments_per_bank, memory_relevance=m.memory_relevance, use_alibi=m.use_alibi, alibi_scale=m.alibi_scale,

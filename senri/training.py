@@ -385,7 +385,7 @@ def memory_norms(model: SenriForCausalLM, probe: torch.Tensor) -> dict[str, floa
     was_training = model.training
     model.eval()
     cache = SenriCache(model.config, batch_size=probe.shape[0])
-    model(input_ids=probe.to(model.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+    model(input_ids=probe.to(model.device), cache=cache, use_cache=True, logits_to_keep=1)
     model.train(was_training)
     return {f"memory_norm/{layer}": norm for layer, norm in cache.memory_norms().items()}
 
@@ -481,7 +481,12 @@ def train(cfg: ConfigManager, model: SenriForCausalLM | None = None, tokenizer: 
     with Drive, the results are copied there when training ends (:func:`publish_results`). A run whose saved
     ``config.yaml`` (local or on Drive) has other identity settings raises naming them. A finished run, here or on
     Drive, is returned as it is. Works unchanged under ``torchrun --nproc_per_node N`` (gloo on CPU).
+    ``training.recipe: transfer`` runs phase A of the real-model recipe instead (:func:`senri.transfer.train_transfer`).
     """
+    if cfg.training.recipe == "transfer":
+        from .transfer import train_transfer
+
+        return train_transfer(cfg)
     run_dir = Path(cfg.experiment.run_dir)
     args = training_arguments(cfg, run_dir)  # sets up the process group under torchrun
     drive_dir = cfg.resolve_drive_dir()

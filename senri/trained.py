@@ -1,0 +1,109 @@
+"""Shipped trained memories: only what training changed (gates, memory q/k maps), a few MB, plus a JSON card.
+
+An artifact directory holds ``memory_parameters.safetensors`` and ``card.json``: the base checkpoint it was trained
+on (name and a fingerprint of its weights), the Senri settings of the conversion, the recipe, the training steps,
+the commit, and the measured numbers. :func:`load_trained_smollm2` rebuilds the model from the offline SmolLM2:
+conversion with the card's settings, then the shipped parameters, checked name by name and shape by shape.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .conversion import convert_llama_to_senri, load_base_model
+from .io import atomic_write
+from .modeling_senri import SenriForCausalLM
+from .transfer import TRANSFER_PARAMETER_SUFFIXES
+
+TRAINED_DIR = Path(__file__).resolve().parent / "trained"
+SMOLLM2_WINDOW256 = TRAINED_DIR / "smollm2-window256"
+PARAMETERS_FILE = "memory_parameters.safetensors"
+CARD_FILE = "card.json"
+# The Senri settings a card records: together with the base checkpoint they define the model the parameters fit.
+CARD_SETTINGS = ("sliding_window", "chunk_size", "num_sink_tokens", "layer_types", "memory_update", "memory_qk_map",
+                 "memory_type", "memory_eps")
+
+
+def base_fingerprint(model: Any) -> str:
+    """A short fingerprint of a base checkpoint's weights (sums of a few tensors): refuses a different base."""
+    state = model.state_dict()
+    names = sorted(state)[:: max(1, len(state) // 8)]
+    return ";".join(f"{name}={float(state[name].double().sum()):.6e}" for name in names)
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def save_trained_memory(model: SenriForCausalLM, base: Any, directory: str | Path, base_model: str,
+                        card: dict[str, Any]) -> Path:
+    """Write ``model``'s trained memory parameters and a card (``card`` adds the recipe, steps, numbers...)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {name: p.detach().float().contiguous().cpu() for name, p in model.named_parameters()
+               if name.endswith(TRANSFER_PARAMETER_SUFFIXES)}
+    if not tensors:
+        raise ValueError("the model has no trained memory parameters (gates, memory q/k maps) to save")
+    tmp = directory / (PARAMETERS_FILE + ".tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(directory / PARAMETERS_FILE)
+    full_card = {
+        "base_model": base_model, "base_fingerprint": base_fingerprint(base),
+        "settings": {name: getattr(model.config, name) for name in CARD_SETTINGS},
+        "parameters": {name: list(t.shape) for name, t in tensors.items()},
+        "commit": git_commit(), **card,
+    }
+    with atomic_write(directory / CARD_FILE) as f:
+        json.dump(full_card, f, indent=1)
+    return directory
+
+
+def read_card(directory: str | Path = SMOLLM2_WINDOW256) -> dict[str, Any]:
+    path = Path(directory) / CARD_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"no trained memory at {directory}: {CARD_FILE} is missing")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def load_trained_memory(base: Any, directory: str | Path, check_base: bool = True) -> SenriForCausalLM:
+    """Convert ``base`` with the card's settings and load the shipped parameters; every mismatch is an error."""
+    directory = Path(directory)
+    card = read_card(directory)
+    if check_base and card["base_fingerprint"] != base_fingerprint(base):
+        raise ValueError(f"the trained memory in {directory} was made for another base checkpoint "
+                         f"({card['base_model']}): its weight fingerprint differs")
+    model = convert_llama_to_senri(base, **card["settings"])
+    tensors = load_file(str(directory / PARAMETERS_FILE))
+    own = dict(model.named_parameters())
+    problems = [f"{name}: not a parameter of the converted model" for name in tensors if name not in own]
+    problems += [f"{name}: shipped {tuple(t.shape)} vs model {tuple(own[name].shape)}"
+                 for name, t in tensors.items() if name in own and own[name].shape != t.shape]
+    problems += [f"{name}: in the card but not shipped" for name in card["parameters"] if name not in tensors]
+    if problems:
+        raise ValueError(f"the trained memory in {directory} does not match its model: " + "; ".join(problems[:6]))
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            own[name].copy_(tensor)
+    return model.eval()
+
+
+def load_trained_smollm2(directory: str | Path = SMOLLM2_WINDOW256):
+    """``(SenriForCausalLM, tokenizer)``: the offline SmolLM2-135M-Instruct converted with the shipped trained memory
+    (window 256, 4 sinks, memory on the card's layers), ready for ``generate()`` and streaming."""
+    card = read_card(directory)
+    base, tokenizer = load_base_model(card["base_model"])
+    return load_trained_memory(base, directory), tokenizer
+
+
+__all__ = ["TRAINED_DIR", "SMOLLM2_WINDOW256", "base_fingerprint", "save_trained_memory", "read_card",
+           "load_trained_memory", "load_trained_smollm2"]
