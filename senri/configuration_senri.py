@@ -330,5 +330,9 @@ class SenriConfig(LlamaConfig):
             raise ValueError(f"memory_eps must be > 0, got {self.memory_eps}")
 
 
+# A saved config names its code (auto_map) and carries configuration_senri.py, so that AutoConfig loads it with
+# trust_remote_code=True where senri is not installed.
+SenriConfig.register_for_auto_class()
+
 __all__ = ["SenriConfig", "LAYER_TYPES", "MEMORY_LAYER_TYPES", "MEMORY_UPDATES", "MEMORY_TYPES", "JAPANESE_TOKENIZER",
            "load_japanese_tokenizer"]

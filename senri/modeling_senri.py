@@ -560,5 +560,11 @@ class SenriForCausalLM(SenriPreTrainedModel, GenerationMixin):
         return SenriCache(self.config, batch_size=batch_size)
 
 
+# A saved (or pushed) model carries its code: save_pretrained copies this file and the modules it imports (cache,
+# configuration_senri, memory, io) and writes auto_map to config.json, so that
+# AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True) works where senri is not installed.
+SenriModel.register_for_auto_class("AutoModel")
+SenriForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
 __all__ = ["SenriPreTrainedModel", "SenriModel", "SenriForCausalLM", "SenriAttention", "SenriDecoderLayer",
            "memory_layout"]

@@ -167,3 +167,49 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
         assert grads.keys() == plain_grads.keys()
         for name, grad in grads.items():
             torch.testing.assert_close(grad, plain_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_saved_model_loads_with_trust_remote_code_in_a_process_that_cannot_import_senri(tmp_path):
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    model = tiny_model(num_sink_tokens=2)
+    model.save_pretrained(tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["auto_map"] == {"AutoConfig": "configuration_senri.SenriConfig",
+                                  "AutoModelForCausalLM": "modeling_senri.SenriForCausalLM"}
+    ids = torch.randint(0, 97, (1, 50), generator=torch.Generator().manual_seed(5))
+    torch.save(ids, tmp_path / "ids.pt")
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    repo_root = str(__import__("pathlib").Path(__file__).resolve().parents[1])
+    script = textwrap.dedent(f"""
+        import sys
+
+        class HideSenri:  # whatever installed senri (editable or not), this process cannot import it
+            @staticmethod
+            def find_spec(name, path=None, target=None):
+                if name == "senri" or name.startswith("senri."):
+                    raise ModuleNotFoundError(f"No module named {{name!r}}")
+                return None
+
+        sys.meta_path = [HideSenri] + [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")]
+        sys.path = [p for p in sys.path if p not in ("", {repo_root!r})]
+        try:
+            import senri
+            raise SystemExit("senri is importable")
+        except ModuleNotFoundError:
+            pass
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'model')!r}, trust_remote_code=True).eval()
+        assert type(model).__name__ == "SenriForCausalLM" and type(model).__module__.startswith("transformers_modules")
+        with torch.no_grad():
+            torch.save(model(input_ids=torch.load({str(tmp_path / 'ids.pt')!r})).logits, {str(tmp_path / 'out.pt')!r})
+        assert not [name for name in sys.modules if name == "senri" or name.startswith("senri.")]
+    """)
+    env = {**__import__("os").environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, env=env)
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, rtol=0, atol=1e-6)
