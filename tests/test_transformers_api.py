@@ -213,3 +213,41 @@ def test_a_saved_model_loads_with_trust_remote_code_in_a_process_that_cannot_imp
     env = {**__import__("os").environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
     subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, env=env)
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, rtol=0, atol=1e-6)
+
+
+@__import__("pytest").mark.slow
+def test_pip_install_into_a_fresh_venv_gives_an_importable_senri_with_its_declared_dependencies(tmp_path):
+    """`pip install .` with nothing downloaded: no index, no build isolation; the fresh venv sees this venv's packages
+    through a path file (not its .pth files, so not the editable senri), and pip must find every declared dependency
+    among them."""
+    import shutil
+    import subprocess
+    import sys
+    import sysconfig
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(repo / name, source / name)
+    shutil.copytree(repo / "senri", source / "senri", ignore=shutil.ignore_patterns("__pycache__"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    (Path(purelib) / "existing_packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-index",
+                    "--no-build-isolation", str(source)], check=True)
+    script = ("import importlib.metadata as m, senri; print(senri.__file__); "
+              "print('|'.join(r for r in m.requires('senri') if 'extra ==' not in r))")
+    located, requires = subprocess.run([str(python), "-c", script], check=True, capture_output=True, text=True,
+                                       cwd=tmp_path).stdout.split()
+    assert Path(located).is_relative_to(purelib)  # the installed copy, not this checkout
+    requires = requires.split("|")
+    assert "transformers<6,>=5.24" in requires and not [r for r in requires if r.startswith("torch")]
+    # requirements.txt refers to them rather than repeating them.
+    lines = [line.split("#")[0].strip() for line in (repo / "requirements.txt").read_text().splitlines()]
+    assert ".[dev]" in lines and not {line.split(">")[0].split("<")[0] for line in lines} & {
+        r.split(">")[0].split("<")[0] for r in requires}
