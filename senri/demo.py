@@ -1,0 +1,148 @@
+"""`make demo`: what Senri is for, in a few minutes on a CPU.
+
+1. The shipped trained SmolLM2 (``senri.load_trained_smollm2``) reads a document whose key fact is stated once, far
+   behind its 256-token window, and answers — beside the same model with its memory gates closed and the base model
+   with full attention (the ceiling). A small table: model, context, window, answer, correct.
+2. What the fixed-size state buys: cache bytes and time per generated token as the context grows, Senri against
+   transformers' Llama KV cache on the same model.
+3. A one-screen summary, also written to ``{out_dir}/demo.json``, figures in ``{out_dir}/figures``.
+
+Run: ``python -m senri.demo [out_dir]`` (``make demo``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .diagnostics import PasskeyCase, passkey_cases
+from .io import atomic_write
+from .real_model import depths_beyond_window, gates_closed
+
+DEMO_CONTEXTS = (256, 512, 1024, 2048, 4096)
+
+
+@torch.no_grad()
+def answer(model: Any, tokenizer: Any, case: PasskeyCase, max_new_tokens: int = 8) -> str:
+    """The model's greedy continuation of the case's prompt (the prompt streamed by ``generate``)."""
+    device = next(model.parameters()).device
+    prompt = torch.tensor([case.ids[: case.answer_start]], device=device)
+    output = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
+                            do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(output[0, prompt.shape[1] :], skip_special_tokens=True).strip()
+
+
+def recall_table(trained: Any, base: Any, tokenizer: Any, lengths: tuple[int, ...] = (2048,), cases: int = 1,
+                 seed: int = 11) -> list[dict[str, Any]]:
+    """Pass-key answers of the trained model, the same model with gates closed, and the base model (full attention)
+    on prompts of ``lengths`` tokens whose key lies beyond the window."""
+    window, chunk = trained.config.sliding_window, trained.config.chunk_size
+    rows = []
+    for length in lengths:
+        for case in passkey_cases(tokenizer, length, cases, seed, depths_beyond_window(length, window, chunk)):
+            distance = case.answer_start - case.needle[1]
+            runs = [("Senri, trained memory", trained, window), ("Senri, gates closed", None, window),
+                    ("base, full attention", base, None)]
+            for name, model, model_window in runs:
+                if model is None:
+                    with gates_closed(trained):
+                        text = answer(trained, tokenizer, case)
+                else:
+                    text = answer(model, tokenizer, case)
+                rows.append({"model": name, "context": length, "window": model_window, "key": case.key,
+                             "key_tokens_back": distance, "answer": text, "correct": text.startswith(case.key)})
+    return rows
+
+
+@torch.no_grad()
+def state_growth(senri: Any, llama: Any, contexts: tuple[int, ...] = DEMO_CONTEXTS, steps: int = 8) -> list[dict]:
+    """Cache bytes after a prompt of each length and the time per generated token after it, Senri vs Llama."""
+    from transformers import DynamicCache
+
+    from .cache import SenriCache
+
+    rows = []
+    ids = torch.randint(100, 1000, (1, max(contexts) + steps), generator=torch.Generator().manual_seed(0))
+    for context in contexts:
+        for name, model in (("Senri", senri), ("Llama KV cache", llama)):
+            cache = SenriCache(senri.config, 1) if model is senri else DynamicCache()
+            model(input_ids=ids[:, :context], cache=cache, use_cache=True, logits_to_keep=1)
+            began = time.perf_counter()
+            for i in range(steps):
+                model(input_ids=ids[:, context + i : context + i + 1], cache=cache, use_cache=True)
+            seconds = (time.perf_counter() - began) / steps
+            nbytes = cache.nbytes() if isinstance(cache, SenriCache) else sum(
+                t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+                if t is not None)
+            rows.append({"model": name, "context": context, "cache_mib": nbytes / 2**20, "ms_per_token": 1e3 * seconds})
+    return rows
+
+
+def state_growth_figure(rows: list[dict[str, Any]]):
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for name in dict.fromkeys(r["model"] for r in rows):
+        points = [r for r in rows if r["model"] == name]
+        axes[0].plot([r["context"] for r in points], [r["cache_mib"] for r in points], marker="o", label=name)
+        axes[1].plot([r["context"] for r in points], [r["ms_per_token"] for r in points], marker="o", label=name)
+    axes[0].set(xlabel="context (tokens)", ylabel="cache (MiB)", title="State size", xscale="log")
+    axes[1].set(xlabel="context (tokens)", ylabel="ms per generated token", title="Decode time", xscale="log")
+    axes[0].legend()
+    fig.tight_layout()
+    return fig
+
+
+def summary_text(recall: list[dict[str, Any]], growth: list[dict[str, Any]], card: dict[str, Any],
+                 out_dir: Path, seconds: float) -> str:
+    lines = ["", "Senri demo — SmolLM2-135M with a compressive memory beside a 256-token window", ""]
+    lines.append(f"{'model':<24}{'context':>8}{'window':>8}{'key back':>9}  {'answer':<14}correct")
+    for r in recall:
+        window = "full" if r["window"] is None else r["window"]
+        lines.append(f"{r['model']:<24}{r['context']:>8}{window:>8}{r['key_tokens_back']:>9}  "
+                     f"{r['answer'][:12]:<14}{'yes' if r['correct'] else 'no'}")
+    big = max(r["context"] for r in growth)
+    at = {r["model"]: r for r in growth if r["context"] == big}
+    lines += ["", f"At {big} tokens of context: Senri's state {at['Senri']['cache_mib']:.1f} MiB, "
+              f"{at['Senri']['ms_per_token']:.0f} ms/token; Llama's KV cache {at['Llama KV cache']['cache_mib']:.1f} "
+              f"MiB, {at['Llama KV cache']['ms_per_token']:.0f} ms/token (Senri's state stops growing at its window)."]
+    measured = card.get("results", {})
+    if measured:
+        lines.append("Shipped memory, measured (docs/RESULTS.md): " + ", ".join(
+            f"{k}: {v}" for k, v in measured.items() if not isinstance(v, (dict, list))))
+    lines += [f"Figures and demo.json in {out_dir}/ ({seconds:.0f} s).",
+              "The toy memory proof (a 2-layer model trained from scratch) is not part of the demo: "
+              "`make variants PROFILE=cpu-proof` / notebooks 02-04 with profile cpu-proof run it.", ""]
+    return "\n".join(lines)
+
+
+def main(out_dir: str | Path = "runs/demo") -> dict[str, Any]:
+    from .conversion import load_local_smollm2
+    from .plots import save_figure
+    from .trained import read_card, load_trained_smollm2
+
+    began = time.perf_counter()
+    out_dir = Path(out_dir)
+    trained, tokenizer = load_trained_smollm2()
+    base, _ = load_local_smollm2()
+    print("1/2 recall beyond the window (trained, gates closed, base)...", flush=True)
+    recall = recall_table(trained, base, tokenizer)
+    print("2/2 state size and decode time as the context grows...", flush=True)
+    growth = state_growth(trained, base)
+    figure = save_figure(state_growth_figure(growth), out_dir, "state_growth")
+    card = read_card()
+    seconds = time.perf_counter() - began
+    result = {"recall": recall, "state_growth": growth, "figure": str(figure), "seconds": seconds}
+    with atomic_write(out_dir / "demo.json") as f:
+        json.dump(result, f, indent=1)
+    print(summary_text(recall, growth, card, out_dir, seconds))
+    return result
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
