@@ -19,7 +19,7 @@ def memory_norm_trace(model: SenriForCausalLM, input_ids: torch.Tensor, piece: i
     input_ids = input_ids.to(model.device)
     trace = []
     for start in range(0, input_ids.shape[1], piece):
-        model(input_ids=input_ids[:, start : start + piece], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=input_ids[:, start : start + piece], cache=cache, use_cache=True, logits_to_keep=1)
         trace.append({"tokens": cache.seen_tokens, **{f"layer_{i}": n for i, n in cache.memory_norms().items()}})
     return trace
 

@@ -190,7 +190,7 @@ def memory_statistics(model: SenriForCausalLM, input_ids: torch.Tensor, energy_t
     input_ids = input_ids.to(model.device)
     piece = model.config.chunk_size * 4
     for start in range(0, input_ids.shape[1], piece):
-        model(input_ids=input_ids[:, start : start + piece], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=input_ids[:, start : start + piece], cache=cache, use_cache=True, logits_to_keep=1)
     norms = cache.memory_norms()
     stats = {}
     for layer, s in cache.svd_clean(energy_threshold=energy_threshold).items():

@@ -219,3 +219,12 @@ __all__ = [
     "read_jsonl", "save_figure", "loss_curves", "gate_curves", "gate_values", "memory_norms", "attention_map",
     "niah_heatmaps", "ppl_by_position", "variant_accuracy", "training_dynamics", "seed_table", "DYNAMICS_PANELS",
 ]
+
+
+def retrieval_heads(scan: Any, title: str = "Attention from the question onto the needle") -> Figure:
+    """Heatmap of a retrieval-head scan (layers × heads, :func:`senri.diagnostics.retrieval_head_scan`)."""
+    values = scan.detach().cpu().numpy() if hasattr(scan, "detach") else scan
+    fig, ax = plt.subplots(figsize=(4.5, 0.22 * len(values) + 1.2))
+    sns.heatmap(values, ax=ax, vmin=0, vmax=1, cmap="viridis", cbar_kws={"label": "attention mass"})
+    ax.set(xlabel="head", ylabel="layer", title=title)
+    return fig
