@@ -40,7 +40,7 @@ class TransferSettings:
 
     steps: int = 300
     seq_len: int = 1024
-    learning_rate: float = 2e-3
+    learning_rate: float = 1e-2
     gate_learning_rate: float = 2e-2
     passkey_share: float = 0.5          # share of training sequences that are pass-key prompts (the rest: text)
     needle_depths: tuple[float, float] = (0.02, 0.7)
