@@ -44,6 +44,14 @@ class LayerState:
     with S memories per head (SenriConfig.memory_slots), M: (B, H, S, D, D), z: (B, H, S, D).
     rotated_keys: the same window keys with RoPE applied, kept by local-attention layers so that a decoding step
     rotates only its new keys; derived from ``keys`` (never saved: a restored state recomputes it once).
+
+    A left-padded batch (``offsets`` set) is B independent streams that share the stream index: row b's first
+    ``offsets[b]`` tokens are padding, its own positions start at 0 on its first real token, and ``seen_tokens``
+    counts the shared stream, padding included. Each row's state is what that row alone would hold (:meth:`row`):
+    its window (``row_lengths[b]`` tokens, the last ones of keys/values/rotated_keys: rows are right-aligned, as
+    they all end at the stream's end), its memory (row b of M, z), its ``row_written[b]`` chunks and its attention
+    sinks (the row's first real tokens, the first entries of sink_keys/values); ``written_chunks`` is then the
+    fewest any row has written.
     """
 
     keys: torch.Tensor | None = None
@@ -55,6 +63,9 @@ class LayerState:
     rotated_keys: torch.Tensor | None = None
     sink_keys: torch.Tensor | None = None
     sink_values: torch.Tensor | None = None
+    offsets: tuple[int, ...] | None = None
+    row_written: tuple[int, ...] | None = None
+    row_lengths: tuple[int, ...] | None = None
 
     @property
     def window_start(self) -> int:
@@ -63,6 +74,64 @@ class LayerState:
     def tensors(self) -> dict[str, torch.Tensor]:
         names = ("keys", "values", "M", "z", "rotated_keys", "sink_keys", "sink_values")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+    # --- left-padded batches ----------------------------------------------------------------------------------------
+    def with_offsets(self, offsets: tuple[int, ...]) -> "LayerState":
+        """This state with the rows' padding counts ``offsets``; rows may only gain padding while they have no real
+        token yet (an empty state becomes a padded one)."""
+        if self.offsets is None:
+            if self.seen_tokens:
+                raise ValueError("padding can only start a stream: this state has seen tokens without padding")
+            batch = len(offsets)
+            return replace(self, offsets=tuple(offsets), row_written=(0,) * batch, row_lengths=(0,) * batch)
+        return replace(self, offsets=tuple(offsets))
+
+    def row(self, b: int) -> "LayerState":
+        """Row b of a left-padded batch's state as the state of that row alone (no padding, its own positions)."""
+        seen = max(0, self.seen_tokens - self.offsets[b])
+        length = self.row_lengths[b]
+
+        def window(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None or length == 0 else t[b : b + 1, :, t.shape[2] - length :]
+
+        sinks = 0 if self.sink_keys is None else min(self.sink_keys.shape[2], seen)
+        return LayerState(
+            keys=window(self.keys), values=window(self.values), rotated_keys=window(self.rotated_keys),
+            M=None if self.M is None else self.M[b : b + 1], z=None if self.z is None else self.z[b : b + 1],
+            seen_tokens=seen, written_chunks=self.row_written[b],
+            sink_keys=self.sink_keys[b : b + 1, :, :sinks] if sinks else None,
+            sink_values=self.sink_values[b : b + 1, :, :sinks] if sinks else None,
+        )
+
+    @staticmethod
+    def stack_rows(rows: list["LayerState"], offsets: tuple[int, ...], seen_tokens: int) -> "LayerState":
+        """The padded batch state of the rows' states (each from :meth:`row` after its own step); the inverse of
+        :meth:`row`. Windows are right-aligned, sinks left-aligned; a row without memory yet gets an empty one."""
+        lengths = tuple(0 if r.keys is None else r.keys.shape[2] for r in rows)
+
+        def stack(name: str, align: str | None) -> torch.Tensor | None:
+            tensors = [getattr(r, name) for r in rows]
+            ref = next((t for t in tensors if t is not None), None)
+            if ref is None:
+                return None
+            if align is None:  # M, z: one per row
+                return torch.cat([ref.new_zeros(ref.shape) if t is None else t for t in tensors])
+            width = max(0 if t is None else t.shape[2] for t in tensors)
+            padded = []
+            for t in tensors:
+                if t is None:
+                    t = ref[:, :, :0]
+                gap = (0, 0, width - t.shape[2], 0) if align == "right" else (0, 0, 0, width - t.shape[2])
+                padded.append(torch.nn.functional.pad(t, gap))
+            return torch.cat(padded)
+
+        row_written = tuple(r.written_chunks for r in rows)
+        return LayerState(
+            keys=stack("keys", "right"), values=stack("values", "right"), rotated_keys=stack("rotated_keys", "right"),
+            M=stack("M", None), z=stack("z", None), seen_tokens=seen_tokens, written_chunks=min(row_written),
+            sink_keys=stack("sink_keys", "left"), sink_values=stack("sink_values", "left"),
+            offsets=tuple(offsets), row_written=row_written, row_lengths=lengths,
+        )
 
 
 class SenriCacheLayer(CacheLayerMixin):
@@ -96,17 +165,34 @@ class SenriCacheLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.state = LayerState()
 
-    def _map_batch(self, fn) -> None:
-        self.state = replace(self.state, **{name: fn(t) for name, t in self.state.tensors().items()})
+    def _select_rows(self, rows: torch.Tensor) -> None:
+        """Keep batch rows ``rows`` (indices, in order, repeats allowed): tensors and the per-row padding records."""
+        changes = {name: t.index_select(0, rows.to(t.device)) for name, t in self.state.tensors().items()}
+        picked = rows.tolist()
+        for name in ("offsets", "row_written", "row_lengths"):
+            values = getattr(self.state, name)
+            if values is not None:
+                changes[name] = tuple(values[i] for i in picked)
+        self.state = replace(self.state, **changes)
+
+    def _batch_size(self) -> int:
+        tensors = self.state.tensors()
+        if tensors:
+            return next(iter(tensors.values())).shape[0]
+        return 0 if self.state.offsets is None else len(self.state.offsets)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        self._select_rows(beam_idx.flatten().long().cpu())
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+        self._select_rows(torch.arange(self._batch_size()).repeat_interleave(repeats))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map_batch(lambda t: t[indices])
+        indices = torch.as_tensor(indices).cpu()
+        self._select_rows(indices.nonzero().flatten() if indices.dtype == torch.bool else indices.flatten().long())
+
+    def _map_batch(self, fn) -> None:
+        self.state = replace(self.state, **{name: fn(t) for name, t in self.state.tensors().items()})
 
     def offload(self) -> None:
         self._map_batch(lambda t: t.to("cpu", non_blocking=True))
@@ -138,7 +224,13 @@ class SenriCache(Cache):
 
     @property
     def seen_tokens(self) -> int:
+        """Tokens of the stream so far (the padding of a left-padded batch included)."""
         return self.layers[0].state.seen_tokens if self.layers else 0
+
+    @property
+    def pad_offsets(self) -> tuple[int, ...] | None:
+        """Per row, the padding tokens before its first real token (a left-padded batch), or None without padding."""
+        return self.layers[0].state.offsets if self.layers else None
 
     # --- inspection ----------------------------------------------------------------------------------------------
     def nbytes(self) -> int:
@@ -210,6 +302,11 @@ class SenriCache(Cache):
         fed the state continues exactly as if it had never stopped. The attention sinks (``num_sink_tokens``) are
         always included: a few tokens, and a windowed layer goes off its training distribution without them.
         """
+        if self.pad_offsets is not None:
+            raise ValueError(
+                "the state of a left-padded batch cannot be saved (its rows are at different positions): save the "
+                "state of each sequence streamed alone"
+            )
         layers = {}
         for idx, layer in enumerate(self.layers):
             state = layer.state

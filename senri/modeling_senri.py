@@ -253,7 +253,45 @@ class SenriAttention(nn.Module):
         q = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, D)
         k = self.k_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         v = self.v_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        attend = self._attend if state.offsets is None else self._attend_rows
+        output, weights, new_state = attend(q, k, v, position_embeddings, state, output_attentions)
+        output = output.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
+        return self.o_proj(output), weights, new_state
 
+    def _attend_rows(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_embeddings: tuple, state: LayerState,
+        output_attentions: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, LayerState]:
+        """A left-padded batch: each row's real tokens through :meth:`_attend` with that row's own state and
+        positions (LayerState.row), exactly as the row alone; padding enters neither window nor memory, and its
+        outputs (and attention weights) are zero."""
+        B, Hq, T, D = q.shape
+        P = state.seen_tokens
+        outputs, weights, rows = [], [], []
+        for b in range(B):
+            row = state.row(b)
+            first = min(T, max(0, state.offsets[b] - P))  # this call's first real token of row b
+            out_b = q.new_zeros(1, Hq, T - first, D)
+            w_b = q.new_zeros(1, Hq, T - first, P + T - state.offsets[b]) if output_attentions else None
+            if first < T:
+                out_b, w_b, row = self._attend(
+                    q[b : b + 1, :, first:], k[b : b + 1, :, first:], v[b : b + 1, :, first:], position_embeddings,
+                    row, output_attentions,
+                )
+            outputs.append(F.pad(out_b, (0, 0, first, 0)))
+            if output_attentions:  # the row's positions 0.. are stream positions offsets[b]..
+                weights.append(F.pad(w_b, (P + T - w_b.shape[-1], 0, first, 0)))
+            rows.append(row)
+        new_state = LayerState.stack_rows(rows, state.offsets, P + T)
+        return torch.cat(outputs), torch.cat(weights) if output_attentions else None, new_state
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_embeddings: tuple, state: LayerState,
+        output_attentions: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, LayerState]:
+        """Window (+ sinks) and memory paths of q (B, Hq, T, D), k, v (B, H, T, D) from ``state`` (no padding).
+        Returns the output before o_proj (B, Hq, T, D), the window weights or None, and the new state."""
+        B, T = q.shape[0], q.shape[2]
         P, k_start = state.seen_tokens, state.window_start
         new_keys = k
         if state.keys is not None:
@@ -277,7 +315,7 @@ class SenriAttention(nn.Module):
             if self.num_sink_tokens:
                 n = sink_keys.shape[2]
                 sink_k = rope(sink_keys, sink_tables[0][:, :n], sink_tables[1][:, :n])  # at positions 0..n-1
-            q_cos, q_sin = cos[:, P - rope_start :], sin[:, P - rope_start :]
+            q_cos, q_sin = cos[:, P - rope_start : P + T - rope_start], sin[:, P - rope_start : P + T - rope_start]
             q_rope = rope(q, q_cos, q_sin)
             if self.first_position_to_rotate(state) == P:
                 # The window's keys were rotated when they arrived (RoPE is absolute): rotate only the new ones.
@@ -304,7 +342,7 @@ class SenriAttention(nn.Module):
             layout = self.memory_layouts[self.training]
             slots = None if layout is None else layout.num_slots
             if M is None:
-                M, z = empty_memory(B, self.num_kv_heads, self.head_dim, device=hidden_states.device, num_slots=slots)
+                M, z = empty_memory(B, self.num_kv_heads, self.head_dim, device=q.device, num_slots=slots)
             # Computed from the config, not held as a tensor attribute: a model built on the meta device by
             # from_pretrained would otherwise keep a meta tensor (ALiBi decay factors are not weights).
             decay = alibi_decay(self.num_kv_heads, self.config.alibi_scale) if self.config.use_alibi else None
@@ -339,8 +377,7 @@ class SenriAttention(nn.Module):
             written_chunks=new_written, rotated_keys=k_rope[:, :, keep_from:] if self.has_local else None,
             sink_keys=sink_keys if self.num_sink_tokens else None, sink_values=sink_values if self.num_sink_tokens else None,
         )
-        output = output.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
-        return self.o_proj(output), weights, new_state
+        return output, weights, new_state
 
 
 class SenriDecoderLayer(GradientCheckpointingLayer):
@@ -380,14 +417,59 @@ def _require(condition: torch.Tensor, message: str) -> None:
         raise ValueError(message)
 
 
-def _check_inputs(attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None, P: int, T: int) -> None:
-    """Refuse padding and position_ids that do not continue the cache (Senri derives positions from the cache)."""
-    if attention_mask is not None and attention_mask.dim() == 2:
-        _require(attention_mask.all(), "attention_mask with padding is not supported by Senri: feed unpadded sequences")
-    if position_ids is not None:
-        expected = torch.arange(P, P + T, device=position_ids.device)
-        _require((position_ids == expected).all(),
-                 f"position_ids must continue the cache ({P}..{P + T - 1}); Senri derives positions from the cache")
+def _pad_offsets(
+    attention_mask: torch.Tensor, P: int, T: int, offsets: tuple[int, ...] | None,
+) -> tuple[int, ...] | None:
+    """Per row, the padding tokens before its first real token, read from a 2D attention mask (1 real, 0 padding)
+    over the new tokens (B, T) or over the whole stream (B, P + T) as generate passes it; None when no row is padded.
+
+    Only left padding: a row's zeros all come before its first real token, so padding can only extend a row that has
+    no real token yet, and a mask over the stream must agree with the padding the cache already holds.
+    """
+    B, width = attention_mask.shape
+    if width not in (T, P + T):
+        raise ValueError(f"attention_mask has {width} columns; expected {T} (the new tokens) or {P + T} (the stream)")
+    old = torch.tensor(offsets if offsets is not None else [0] * B, device=attention_mask.device)
+    if old.shape[0] != B:
+        raise ValueError(f"cache holds batch size {old.shape[0]} but the attention_mask has batch size {B}")
+    real = attention_mask.bool()
+    start = P + T - width  # stream position of the mask's first column
+    first_real = torch.where(real.any(dim=1), real.int().argmax(dim=1), width) + start
+    new = torch.where(old < P, old, first_real)  # rows that have real tokens keep their padding
+    expected = torch.arange(start, P + T, device=real.device)[None] >= new[:, None]
+    wrong = (real != expected).any(dim=1).nonzero().flatten().tolist()
+    if wrong:
+        raise ValueError(
+            f"attention_mask: Senri takes left padding only (each row: zeros, then ones; no padding once a row has a "
+            f"real token, and a mask over the stream that agrees with the cache's padding); rows {wrong} are not"
+        )
+    new = tuple(new.tolist())
+    return None if offsets is None and not any(new) else new
+
+
+def _check_inputs(
+    attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None, P: int, T: int,
+    offsets: tuple[int, ...] | None,
+) -> None:
+    """Refuse position_ids that are not each row's own positions continuing the cache (Senri derives positions from
+    the cache and the padding); position_ids at padding are ignored. When traced: no padding (runtime assertion)."""
+    if _tracing():
+        if attention_mask is not None and attention_mask.dim() == 2:
+            _require(attention_mask.all(), "left padding is not supported under torch.compile / torch.export")
+        if position_ids is not None:
+            _require((position_ids == torch.arange(P, P + T, device=position_ids.device)).all(),
+                     f"position_ids must continue the cache ({P}..{P + T - 1}); Senri derives positions from the cache")
+        return
+    if position_ids is None:
+        return
+    expected = torch.arange(P, P + T, device=position_ids.device)[None]
+    if offsets is not None:
+        expected = expected - torch.tensor(offsets, device=position_ids.device)[:, None]
+    real = expected >= 0
+    if not bool(((position_ids == expected) | ~real).all()):
+        where = "" if offsets is None else " (each row's own, from its first real token)"
+        raise ValueError(f"position_ids must continue the cache{where}: {P}..{P + T - 1} less each row's padding; "
+                         "Senri derives positions from the cache")
 
 
 def _cache_argument(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
@@ -470,22 +552,31 @@ class SenriModel(SenriPreTrainedModel):
                 "create one with SenriCache(model.config, batch_size=...)"
             )
         P = cache.seen_tokens
-        _check_inputs(attention_mask, position_ids, P, T)
+        offsets = cache.pad_offsets  # a left-padded batch: per row, its padding tokens (None: no padding)
+        if attention_mask is not None and attention_mask.dim() == 2 and not _tracing():
+            offsets = _pad_offsets(attention_mask, P, T, offsets)
+        _check_inputs(attention_mask, position_ids, P, T, offsets)
+        states = [cache.layer_state(i) for i in range(len(self.layers))]
+        if offsets is not None:
+            states = [state if state.offsets == offsets else state.with_offsets(offsets) for state in states]
         # RoPE tables from the first position a layer must rotate in this call: the new tokens' only, unless a
-        # window's rotated keys are missing (a restored state), then from that window's start.
-        rope_start = min([P] + [layer.self_attn.first_position_to_rotate(cache.layer_state(i))
-                                for i, layer in enumerate(self.layers)])
-        positions = torch.arange(rope_start, P + T, device=inputs_embeds.device)[None]
+        # window's rotated keys are missing (a restored state), then from that window's start. Padded rows have their
+        # own positions (from 0 on their first real token): the tables span every row's.
+        rows = [states] if offsets is None else [[state.row(b) for state in states] for b in range(B)]
+        rope_start = min([max(0, P - max(offsets or [0]))] + [
+            layer.self_attn.first_position_to_rotate(row[i]) for row in rows for i, layer in enumerate(self.layers)
+        ])
+        positions = torch.arange(rope_start, P + T - min(offsets or [0]), device=inputs_embeds.device)[None]
         cos, sin = self.rotary_emb(inputs_embeds, positions)
         sinks = self.config.num_sink_tokens
         sink_tables = self.rotary_emb(inputs_embeds, torch.arange(sinks, device=inputs_embeds.device)[None]) if sinks else None
         position_embeddings = (cos, sin, rope_start, sink_tables)
 
         for idx, layer in enumerate(self.layers):  # before any layer advances the cache
-            layer.self_attn.check_state(cache.layer_state(idx))
+            layer.self_attn.check_state(states[idx])
         hidden_states = inputs_embeds
         for idx, layer in enumerate(self.layers):
-            state = cache.layer_state(idx)
+            state = states[idx]
             if state.keys is not None and state.keys.shape[0] != B:
                 raise ValueError(f"cache holds batch size {state.keys.shape[0]} but the input has batch size {B}")
             hidden_states, state = layer(hidden_states, position_embeddings, state, output_attentions=output_attentions)

@@ -224,10 +224,11 @@ def test_default_layout_is_the_seed_layout():
     assert smol.memory_update == "delta" and smol.memory_gate_init == 0.0
 
 
-def test_padding_is_refused_clearly():
-    model = tiny_model()
-    with pytest.raises(ValueError, match="padding is not supported"):
-        model(input_ids=torch.tensor([[1, 2, 3]]), attention_mask=torch.tensor([[0, 1, 1]]))
+def test_right_padding_and_padding_after_real_tokens_are_refused_clearly():
+    model = tiny_model()  # left padding is supported: tests/test_padding.py
+    for mask in ([[1, 1, 0]], [[0, 1, 0]], [[1, 0, 1]]):
+        with pytest.raises(ValueError, match=r"left padding only .* rows \[0\] are not"):
+            model(input_ids=torch.tensor([[1, 2, 3]]), attention_mask=torch.tensor(mask))
 
 
 def test_training_forward_starts_from_empty_memory_each_call():

@@ -137,6 +137,10 @@ def test_torch_export_traces_the_forward_and_keeps_the_input_checks_as_runtime_a
     torch.testing.assert_close(program.module()(ids, torch.ones_like(ids), positions), expected, rtol=0, atol=1e-5)
     with pytest.raises(RuntimeError, match="position_ids must continue the cache"):
         program.module()(ids, torch.ones_like(ids), positions + 1)
+    padded = torch.ones_like(ids)
+    padded[1, :3] = 0  # left padding is an eager-mode feature (its per-row offsets are data-dependent)
+    with pytest.raises(RuntimeError, match="left padding is not supported under torch.compile / torch.export"):
+        program.module()(ids, padded, positions)
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
