@@ -1,0 +1,118 @@
+"""The measurements behind docs/RESULTS.md's real-model tables, each reproducible with one command.
+
+    python -m senri.reports sinks                       # NLL beyond 2x the window: base, no sinks, 4 sinks
+    python -m senri.reports placement SEED CASES        # perfect-memory ceiling per placement (2K and 4K tokens)
+    python -m senri.reports real KIND LENGTH CASES      # base / gates closed / shipped memory (KIND: passkey | fact | nll)
+
+Each prints its records and writes them as JSON under ``runs/reports/``. All run on the offline SmolLM2 with window
+256 and chunk 64 (the ``cpu-real`` profile); one CPU thread unless ``OMP_NUM_THREADS`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .conversion import convert_llama_to_senri, load_local_smollm2
+from .diagnostics import nll_beyond, placement_ceiling
+from .io import atomic_write
+from .real_model import compare_on_cases, depths_beyond_window, fact_cases, gates_closed, nll_table, passkey_cases
+
+WINDOW, CHUNK = 256, 64
+OUT_DIR = Path("runs/reports")
+# The placements compared in docs/RESULTS.md (layers that would carry memory; "all 30" is the base model).
+PLACEMENTS = {
+    "all 30 (base)": list(range(30)), "none": [], "10,20 (seeds)": [10, 20], "16-23": list(range(16, 24)),
+    "8-23": list(range(8, 24)), "4-23": list(range(4, 24)),
+}
+
+
+def texts() -> dict[str, str]:
+    """Held-out natural text that ships with Python: never used in training (senri.transfer trains on licences of
+    the installed packages; the first entry here is those, for the sink measurement only)."""
+    import pydoc_data.topics as topics
+
+    from .transfer import local_text_corpus
+
+    return {
+        "package licences (joined)": "\n\n".join(local_text_corpus()),
+        "Python LICENSE.txt": Path(sys.base_prefix, "lib", f"python{sys.version_info.major}.{sys.version_info.minor}",
+                                   "LICENSE.txt").read_text(encoding="utf-8", errors="ignore"),
+        "pydoc topics": "\n\n".join(topics.topics[k] for k in sorted(topics.topics)),
+    }
+
+
+def sinks() -> list[dict[str, Any]]:
+    llama, tokenizer = load_local_smollm2()
+    rows = []
+    for name, text in texts().items():
+        ids = tokenizer(text, return_tensors="pt").input_ids[:, :2048]
+        row: dict[str, Any] = {"text": name, "tokens": ids.shape[1], "base": nll_beyond(llama, ids, 2 * WINDOW)}
+        for count in (0, 4):
+            model = convert_llama_to_senri(llama, sliding_window=WINDOW, chunk_size=CHUNK, num_sink_tokens=count)
+            row[f"window {WINDOW}, {count} sinks"] = nll_beyond(model, ids, 2 * WINDOW)
+        print(row, flush=True)
+        rows.append(row)
+    return rows
+
+
+def placement(seed: int, cases: int) -> list[dict[str, Any]]:
+    llama, tokenizer = load_local_smollm2()
+    text = texts()["Python LICENSE.txt"]
+    text_ids = tokenizer(text, return_tensors="pt").input_ids[:, :2048]
+    return placement_ceiling(llama, tokenizer, PLACEMENTS, [2048, 4096], cases, sliding_window=WINDOW,
+                             chunk_size=CHUNK, text_ids=text_ids, seed=seed, prefill_tokens=2048, progress=True)
+
+
+def real(kind: str, length: int, cases: int, directory: str | None = None) -> dict[str, Any]:
+    """Base (full attention), the shipped memory with its gates closed, and with them as trained, on the same
+    cases (``seed=7``, needles beyond the window)."""
+    from .trained import SMOLLM2_WINDOW256, load_trained_memory
+
+    llama, tokenizer = load_local_smollm2()
+    trained = load_trained_memory(llama, directory or SMOLLM2_WINDOW256)
+    haystack = texts()["pydoc topics"]
+    if kind == "nll":
+        ids = tokenizer(haystack, return_tensors="pt").input_ids[:, 20000 : 20000 + length]
+        records = nll_table({"trained": trained, "base": llama}, ids, WINDOW, CHUNK)
+        with gates_closed(trained):
+            records += [dict(r, model="gates closed") for r in nll_table({"x": trained}, ids, WINDOW, CHUNK)]
+        return {"kind": kind, "length": length, "records": records}
+    depths = depths_beyond_window(length, WINDOW, CHUNK)
+    if kind == "passkey":
+        case_list = passkey_cases(tokenizer, length, cases, seed=7, depths=depths)
+    elif kind == "fact":
+        case_list = fact_cases(tokenizer, haystack, length, cases, seed=7, depths=depths)
+    else:
+        raise ValueError(f"kind {kind!r} is unknown; valid kinds are ['passkey', 'fact', 'nll']")
+    name = f"{kind} {length}"
+    records = compare_on_cases({"trained": trained}, {name: case_list}, progress=True)
+    with gates_closed(trained):
+        records += compare_on_cases({"gates closed": trained}, {name: case_list}, progress=True)
+    records += compare_on_cases({"base": llama}, {name: case_list}, progress=True)
+    return {"kind": kind, "length": length, "records": records}
+
+
+def main(argv: list[str]) -> Any:
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    commands = {"sinks": (sinks, ()), "placement": (placement, (int, int)), "real": (real, (str, int, int))}
+    if not argv or argv[0] not in commands:
+        raise SystemExit(f"usage: python -m senri.reports {{{' | '.join(commands)}}} ... (see the module docstring)")
+    function, types = commands[argv[0]]
+    if len(argv) - 1 != len(types):
+        raise SystemExit(f"{argv[0]} takes {len(types)} arguments, got {len(argv) - 1} (see the module docstring)")
+    result = function(*(t(a) for t, a in zip(types, argv[1:])))
+    path = OUT_DIR / ("-".join(argv) + ".json")
+    with atomic_write(path) as f:
+        json.dump(result, f, indent=1)
+    print(f"written to {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
