@@ -154,7 +154,8 @@ def retrieval_probe(model: SenriForCausalLM, probe: dict[str, torch.Tensor],
         Ms, zs = memory_states(mem_k.reshape(B, H, n_mem, C, D), mem_v.reshape(B, H, n_mem, C, D), M0, z0,
                                model.config.memory_update, model.config.memory_eps)
         M, z = Ms[:, :, -1].repeat_interleave(G, dim=1), zs[:, :, -1].repeat_interleave(G, dim=1)
-        read = torch.einsum("bhd,bhde->bhe", sq, M) / (torch.einsum("bhd,bhd->bh", sq, z)[..., None] + model.config.memory_eps)
+        norm = torch.einsum("bhd,bhd->bh", sq, z)[..., None] + model.config.memory_eps
+        read = torch.einsum("bhd,bhde->bhe", sq, M) / norm
         needle_v = v[rows, :, probe["value_pos"].to(device)].repeat_interleave(G, dim=1)  # (B, Hq, D)
         # Projection of the read on the needle's value, in units of that value: 1 = the needle returned at full size.
         along = (read * needle_v).sum(-1) / needle_v.pow(2).sum(-1).clamp_min(1e-12)
@@ -182,7 +183,8 @@ def retrieval_by_length(model: SenriForCausalLM, tokenizer, lengths, num_samples
     thousands of tokens were written after it?"""
     out = {}
     for length in lengths:
-        probe = passkey_probe(tokenizer, length, num_samples, seed, model.config.sliding_window, model.config.chunk_size)
+        probe = passkey_probe(tokenizer, length, num_samples, seed, model.config.sliding_window,
+                              model.config.chunk_size)
         stats = retrieval_probe(model, probe, candidates)
         for name in ("memory_acc", "needle_lift", "needle_scale"):
             values = [v for k, v in stats.items() if k.startswith(f"probe/{name}/")]

@@ -390,7 +390,8 @@ def memory_norms(model: SenriForCausalLM, probe: torch.Tensor) -> dict[str, floa
     return {f"memory_norm/{layer}": norm for layer, norm in cache.memory_norms().items()}
 
 
-def retrieval_metrics(cfg: ConfigManager, tokenizer: Any, samples: int = 32) -> Callable[[SenriForCausalLM], dict[str, float]] | None:
+def retrieval_metrics(cfg: ConfigManager, tokenizer: Any,
+                      samples: int = 32) -> Callable[[SenriForCausalLM], dict[str, float]] | None:
     """On the passkey task: a function logging, per step, retrieval of needles beyond the window by the model and by
     its memory alone (:func:`senri.analysis.retrieval_probe` on ``samples`` fixed held-out samples); None for other
     datasets."""
