@@ -45,8 +45,10 @@ variants: setup
 	$(PY) -c "from senri.config import ConfigManager; from senri.experiments import compare_variants; \
 	print(compare_variants(ConfigManager('$(PROFILE)', {'experiment.run_name': '$(VARIANTS_RUN)' or None}))['table'])"
 
+# Senri vs Llama, ratios from one run; DEVICE=cuda for GPU numbers (tokens/s, peak memory).
+DEVICE ?= cpu
 bench: setup
-	$(PY) bench/bench_senri.py
+	$(PY) bench/bench_senri.py --device $(DEVICE)
 
 clean:
 	rm -rf runs .pytest_cache

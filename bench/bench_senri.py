@@ -1,15 +1,18 @@
 """Senri vs transformers' LlamaForCausalLM (sdpa) on the same shapes; prints ratios (median of repeats).
 
-Run: `make bench` (or `.venv/bin/python bench/bench_senri.py`). Settings are the constants below (no argparse).
+Run: `make bench` (CPU) or `make bench DEVICE=cuda`, i.e. `.venv/bin/python bench/bench_senri.py --device cuda`.
+Every ratio comes from one run: timings of different runs on a shared machine are not comparable. On a GPU the
+table adds tokens/s and peak memory of the training steps and prefills.
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from senri import SenriCache, SenriConfig, SenriForCausalLM
 
@@ -18,39 +21,82 @@ SHAPES = dict(vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidde
 WINDOW, CHUNK = 1024, 64
 REPEATS = 5
 PIECE = 512  # streaming piece size
-torch.manual_seed(0)
-
-
-def median_seconds(fn, repeats: int = REPEATS) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
-    torch.set_num_threads(torch.get_num_threads())
-    llama = LlamaForCausalLM(LlamaConfig(**SHAPES, attn_implementation="sdpa")).eval()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--repeats", type=int, default=REPEATS)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cuda = device.type == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    def median_seconds(fn, repeats: int = args.repeats) -> float:
+        fn()  # warm-up (and compilation, on a GPU)
+        times = []
+        for _ in range(repeats):
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    def peak_mib(fn) -> float:
+        if not cuda:
+            return float("nan")
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        sync()
+        return torch.cuda.max_memory_allocated(device) / 2**20
+
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(**SHAPES, attn_implementation="sdpa")).to(device)
     senri = SenriForCausalLM(SenriConfig(**SHAPES, sliding_window=WINDOW, chunk_size=CHUNK,
                                          layer_types=["sliding_attention", "memory", "sliding_attention", "memory"]))
     senri.load_state_dict(llama.state_dict(), strict=False)
-    senri.eval()
-    ids = torch.randint(0, SHAPES["vocab_size"], (1, 16384))
-    rows = []
+    senri.to(device)
+    ids = torch.randint(0, SHAPES["vocab_size"], (1, 16384), device=device)
+    rows, extra = [], []
+
+    # 1. A training step (forward + backward, labels = inputs) at 2K and 8K tokens.
+    def train_step(model, n: int):
+        def step() -> None:
+            model.zero_grad(set_to_none=True)
+            model(input_ids=ids[:, :n], labels=ids[:, :n], use_cache=False).loss.backward()
+        return step
+
+    llama.train(), senri.train()
+    for n, target in ((2048, "<= 1.1"), (8192, "<= 0.6")):
+        t_llama = median_seconds(train_step(llama, n), 3)
+        t_senri = median_seconds(train_step(senri, n), 3)
+        rows.append((f"{n // 1024}K training step: senri / llama (target {target})", t_senri, t_llama, t_senri / t_llama))
+        if cuda:
+            m_llama, m_senri = peak_mib(train_step(llama, n)), peak_mib(train_step(senri, n))
+            extra.append(f"{n // 1024}K training: tokens/s llama {n / t_llama:,.0f} senri {n / t_senri:,.0f}; "
+                         f"peak MiB llama {m_llama:,.0f} senri {m_senri:,.0f}")
+    llama.eval(), senri.eval()
 
     with torch.inference_mode():
-        # 1. Prefill of 8K tokens in one forward.
-        t_llama = median_seconds(lambda: llama(ids[:, :8192], logits_to_keep=1))
-        t_senri = median_seconds(lambda: senri(input_ids=ids[:, :8192], logits_to_keep=1))
-        rows.append(("8K prefill: llama / senri (target >= 2.0)", t_llama, t_senri, t_llama / t_senri))
-        t_llama16 = median_seconds(lambda: llama(ids, logits_to_keep=1), 3)
-        t_senri16 = median_seconds(lambda: senri(input_ids=ids, logits_to_keep=1), 3)
-        rows.append(("16K prefill: llama / senri", t_llama16, t_senri16, t_llama16 / t_senri16))
+        # 2. Prefill of 8K and 16K tokens in one forward.
+        for n, target in ((8192, " (target >= 2.5)"), (16384, "")):
+            t_llama = median_seconds(lambda: llama(ids[:, :n], logits_to_keep=1), 3)
+            t_senri = median_seconds(lambda: senri(input_ids=ids[:, :n], logits_to_keep=1), 3)
+            rows.append((f"{n // 1024}K prefill: llama / senri{target}", t_llama, t_senri, t_llama / t_senri))
+            if cuda:
+                m_llama = peak_mib(lambda: llama(ids[:, :n], logits_to_keep=1))
+                m_senri = peak_mib(lambda: senri(input_ids=ids[:, :n], logits_to_keep=1))
+                extra.append(f"{n // 1024}K prefill: tokens/s llama {n / t_llama:,.0f} senri {n / t_senri:,.0f}; "
+                             f"peak MiB llama {m_llama:,.0f} senri {m_senri:,.0f}")
 
-        # 2. Per-token cost of streaming in pieces: 16K vs 2K tokens.
+        # 3. Per-token cost of streaming in pieces: 16K vs 2K tokens.
         def stream(n: int) -> None:
             cache = SenriCache(senri.config, batch_size=1)
             for s in range(0, n, PIECE):
@@ -60,7 +106,7 @@ def main() -> None:
         per_16k = median_seconds(lambda: stream(16384), 3) / 16384
         rows.append(("per-token streaming cost: 16K / 2K (target <= 1.3)", per_16k, per_2k, per_16k / per_2k))
 
-        # 3. Latency of one decoded token after 1K and after 8K tokens of context.
+        # 4. Latency of one decoded token after 1K and after 8K tokens of context.
         def decode_after(n: int) -> float:
             cache = SenriCache(senri.config, batch_size=1)
             for s in range(0, n, PIECE):
@@ -68,7 +114,7 @@ def main() -> None:
             token = ids[:, n : n + 1]
 
             def step() -> None:
-                # Decode 32 tokens from a copy-free state: each call advances the cache, which is what decoding does.
+                # Decode 32 tokens: each call advances the cache, which is what decoding does.
                 for _ in range(32):
                     senri(input_ids=token, cache=cache, use_cache=True)
 
@@ -78,8 +124,6 @@ def main() -> None:
         rows.append(("decode latency: after 8K / after 1K (target <= 1.2)", d_8k, d_1k, d_8k / d_1k))
 
         # Reference point: Llama's decode after 8K with its growing KV cache.
-        from transformers import DynamicCache
-
         llama_cache = DynamicCache()
         llama(ids[:, :8192], cache=llama_cache, use_cache=True, logits_to_keep=1)
         t_llama_decode = median_seconds(
@@ -87,10 +131,13 @@ def main() -> None:
         ) / 8
         rows.append(("decode after 8K: llama / senri", t_llama_decode, d_8k, t_llama_decode / d_8k))
 
-    print(f"shapes: {SHAPES}, window {WINDOW}, chunk {CHUNK}, threads {torch.get_num_threads()}, torch {torch.__version__}")
+    where = torch.cuda.get_device_name(device) if cuda else f"cpu, {torch.get_num_threads()} threads"
+    print(f"shapes: {SHAPES}, window {WINDOW}, chunk {CHUNK}, device {where}, torch {torch.__version__}")
     print(f"{'measurement':55s} {'a (s)':>10s} {'b (s)':>10s} {'a/b':>7s}")
     for name, a, b, ratio in rows:
         print(f"{name:55s} {a:10.5f} {b:10.5f} {ratio:7.2f}")
+    for line in extra:
+        print(line)
 
 
 if __name__ == "__main__":

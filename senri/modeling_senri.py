@@ -7,6 +7,8 @@ Equations cite Infini-attention (Munkhdalai et al., 2024).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,12 +23,15 @@ from transformers.models.llama.modeling_llama import (
     LlamaRotaryEmbedding,
     rotate_half,
 )
+from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .cache import LayerState, SenriCache
 from .configuration_senri import MEMORY_LAYER_TYPES, SenriConfig
 from .memory import MemoryLayout, alibi_decay, empty_memory, memory_attention, slotted_memory_attention
+
+logger = logging.get_logger(__name__)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -39,6 +44,14 @@ def window_start_of(position: torch.Tensor | int, chunk_size: int, window_chunks
     return (position // chunk_size - window_chunks) * chunk_size
 
 
+# Query chunks per block of the one-call window attention (each block's keys: its window, shared by the block's
+# chunks, plus its own chunks): larger blocks compute more masked scores, smaller ones overlap more keys, whose
+# gradients unfold's backward adds up. On CPU at the benchmark's shapes (window of 16 chunks), 4 was fastest for
+# training steps and 1 for inference (no backward).
+BLOCK_CHUNKS = 4
+BLOCK_CHUNKS_INFERENCE = 1
+
+
 def local_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, k_start: int, scaling: float,
     chunk_size: int, window_chunks: int | None, sink_k: torch.Tensor | None = None, sink_v: torch.Tensor | None = None,
@@ -48,45 +61,173 @@ def local_attention(
     q: (B, Hq, T, D); k, v: (B, H, L, D), the keys ending with the queries' own tokens. ``window_chunks=None`` is
     full causal attention; otherwise query t sees keys s with window_start_of(t) <= s <= t, and also the attention
     sinks ``sink_k``/``sink_v`` (B, H, S, D), the stream's first S tokens (RoPE'd at their positions 0..S-1), those
-    of them that lie before its window (StreamingLLM): they join the window's keys, one attention call per block.
+    of them that lie before its window (StreamingLLM), in one softmax with the window's keys.
 
-    Queries are taken one chunk at a time: all queries of a chunk share their window's start, so each block's mask
-    is a lower-right causal mask over the keys from that start, the same for every full chunk (built once per
-    call), and the cost is O(T · window): no L × L mask on long inputs.
+    One attention call, cost O(T · window): queries of one chunk are a single block over the keys from their
+    window's start (a lower-right causal mask); queries of several chunks go through
+    :func:`grouped_local_attention`.
     """
     T = q.shape[2]
-    num_sinks = 0 if sink_k is None else sink_k.shape[2]
-    masks: dict[tuple[int, int, int], torch.Tensor | None] = {}
-    outputs = []
-    b0 = 0
-    while b0 < T:
-        first = q_start + b0
-        b1 = T if window_chunks is None else min(T, b0 + chunk_size - first % chunk_size)  # to the chunk's end
-        last = q_start + b1 - 1
-        lo = k_start if window_chunks is None else max(k_start, window_start_of(first, chunk_size, window_chunks))
-        n_q, n_k, n_s = b1 - b0, last + 1 - lo, min(num_sinks, max(lo, 0))
-        if (n_q, n_k, n_s) not in masks:
-            # Sinks first (always visible), then query i sees window keys j <= i + (n_k - n_q); None when that is
-            # plain causal (square) attention.
-            allowed = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(diagonal=n_k - n_q)
-            allowed = torch.cat([allowed.new_ones(n_q, n_s), allowed], dim=1)
-            masks[n_q, n_k, n_s] = None if n_q == n_k and n_s == 0 else torch.zeros(
-                n_q, n_s + n_k, dtype=q.dtype, device=q.device
-            ).masked_fill_(~allowed, float("-inf"))
-        mask = masks[n_q, n_k, n_s]
-        keys = slice(lo - k_start, last + 1 - k_start)
-        block_k, block_v = k[:, :, keys], v[:, :, keys]
-        if n_s:
-            block_k = torch.cat([sink_k[:, :, :n_s], block_k], dim=2)
-            block_v = torch.cat([sink_v[:, :, :n_s], block_v], dim=2)
-        outputs.append(
-            F.scaled_dot_product_attention(
-                q[:, :, b0:b1], block_k, block_v, attn_mask=mask, is_causal=mask is None, scale=scaling,
-                enable_gqa=True,
-            )
-        )
-        b0 = b1
-    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+    if window_chunks is not None and (q_start + T - 1) // chunk_size != q_start // chunk_size:
+        args = (q, k, v, q_start, k_start, scaling, chunk_size, window_chunks, sink_k, sink_v)
+        if _use_flex(q):
+            try:
+                return flex_local_attention(*args)
+            except Exception as error:  # noqa: BLE001 - a GPU/compiler that cannot run it: the SDPA path still can
+                _FLEX["failed"] = error
+                logger.warning_once(f"FlexAttention failed ({error!r}); Senri's window uses one SDPA call instead")
+        return grouped_local_attention(*args)
+    lo = k_start if window_chunks is None else max(k_start, window_start_of(q_start, chunk_size, window_chunks))
+    n_k = q_start + T - lo
+    n_s = 0 if sink_k is None else min(sink_k.shape[2], max(lo, 0))  # the sinks before the window (or the keys)
+    block_k, block_v = k[:, :, lo - k_start :], v[:, :, lo - k_start :]
+    mask = None
+    if T != n_k or n_s:
+        # Sinks first (always visible), then query i sees window keys j <= i + (n_k - T).
+        allowed = torch.ones(T, n_k, dtype=torch.bool, device=q.device).tril(diagonal=n_k - T)
+        mask = torch.cat([allowed.new_ones(T, n_s), allowed], dim=1)
+    if n_s:
+        block_k = torch.cat([sink_k[:, :, :n_s], block_k], dim=2)
+        block_v = torch.cat([sink_v[:, :, :n_s], block_v], dim=2)
+    return F.scaled_dot_product_attention(
+        q, block_k, block_v, attn_mask=mask, is_causal=mask is None, scale=scaling, enable_gqa=True
+    )
+
+
+# The window's backend for queries spanning several chunks: "auto" (FlexAttention on CUDA when torch has it, else
+# one SDPA call: grouped_local_attention), "sdpa" or "flex" (eager flex_attention off CUDA: for tests).
+LOCAL_ATTENTION_BACKEND = "auto"
+_FLEX: dict = {}
+
+
+def _use_flex(q: torch.Tensor) -> bool:
+    if LOCAL_ATTENTION_BACKEND == "flex":
+        return True
+    if LOCAL_ATTENTION_BACKEND != "auto" or not q.is_cuda or "failed" in _FLEX:
+        return False
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def flex_local_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, k_start: int, scaling: float,
+    chunk_size: int, window_chunks: int, sink_k: torch.Tensor | None = None, sink_v: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`local_attention` through FlexAttention with a block mask: only the (query block, key block) tiles that
+    the window or the sinks reach are computed. The sinks are put before the keys; the mask is the window's rule
+    (and the sinks before each query's window). Compiled on CUDA (torch.compile), eager elsewhere (slow: tests)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    S = 0 if sink_k is None else sink_k.shape[2]
+    if S:
+        k, v = torch.cat([sink_k, k], dim=2), torch.cat([sink_v, v], dim=2)
+    build = _flex_block_mask.__wrapped__ if _tracing() else _flex_block_mask
+    block_mask = build(q_start, k_start, q.shape[2], k.shape[2], chunk_size, window_chunks, S, q.device)
+    attend = flex_attention
+    if q.is_cuda and not _tracing():
+        if "compiled" not in _FLEX:
+            _FLEX["compiled"] = torch.compile(flex_attention, dynamic=False)
+        attend = _FLEX["compiled"]
+    return attend(q, k, v, block_mask=block_mask, scale=scaling, enable_gqa=True)
+
+
+@functools.lru_cache(maxsize=4)
+def _flex_block_mask(q_start: int, k_start: int, T: int, L: int, C: int, W: int, S: int, device: torch.device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def window(b, h, q_index, k_index):
+        q_pos, k_pos = q_index + q_start, k_index - S + k_start
+        start = (q_pos // C - W) * C
+        in_window = (k_index >= S) & (k_pos <= q_pos) & (k_pos >= start)
+        return in_window | ((k_index < S) & (k_index < torch.clamp(start, min=k_start)))
+
+    return create_block_mask(window, None, None, T, L, device=device)
+
+
+@functools.lru_cache(maxsize=4)
+def _grouped_mask(
+    q_start: int, k_start: int, T: int, C: int, W: int, m: int, S: int, device: torch.device, dtype: torch.dtype,
+) -> torch.Tensor:
+    """The additive mask (N, 1, R, span) of :func:`grouped_local_attention` (0 where a query sees a key slot, -inf
+    elsewhere). It depends only on these numbers, so the layers of one forward (and the steps of a training run)
+    share it; nobody writes to it."""
+    c0, c1 = q_start // C, (q_start + T - 1) // C
+    R, lead, N = m * C, W // m, -(-(c1 - c0 + 1) // m)
+    q_lo = c0 * C
+    key_lo = q_lo - lead * R
+    q_pos = q_lo + torch.arange(N, device=device)[:, None] * R + torch.arange(R, device=device)[None]  # (N, R)
+    group = torch.arange(lead + 1, device=device)[:, None]  # (lead + 1, 1) key groups of a block
+    slot = torch.arange(S + R, device=device)[None]
+    k_pos = (key_lo + (torch.arange(N, device=device)[:, None, None] + group) * R + slot - S).flatten(1)  # (N, span)
+    is_sink = (slot < S).expand(lead + 1, -1).flatten()[None, None]
+    q_pos, k_pos = q_pos[:, :, None], k_pos[:, None, :]
+    window_start = window_start_of(q_pos, C, W)
+    visible = ~is_sink & (k_pos >= max(k_start, 0)) & (k_pos <= q_pos) & (k_pos >= window_start)
+    if S:
+        sink_index = slot.expand(lead + 1, -1).flatten()[None, None]
+        first_group = (group == 0).expand(-1, S + R).flatten()[None, None]
+        # The sinks of the block's first group, those before the window (and before the keys held).
+        visible |= is_sink & first_group & (sink_index < torch.clamp(window_start, min=k_start))
+    valid_query = (q_pos >= q_start) & (q_pos < q_start + T)
+    visible |= ~valid_query  # padding queries of the grid see everything (finite, discarded)
+    return torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))[:, None]
+
+
+def _block_chunks(window_chunks: int, query_chunks: int, training: bool) -> int:
+    """Chunks per query block: at most BLOCK_CHUNKS (BLOCK_CHUNKS_INFERENCE without gradients) and the number of query
+    chunks, dividing window_chunks."""
+    limit = max(1, min(BLOCK_CHUNKS if training else BLOCK_CHUNKS_INFERENCE, query_chunks))
+    return max(m for m in range(1, limit + 1) if window_chunks % m == 0)
+
+
+def grouped_local_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, k_start: int, scaling: float,
+    chunk_size: int, window_chunks: int, sink_k: torch.Tensor | None = None, sink_v: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`local_attention` of queries spanning several chunks (training, prefill) in one SDPA call.
+
+    The queries, on the chunk grid, form N blocks of m chunks (R = m·C queries). The keys are laid out in groups of
+    m chunks, each group led by a copy of the S sinks: [sinks | R keys] per group, so that block n's keys (its
+    window's W/m groups and its own group) are one contiguous, overlapping stretch of that layout. ``unfold`` makes
+    them a view (no copy of the windows), batch and heads are folded into SDPA's head axis (kv head b·H + h serves
+    query heads b·Hq + h·G.., as enable_gqa maps them), and a boolean mask (N, 1, R, span) keeps, per query, its
+    window's keys up to itself and the sinks of the block's first group that lie before its window. Gradients of
+    the views add up in ``unfold``'s backward (the per-chunk slices they replace each allocated a full-size
+    gradient).
+    """
+    B, Hq, T, D = q.shape
+    H, C, W = k.shape[1], chunk_size, window_chunks
+    c0, c1 = q_start // C, (q_start + T - 1) // C
+    m = _block_chunks(W, c1 - c0 + 1, training=torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))
+    R, lead = m * C, W // m  # queries per block; key groups before a block's own
+    N = -(-(c1 - c0 + 1) // m)
+    q_lo = c0 * C  # position of the first query slot
+    S = 0 if sink_k is None else sink_k.shape[2]
+    pad_front, pad_back = q_start - q_lo, N * R - T - (q_start - q_lo)
+    grid = F.pad(q, (0, 0, pad_front, pad_back))  # (B, Hq, N * R, D)
+    grid = grid.view(B, Hq, N, R, D).permute(2, 0, 1, 3, 4).reshape(N, B * Hq, R, D)
+
+    key_lo = q_lo - lead * R  # position of the first key slot
+    cut = max(0, key_lo - k_start)
+
+    def layout(x: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+        x = F.pad(x[:, :, cut:], (0, 0, max(0, k_start - key_lo), q_lo + N * R - (q_start + T)))
+        if S:
+            groups = x.view(B, H, lead + N, R, D)
+            x = torch.cat([sinks[:, :, None].expand(B, H, lead + N, S, D), groups], dim=3).view(B, H, -1, D)
+        span = (lead + 1) * (S + R)
+        return x.unfold(2, span, S + R).permute(2, 0, 1, 4, 3).reshape(N, B * H, span, D)
+
+    keys, values = layout(k, sink_k), layout(v, sink_v)
+
+    build = _grouped_mask.__wrapped__ if _tracing() else _grouped_mask
+    mask = build(q_start, k_start, T, C, W, m, S, q.device, q.dtype)
+    out = F.scaled_dot_product_attention(grid, keys, values, attn_mask=mask, scale=scaling, enable_gqa=True)
+    out = out.view(N, B, Hq, R, D).permute(1, 2, 0, 3, 4).reshape(B, Hq, N * R, D)
+    return out[:, :, pad_front : pad_front + T]
 
 
 def explicit_local_attention(
@@ -109,8 +250,11 @@ def explicit_local_attention(
         allowed &= k_pos >= window_start_of(q_pos, chunk_size, window_chunks)
     num_sinks = 0 if sink_k is None else sink_k.shape[2]
     if num_sinks:
-        # A sink is seen through this copy only before the window (inside it, through the window's own key).
-        sink_allowed = torch.arange(num_sinks, device=q.device)[None] < window_start_of(q_pos, chunk_size, window_chunks)
+        # A sink is seen through this copy only before the window (inside it, through the window's own key) or
+        # before the keys held (a state restored without its window).
+        sink_allowed = torch.arange(num_sinks, device=q.device)[None] < torch.clamp(
+            window_start_of(q_pos, chunk_size, window_chunks), min=k_start
+        )
         allowed = torch.cat([sink_allowed, allowed], dim=1)
         k, v = torch.cat([sink_k, k], dim=2), torch.cat([sink_v, v], dim=2)
     scores = (q @ k.repeat_interleave(G, dim=1).transpose(-1, -2)).float() * scaling

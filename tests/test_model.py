@@ -266,13 +266,15 @@ def test_million_token_stream_under_autocast_stays_finite_with_float32_memory(dt
 
 
 @pytest.mark.parametrize("sinks", [0, 3])
-@pytest.mark.parametrize("q_start,T", [(0, 37), (5, 30), (23, 1), (40, 9)])
-def test_local_attention_equals_a_naive_masked_softmax(q_start, T, sinks):
-    """Block-sliding window (+ the first ``sinks`` tokens of the stream) ≡ one softmax over all keys with a mask."""
+@pytest.mark.parametrize("q_start,T,window_chunks,earlier",
+                         [(0, 37, 2, 0), (5, 30, 2, 0), (23, 1, 2, 0), (40, 9, 2, 0), (13, 70, 4, 1), (9, 50, 3, 2)])
+def test_local_attention_equals_a_naive_masked_softmax(q_start, T, window_chunks, earlier, sinks):
+    """Block-sliding window (+ the first ``sinks`` tokens of the stream) ≡ one softmax over all keys with a mask;
+    the keys given may start ``earlier`` chunks before the first query's window (as a cache holds them)."""
     from senri.modeling_senri import explicit_local_attention, local_attention
 
-    C, window_chunks = 4, 2
-    k_start = max(0, (q_start // C - window_chunks) * C)
+    C = 4
+    k_start = max(0, (q_start // C - window_chunks - earlier) * C)
     g = torch.Generator().manual_seed(6)
     L = q_start + T  # every key from position 0; the fast path gets the window's and the sinks'
     q, k, v = torch.randn(2, 4, T, 8, generator=g), torch.randn(2, 2, L, 8, generator=g), torch.randn(2, 2, L, 8, generator=g)
@@ -283,16 +285,59 @@ def test_local_attention_equals_a_naive_masked_softmax(q_start, T, sinks):
     allowed = (k_pos[None] <= q_pos[:, None]) & (
         (k_pos[None] >= ((q_pos // C - window_chunks) * C)[:, None]) | (k_pos[None] < sinks)
     )
-    scores = (q @ k.repeat_interleave(2, dim=1).transpose(-1, -2)) * 8**-0.5
-    weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+
+    def weights_of(q, k=k):
+        scores = (q @ k.repeat_interleave(2, dim=1).transpose(-1, -2)) * 8**-0.5
+        return scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+
+    weights = weights_of(q)
     naive = weights @ v.repeat_interleave(2, dim=1)
     torch.testing.assert_close(fast, naive, rtol=1e-5, atol=1e-5)
+    # With gradients the grouped path takes larger blocks (BLOCK_CHUNKS); same result, and gradients flow.
+    q_grad, k_grad, v_grad = (t.clone().requires_grad_() for t in (q, k, v))
+    sinks_grad = (k_grad[:, :, :sinks], v_grad[:, :, :sinks]) if sinks else (None, None)
+    trained = local_attention(q_grad, k_grad[:, :, k_start:], v_grad[:, :, k_start:], q_start, k_start, 8**-0.5, C,
+                              window_chunks, *sinks_grad)
+    torch.testing.assert_close(trained, naive, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(trained.square().sum(), (q_grad, k_grad, v_grad))
+    naive_trained = weights_of(q_grad, k_grad) @ v_grad.repeat_interleave(2, dim=1)
+    naive_grads = torch.autograd.grad(naive_trained.square().sum(), (q_grad, k_grad, v_grad))
+    for grad, naive_grad in zip(grads, naive_grads):
+        torch.testing.assert_close(grad, naive_grad, rtol=1e-4, atol=1e-5)
     # The explicit path (output_attentions) gives the same output and these weights over positions 0..q_start+T-1.
     explicit, explicit_weights = explicit_local_attention(
         q, k[:, :, k_start:], v[:, :, k_start:], q_start, k_start, 8**-0.5, C, window_chunks, sink_k, sink_v
     )
     torch.testing.assert_close(explicit, naive, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(explicit_weights, weights, rtol=1e-5, atol=1e-6)
+    # The FlexAttention path (CUDA's; eager here) applies the same rule through its block mask.
+    import warnings
+
+    from senri.modeling_senri import flex_local_attention
+
+    if T > 1:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "flex_attention called without torch.compile()"
+            flex = flex_local_attention(q, k[:, :, k_start:], v[:, :, k_start:], q_start, k_start, 8**-0.5, C,
+                                        window_chunks, sink_k, sink_v)
+        torch.testing.assert_close(flex, naive, rtol=1e-5, atol=1e-5)
+
+
+def test_a_flex_attention_that_fails_falls_back_to_the_one_sdpa_call(monkeypatch):
+    import senri.modeling_senri as modeling
+
+    g = torch.Generator().manual_seed(7)
+    q, k, v = torch.randn(1, 4, 30, 8, generator=g), torch.randn(1, 2, 30, 8, generator=g), torch.randn(1, 2, 30, 8, generator=g)
+    expected = modeling.local_attention(q, k, v, 0, 0, 8**-0.5, 4, 2)
+
+    def unavailable(*args):
+        raise RuntimeError("no triton here")
+
+    monkeypatch.setattr(modeling, "LOCAL_ATTENTION_BACKEND", "flex")
+    monkeypatch.setattr(modeling, "flex_local_attention", unavailable)
+    monkeypatch.setattr(modeling, "_FLEX", {})
+    assert torch.equal(modeling.local_attention(q, k, v, 0, 0, 8**-0.5, 4, 2), expected)
+    assert "failed" in modeling._FLEX
 
 
 def test_gate_clamp_passes_gradient_at_zero_and_only_inward_outside():
