@@ -1,4 +1,5 @@
-# Senri workspace. `make demo` runs the four notebooks headless; `make test` runs every test (CI calls it).
+# Senri workspace. `make demo` shows the shipped trained SmolLM2 recalling beyond its window and the fixed-size state;
+# `make notebooks` runs the four notebooks headless; `make test` runs every test (CI calls it).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,7 +8,7 @@ RUN_NAME ?= demo
 RUN_DIR := runs/$(RUN_NAME)
 NOTEBOOKS := 01_model_test 02_training 03_evaluation 04_analysis
 
-.PHONY: setup test demo bench variants clean
+.PHONY: setup test demo notebooks bench variants clean
 
 setup: $(STAMP)
 
@@ -31,6 +32,9 @@ test: setup
 	$(PY) -m pytest -q --nbval-lax notebooks/
 
 demo: setup
+	$(PY) -m senri.demo $(RUN_DIR)
+
+notebooks: setup
 	mkdir -p $(RUN_DIR)
 	for nb in $(NOTEBOOKS); do \
 		$(PY) -m papermill -k python3 notebooks/$$nb.ipynb $(RUN_DIR)/$$nb.ipynb -p profile auto -p run_name $(RUN_NAME) || exit 1; \

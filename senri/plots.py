@@ -228,3 +228,19 @@ def retrieval_heads(scan: Any, title: str = "Attention from the question onto th
     sns.heatmap(values, ax=ax, vmin=0, vmax=1, cmap="viridis", cbar_kws={"label": "attention mass"})
     ax.set(xlabel="head", ylabel="layer", title=title)
     return fig
+
+
+def model_comparison(records: Sequence[Mapping], title: str = "Base vs gates closed vs trained memory") -> Figure:
+    """Accuracy per case set (x) and model (bars) from :func:`senri.real_model.compare_on_cases` records."""
+    case_sets = list(dict.fromkeys(r["cases"] for r in records))
+    models = list(dict.fromkeys(r["model"] for r in records))
+    fig, ax = plt.subplots(figsize=(1.6 * len(case_sets) + 2.5, 3.4))
+    width = 0.8 / len(models)
+    for i, model in enumerate(models):
+        values = [next((r["accuracy"] for r in records if r["model"] == model and r["cases"] == c), 0.0)
+                  for c in case_sets]
+        ax.bar([x + i * width for x in range(len(case_sets))], values, width, label=model)
+    ax.set_xticks([x + width * (len(models) - 1) / 2 for x in range(len(case_sets))], case_sets)
+    ax.set(ylabel="accuracy", ylim=(0, 1.05), title=title)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return fig

@@ -3,6 +3,7 @@
     python -m senri.reports sinks                       # NLL beyond 2x the window: base, no sinks, 4 sinks
     python -m senri.reports placement SEED CASES        # perfect-memory ceiling per placement (2K and 4K tokens)
     python -m senri.reports real KIND LENGTH CASES      # base / gates closed / shipped memory (KIND: passkey | fact | nll)
+    python -m senri.reports ship STATE UPDATE           # ship a phase-A state (transfer_state.pt, memory_update UPDATE)
 
 Each prints its records and writes them as JSON under ``runs/reports/``. All run on the offline SmolLM2 with window
 256 and chunk 64 (the ``cpu-real`` profile); one CPU thread unless ``OMP_NUM_THREADS`` says otherwise.
@@ -98,9 +99,42 @@ def real(kind: str, length: int, cases: int, directory: str | None = None) -> di
     return {"kind": kind, "length": length, "records": records}
 
 
+CHECK_LENGTH, CHECK_CASES, CHECK_SEED = 1024, 4, 7
+
+
+def ship(state_path: str, memory_update: str, directory: str | None = None) -> dict[str, Any]:
+    """Write a phase-A state as the shipped trained memory, with a card that records the recipe, the steps and,
+    per case, what the trained model and its gates-closed twin find on 4 pass keys at 4x the window (the test
+    re-measures them)."""
+    from .trained import SMOLLM2_WINDOW256, read_card, save_trained_memory
+    from .transfer import build_student
+
+    llama, tokenizer = load_local_smollm2()
+    student = build_student(llama, range(4, 24), sliding_window=WINDOW, chunk_size=CHUNK, num_sink_tokens=4,
+                            memory_update=memory_update)
+    saved = torch.load(state_path, weights_only=True)
+    own = dict(student.named_parameters())
+    with torch.no_grad():
+        for name, value in saved["parameters"].items():
+            own[name].copy_(value)
+    student.eval()
+    cases = passkey_cases(tokenizer, CHECK_LENGTH, CHECK_CASES, seed=CHECK_SEED,
+                          depths=depths_beyond_window(CHECK_LENGTH, WINDOW, CHUNK))
+    from .diagnostics import teacher_forced_passkey
+
+    check = {"length": CHECK_LENGTH, "seed": CHECK_SEED, "trained": teacher_forced_passkey(student, cases)}
+    with gates_closed(student):
+        check["gates closed"] = teacher_forced_passkey(student, cases)
+    card = {"recipe": {"name": "phase A: layer-local attention transfer (senri.transfer)", "profile": "cpu-real",
+                       "settings": saved["settings"]}, "steps": saved["step"], "check": check}
+    path = save_trained_memory(student, llama, directory or SMOLLM2_WINDOW256, "local-smollm2", card)
+    return read_card(path)
+
+
 def main(argv: list[str]) -> Any:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    commands = {"sinks": (sinks, ()), "placement": (placement, (int, int)), "real": (real, (str, int, int))}
+    commands = {"sinks": (sinks, ()), "placement": (placement, (int, int)), "real": (real, (str, int, int)),
+                "ship": (ship, (str, str))}
     if not argv or argv[0] not in commands:
         raise SystemExit(f"usage: python -m senri.reports {{{' | '.join(commands)}}} ... (see the module docstring)")
     function, types = commands[argv[0]]
