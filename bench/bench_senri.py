@@ -1,8 +1,8 @@
 """Senri vs transformers' LlamaForCausalLM (sdpa) on the same shapes; prints ratios (median of repeats).
 
 Run: `make bench` (CPU) or `make bench DEVICE=cuda`, i.e. `.venv/bin/python bench/bench_senri.py --device cuda`.
-Every ratio comes from one run: timings of different runs on a shared machine are not comparable. On a GPU the
-table adds tokens/s and peak memory of the training steps and prefills.
+Every ratio comes from one run, Senri and Llama timed alternately (medians): timings of different runs on a shared
+machine are not comparable. On a GPU the table adds tokens/s and peak memory of the training steps and prefills.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ PIECE = 512  # streaming piece size
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads (default 1: on a shared machine more threads wait on each other, Senri's "
+                             "many small memory-path ops most; 0 keeps torch's default)")
     parser.add_argument("--repeats", type=int, default=REPEATS)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -48,6 +50,19 @@ def main() -> None:
             sync()
             times.append(time.perf_counter() - start)
         return statistics.median(times)
+
+    def paired_seconds(fn_a, fn_b, repeats: int = args.repeats) -> tuple[float, float]:
+        """Medians of a and b timed alternately (a, b, a, b...), so that a change of load weighs on both."""
+        fn_a(), fn_b()  # warm-up
+        times = ([], [])
+        for _ in range(repeats):
+            for fn, out in ((fn_a, times[0]), (fn_b, times[1])):
+                sync()
+                start = time.perf_counter()
+                fn()
+                sync()
+                out.append(time.perf_counter() - start)
+        return statistics.median(times[0]), statistics.median(times[1])
 
     def peak_mib(fn) -> float:
         if not cuda:
@@ -75,8 +90,7 @@ def main() -> None:
 
     llama.train(), senri.train()
     for n, target in ((2048, "<= 1.1"), (8192, "<= 0.6")):
-        t_llama = median_seconds(train_step(llama, n), 3)
-        t_senri = median_seconds(train_step(senri, n), 3)
+        t_llama, t_senri = paired_seconds(train_step(llama, n), train_step(senri, n))
         rows.append((f"{n // 1024}K training step: senri / llama (target {target})", t_senri, t_llama, t_senri / t_llama))
         if cuda:
             m_llama, m_senri = peak_mib(train_step(llama, n)), peak_mib(train_step(senri, n))
@@ -87,8 +101,8 @@ def main() -> None:
     with torch.inference_mode():
         # 2. Prefill of 8K and 16K tokens in one forward.
         for n, target in ((8192, " (target >= 2.5)"), (16384, "")):
-            t_llama = median_seconds(lambda: llama(ids[:, :n], logits_to_keep=1), 3)
-            t_senri = median_seconds(lambda: senri(input_ids=ids[:, :n], logits_to_keep=1), 3)
+            t_llama, t_senri = paired_seconds(lambda: llama(ids[:, :n], logits_to_keep=1),
+                                              lambda: senri(input_ids=ids[:, :n], logits_to_keep=1))
             rows.append((f"{n // 1024}K prefill: llama / senri{target}", t_llama, t_senri, t_llama / t_senri))
             if cuda:
                 m_llama = peak_mib(lambda: llama(ids[:, :n], logits_to_keep=1))
