@@ -32,6 +32,8 @@ from .io import atomic_write
 from .modeling_senri import SenriForCausalLM, window_start_of
 
 TRANSFER_PARAMETER_SUFFIXES = ("memory_gate", "memory_query_map", "memory_key_map")
+# Settings a resumed run may change: how long it goes on and how often it saves and logs.
+CONTINUATION_SETTINGS = ("steps", "save_steps", "log_steps")
 
 
 @dataclass
@@ -219,8 +221,11 @@ def run_transfer(
     step = 0
     if state_path.exists():
         saved = torch.load(state_path, weights_only=True)
-        if saved["settings"] != _jsonable(asdict(settings)):
-            raise ValueError(f"{state_path} was made with other transfer settings: {saved['settings']}; "
+        now = _jsonable(asdict(settings))
+        differ = [f"{k}: saved {saved['settings'].get(k)!r}, now {v!r}" for k, v in now.items()
+                  if k not in CONTINUATION_SETTINGS and saved["settings"].get(k) != v]
+        if differ:
+            raise ValueError(f"{state_path} was made with other transfer settings ({'; '.join(differ)}); "
                              "use another out_dir to start a new run")
         with torch.no_grad():
             for name, value in saved["parameters"].items():

@@ -100,12 +100,9 @@ def test_transfer_resumes_exactly_after_an_interruption(tmp_path):
     part = _student(base)
     run_transfer(base, part, None, CORPUS, _settings(steps=4), tmp_path / "part")
     resumed = _student(base)
-    with pytest.raises(ValueError, match="other transfer settings"):
+    with pytest.raises(ValueError, match="other transfer settings \\(learning_rate: saved 0.03, now 0.001\\)"):
         run_transfer(base, resumed, None, CORPUS, _settings(steps=6, learning_rate=1e-3), tmp_path / "part")
-    state = torch.load(tmp_path / "part" / "transfer_state.pt", weights_only=True)
-    state["settings"]["steps"] = 6  # a longer run of the same settings continues
-    torch.save(state, tmp_path / "part" / "transfer_state.pt")
-    run_transfer(base, resumed, None, CORPUS, _settings(steps=6), tmp_path / "part")
+    run_transfer(base, resumed, None, CORPUS, _settings(steps=6), tmp_path / "part")  # a longer run continues
     for (name, a), b in zip(whole.named_parameters(), resumed.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
