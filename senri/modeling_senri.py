@@ -257,7 +257,8 @@ def explicit_local_attention(
         )
         allowed = torch.cat([sink_allowed, allowed], dim=1)
         k, v = torch.cat([sink_k, k], dim=2), torch.cat([sink_v, v], dim=2)
-    scores = (q @ k.repeat_interleave(G, dim=1).transpose(-1, -2)).float() * scaling
+    precision = torch.promote_types(q.dtype, torch.float32)  # at least float32 (float64 stays float64)
+    scores = (q @ k.repeat_interleave(G, dim=1).transpose(-1, -2)).to(precision) * scaling
     weights = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
     output = (weights.to(v.dtype) @ v.repeat_interleave(G, dim=1)).to(q.dtype)
     full = weights.new_zeros(B, Hq, T, q_start + T)

@@ -68,10 +68,15 @@ def test_conversion_checks_every_key_and_shape():
         convert_llama_to_senri(small, sliding_window=8, chunk_size=4, layer_types=["memory", "sliding_attention"])
 
 
-@pytest.mark.parametrize("gate,atol", [(0.0, 1e-8), (0.3, 1e-4)])
+@pytest.mark.parametrize("gate,atol", [(0.0, 1e-4), (0.3, 1e-4)])
 def test_real_model_streaming_beyond_the_window_in_float64(smollm2, gate, atol):
-    """Closed gates: windows, RoPE and cache are exact (1e-8). Open gates: the memory itself always runs in
-    float32 by design, which bounds the agreement at float32 rounding."""
+    """Closed gates: windows, RoPE and cache agree up to float64 rounding, which this model amplifies at a few
+    positions: the window's one attention call sums a piece's keys in another order than the one pass does (a
+    decoding step takes another kernel path still), and a 1e-14 difference in layer 14's attention output at
+    position 412 is 6e-10 after that layer's post-attention RMSNorm and 1.1e-5 in the logits (a logic error in
+    windows, RoPE or cache shows at O(1)). On a tiny model the closed-gate agreement is 1e-12:
+    tests/test_model.py::test_streaming_with_closed_gates_is_exact_in_float64. Open gates: the memory itself always
+    runs in float32 by design, which bounds the agreement at float32 rounding."""
     llama, tokenizer = smollm2
     senri = convert_llama_to_senri(llama, sliding_window=256, chunk_size=64, memory_gate_init=gate).double()
     ids = _text_ids(tokenizer, 600)

@@ -43,6 +43,20 @@ def test_streaming_in_any_pieces_equals_one_pass(update, layer_types, sinks):
             torch.testing.assert_close(streamed, one_pass, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("sinks", [0, 4])
+def test_streaming_with_closed_gates_is_exact_in_float64(sinks):
+    """Windows, sinks, RoPE and cache lose nothing: with the memory's share closed, streaming in any pieces (one
+    attention call each, or single-token steps) equals one pass to float64 rounding."""
+    model = tiny_model(memory_gate_init=0.0, num_sink_tokens=sinks,
+                       layer_types=["sliding_attention", "memory", "full_attention"]).double()
+    ids = torch.randint(0, 97, (2, 150), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        one_pass = model(input_ids=ids).logits
+        for pieces in ([30, 1, 17, 50, 52], [1] * 150):
+            streamed, _ = _stream(model, ids, pieces)
+            torch.testing.assert_close(streamed, one_pass, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("update", UPDATES)
 def test_greedy_generate_matches_repeated_full_forwards(update):
     model = tiny_model(memory_update=update)
