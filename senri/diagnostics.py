@@ -72,16 +72,24 @@ def passkey_cases(
 
 
 @torch.no_grad()
-def teacher_forced_passkey(model: Any, cases: Sequence[PasskeyCase]) -> list[bool]:
-    """Per case: does the model's argmax predict every answer token given the prompt (teacher forcing)?"""
+def teacher_forced_scores(model: Any, cases: Sequence[PasskeyCase]) -> list[tuple[bool, float]]:
+    """Per case: (does the argmax predict every answer token given the prompt (teacher forcing), the mean
+    log-probability of the answer tokens)."""
     device = next(model.parameters()).device
-    found = []
+    scores = []
     for case in cases:
         ids = torch.tensor([case.ids], device=device)
         n_answer = len(case.ids) - case.answer_start
-        logits = model(input_ids=ids[:, :-1], logits_to_keep=n_answer).logits[0]
-        found.append(bool((logits.argmax(-1) == ids[0, case.answer_start :]).all()))
-    return found
+        logits = model(input_ids=ids[:, :-1], logits_to_keep=n_answer).logits[0].float()
+        answer = ids[0, case.answer_start :]
+        log_probs = logits.log_softmax(-1).gather(1, answer[:, None])
+        scores.append((bool((logits.argmax(-1) == answer).all()), float(log_probs.mean())))
+    return scores
+
+
+def teacher_forced_passkey(model: Any, cases: Sequence[PasskeyCase]) -> list[bool]:
+    """Per case: does the model's argmax predict every answer token given the prompt (teacher forcing)?"""
+    return [found for found, _ in teacher_forced_scores(model, cases)]
 
 
 @torch.no_grad()
@@ -194,6 +202,6 @@ def placement_ceiling(
 
 
 __all__ = [
-    "PasskeyCase", "passkey_cases", "teacher_forced_passkey", "retrieval_head_scan", "placement_layer_types",
+    "PasskeyCase", "passkey_cases", "teacher_forced_scores", "teacher_forced_passkey", "retrieval_head_scan", "placement_layer_types",
     "nll_beyond", "memory_state_bytes", "placement_ceiling",
 ]

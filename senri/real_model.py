@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .diagnostics import PasskeyCase, nll_beyond, passkey_cases, teacher_forced_passkey
+from .diagnostics import PasskeyCase, nll_beyond, passkey_cases, teacher_forced_scores
 
 # Facts for the natural-text needle: a name no haystack mentions, asked once at the end.
 FACT_SUBJECTS = ("the lighthouse keeper's cat", "the captain's parrot", "the old mill's horse", "the baker's dog",
@@ -79,17 +79,21 @@ def gates_closed(model: Any) -> Iterator[Any]:
 
 def compare_on_cases(models: dict[str, Any], cases: dict[str, Sequence[PasskeyCase]],
                      progress: bool = False) -> list[dict[str, Any]]:
-    """Teacher-forced accuracy of each model on each named case set: one record per (model, case set)."""
+    """Teacher-forced accuracy of each model on each named case set, and the mean log-probability of the answer
+    tokens (a softer signal than exact match): one record per (model, case set)."""
     records = []
     for case_name, case_list in cases.items():
         for model_name, model in models.items():
             if model is None:
                 continue
-            found = teacher_forced_passkey(model, case_list)
+            scores = teacher_forced_scores(model, case_list)
+            found = [f for f, _ in scores]
             records.append({"model": model_name, "cases": case_name, "n": len(found),
-                            "accuracy": sum(found) / len(found), "found": found})
+                            "accuracy": sum(found) / len(found), "found": found,
+                            "answer_logprob": sum(lp for _, lp in scores) / len(scores)})
             if progress:
-                print(f"{case_name:>22} {model_name:>14}: {sum(found)}/{len(found)}", flush=True)
+                print(f"{case_name:>22} {model_name:>14}: {sum(found)}/{len(found)}, answer log-prob "
+                      f"{records[-1]['answer_logprob']:.3f}", flush=True)
     return records
 
 

@@ -141,7 +141,7 @@ def main(argv: list[str]) -> Any:
     if len(argv) - 1 != len(types):
         raise SystemExit(f"{argv[0]} takes {len(types)} arguments, got {len(argv) - 1} (see the module docstring)")
     result = function(*(t(a) for t, a in zip(types, argv[1:])))
-    path = OUT_DIR / ("-".join(argv) + ".json")
+    path = OUT_DIR / ("-".join(argv).replace("/", "_") + ".json")
     with atomic_write(path) as f:
         json.dump(result, f, indent=1)
     print(f"written to {path}")
