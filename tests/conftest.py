@@ -29,3 +29,12 @@ def tiny_model(seed: int = 0, **overrides) -> SenriForCausalLM:
 def smollm2():
     """(LlamaForCausalLM, tokenizer): the real SmolLM2-135M-Instruct from the pip-shipped GGUF."""
     return load_local_smollm2()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run ~10x faster on one thread than on two contended ones (used by the training-run modules)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -24,12 +24,11 @@ from pathlib import Path
 import nbformat
 import psutil
 import pytest
-import torch
 
 from senri.config import ConfigManager
 from senri.training import is_complete, model_runs, train
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 REPO = Path(__file__).resolve().parent.parent
 RUN = "colab-sim"
@@ -65,14 +64,6 @@ def mount(mountpoint, force_remount=False, timeout_ms=120000, readonly=False):
     # A Colab kernel has google.colab imported before the first cell runs.
     "sitecustomize.py": "import google.colab  # noqa: F401\n",
 }
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -23,19 +23,11 @@ from senri.training import (
     mark_complete, mirror_checkpoint, model_runs, prune_checkpoints, train,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parent.parent
 ENTRY = REPO / "tests" / "training_run.py"
 # Tiny and fast: 16 samples of 64 tokens (window 32 + chunks of 8, so memory is written), 8 steps per epoch.
 SMALL = {"seq_len": 64, "per_device_batch_size": 2, "num_train_samples": 16}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run ~10x faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _overrides(run_dir: Path, **extra) -> dict:
