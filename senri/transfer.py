@@ -262,7 +262,8 @@ def run_transfer(
             gate_means = {layer: float(student.model.layers[layer].self_attn.memory_gate.detach().clamp(0, 1).mean())
                           for layer in layers}
             record = {"step": step, "loss": sum(losses.values()) / len(losses), "layer_loss": losses,
-                      "gate_mean": gate_means, "seconds": time.perf_counter() - began}
+                      "gate_mean": gate_means, "seconds": time.perf_counter() - began,
+                      **{f"gate/{layer}/mean": value for layer, value in gate_means.items()}}
             with open(metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
             if progress:
@@ -318,9 +319,9 @@ def train_transfer(cfg: Any) -> dict[str, Any]:
     from .trained import save_trained_memory
 
     run_dir = Path(cfg.experiment.run_dir)
-    out_dir = run_dir / "transfer"
+    out_dir = run_dir  # transfer_state.pt and metrics.jsonl beside what 02-04 read (final/, train_summary.json)
     drive_dir = cfg.resolve_drive_dir()
-    drive_state = None if drive_dir is None else Path(drive_dir) / "transfer" / "transfer_state.pt"
+    drive_state = None if drive_dir is None else Path(drive_dir) / "transfer_state.pt"
     if drive_state is not None and drive_state.exists() and not (out_dir / "transfer_state.pt").exists():
         out_dir.mkdir(parents=True, exist_ok=True)
         shutil.copy2(drive_state, out_dir / "transfer_state.pt")  # a new runtime resumes from Drive
@@ -343,12 +344,22 @@ def train_transfer(cfg: Any) -> dict[str, Any]:
             print(f"warning: copying the transfer state to {drive_state} failed ({error}); retrying at the next save")
 
     result = run_transfer(base, student, tokenizer, corpus, settings, out_dir, progress=mirror)
-    summary = {"recipe": "transfer", "steps": result["steps"], "seconds": result["seconds"],
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+               if line.strip()]
+    # The keys of the Trainer's summary, so that 02-04 read a transfer run like any other.
+    summary = {"recipe": "transfer", "global_step": result["steps"], "max_steps": settings.steps,
+               "final_loss": records[-1]["loss"] if records else None, "train_runtime": result["seconds"],
                "gates": {str(k): [round(float(x), 4) for x in v] for k, v in student.memory_gate_values().items()}}
     save_trained_memory(student, base, run_dir / "trained_memory", cfg.model.base_model,
                         {"recipe": asdict(settings), "summary": summary})
+    student.save_pretrained(run_dir / "final")  # the whole converted model, for 03's evaluation
+    tokenizer.save_pretrained(run_dir / "final")
     with atomic_write(run_dir / "train_summary.json") as f:
         json.dump(summary, f, indent=1)
+    if drive_dir is not None:
+        from .training import publish_results
+
+        publish_results(run_dir, Path(drive_dir))
     return summary
 
 

@@ -128,3 +128,22 @@ def test_trained_memory_round_trips_bit_exact_and_refuses_another_base(tmp_path)
     assert card["settings"]["num_sink_tokens"] == SINKS and card["recipe"] == "test"
     with pytest.raises(ValueError, match="another base checkpoint"):
         load_trained_memory(_base(seed=1), tmp_path)
+
+
+@pytest.mark.slow
+def test_the_cpu_real_profile_trains_through_senri_training_like_any_run(tmp_path):
+    """`training.recipe: transfer` goes through senri.training.train (02_training): a Trainer-shaped summary,
+    gate values in metrics.jsonl, the whole model in final/, the trained memory in trained_memory/."""
+    from senri.config import ConfigManager
+    from senri.trained import read_card
+    from senri.training import train
+
+    cfg = ConfigManager("cpu-real", {"training.max_steps": 2, "training.seq_len": 384, "training.save_steps": 1,
+                                     "training.logging_steps": 1, "experiment.run_dir": str(tmp_path / "run")})
+    summary = train(cfg)
+    assert summary["global_step"] == 2 and summary["final_loss"] > 0
+    assert set(summary["gates"]) == {str(i) for i in range(4, 24)}
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and "gate/20/mean" in records[-1]
+    assert (tmp_path / "run" / "final" / "config.json").is_file()
+    assert read_card(tmp_path / "run" / "trained_memory")["recipe"]["steps"] == 2
