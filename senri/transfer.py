@@ -14,11 +14,10 @@ Training is resumable: the trainable parameters, the optimizer and the step are 
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -200,6 +199,7 @@ def build_student(base: Any, memory_layers: Sequence[int], **senri_settings: Any
 def run_transfer(
     base: Any, student: SenriForCausalLM, tokenizer: Any, corpus_ids: Sequence[int], settings: TransferSettings,
     out_dir: str | Path, progress: Callable[[dict[str, Any]], None] | None = None,
+    on_save: Callable[[Path], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``student``'s transfer parameters for ``settings.steps`` steps, resuming from ``out_dir`` if a save
     is there. Writes ``transfer_state.pt`` (trainable parameters, optimizer, step) and ``metrics.jsonl``."""
@@ -273,6 +273,8 @@ def run_transfer(
                      "optimizer": optimizer.state_dict(), "step": step, "settings": _jsonable(asdict(settings))}
             with atomic_write(state_path, "wb") as f:
                 torch.save(state, f)
+            if on_save:
+                on_save(state_path)
     student.eval()
     return {"steps": step, "seconds": time.perf_counter() - began}
 
@@ -332,18 +334,18 @@ def train_transfer(cfg: Any) -> dict[str, Any]:
     settings = settings_from_config(cfg)
     corpus = text_corpus_ids(tokenizer, local_text_corpus())
 
-    def mirror(record: dict[str, Any]) -> None:
-        if drive_state is None or record["step"] % settings.save_steps:
+    def mirror(state_path: Path) -> None:
+        if drive_state is None:
             return
         try:
             drive_state.parent.mkdir(parents=True, exist_ok=True)
             tmp = drive_state.with_suffix(".tmp")
-            shutil.copy2(out_dir / "transfer_state.pt", tmp)
+            shutil.copy2(state_path, tmp)
             tmp.replace(drive_state)
         except OSError as error:  # a full or dropped Drive must not stop training: the next save tries again
             print(f"warning: copying the transfer state to {drive_state} failed ({error}); retrying at the next save")
 
-    result = run_transfer(base, student, tokenizer, corpus, settings, out_dir, progress=mirror)
+    result = run_transfer(base, student, tokenizer, corpus, settings, out_dir, on_save=mirror)
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
                if line.strip()]
     # The keys of the Trainer's summary, so that 02-04 read a transfer run like any other.

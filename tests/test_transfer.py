@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from senri.real_model import gates_closed
 from senri.trained import load_trained_memory, save_trained_memory
 from senri.transfer import (
-    TransferSettings, build_student, run_transfer, student_layer_output, teacher_targets, transfer_parameters,
+    TransferSettings, build_student, run_transfer, teacher_targets, transfer_parameters,
 )
 
 WINDOW, CHUNK, SINKS = 16, 4, 2
@@ -133,13 +133,14 @@ def test_trained_memory_round_trips_bit_exact_and_refuses_another_base(tmp_path)
 @pytest.mark.slow
 def test_the_cpu_real_profile_trains_through_senri_training_like_any_run(tmp_path):
     """`training.recipe: transfer` goes through senri.training.train (02_training): a Trainer-shaped summary,
-    gate values in metrics.jsonl, the whole model in final/, the trained memory in trained_memory/."""
+    gate values in metrics.jsonl, the whole model in final/, the trained memory in trained_memory/, all on Drive."""
     from senri.config import ConfigManager
     from senri.trained import read_card
     from senri.training import train
 
     cfg = ConfigManager("cpu-real", {"training.max_steps": 2, "training.seq_len": 384, "training.save_steps": 1,
-                                     "training.logging_steps": 1, "experiment.run_dir": str(tmp_path / "run")})
+                                     "training.logging_steps": 1, "experiment.run_dir": str(tmp_path / "run"),
+                                     "experiment.drive_dir": str(tmp_path / "drive")})
     summary = train(cfg)
     assert summary["global_step"] == 2 and summary["final_loss"] > 0
     assert set(summary["gates"]) == {str(i) for i in range(4, 24)}
@@ -147,3 +148,7 @@ def test_the_cpu_real_profile_trains_through_senri_training_like_any_run(tmp_pat
     assert [r["step"] for r in records] == [1, 2] and "gate/20/mean" in records[-1]
     assert (tmp_path / "run" / "final" / "config.json").is_file()
     assert read_card(tmp_path / "run" / "trained_memory")["recipe"]["steps"] == 2
+    # The state is mirrored to the (stand-in) Drive at every save, and the results are published there.
+    drive = tmp_path / "drive"
+    assert torch.load(drive / "transfer_state.pt", weights_only=True)["step"] == 2
+    assert (drive / "train_summary.json").is_file() and (drive / "final" / "config.json").is_file()
