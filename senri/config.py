@@ -30,7 +30,7 @@ import yaml
 from .configuration_senri import LAYER_TYPES
 from .io import atomic_write
 
-PROFILES = ("cpu-smoke", "cpu-proof", "cpu-real", "t4", "a100")
+PROFILES = ("cpu-smoke", "cpu-proof", "cpu-real", "real-finetune", "t4", "a100")
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 # What ``auto`` picks on a GPU, first match wins: (profile, minimum compute capability, minimum memory in GiB).
 # a100 trains batches of 8 x 2048 tokens in bf16, meant for an 80 GB A100 or an H100; every other GPU (T4, L4,
@@ -103,9 +103,17 @@ class TrainingSettings:
     trainable: Literal["all", "memory"] = "memory"
     # lm: language-model training with transformers' Trainer; transfer: phase A of the real-model recipe
     # (senri.transfer: layer-local attention transfer from the full-attention base, gates and memory maps only).
-    recipe: Literal["lm", "transfer"] = "lm"
+    # finetune: phase B (senri.finetune: end-to-end through the memory, LoRA + memory parameters, answer-only loss,
+    # KL to the base on text, a curriculum on needle distance).
+    recipe: Literal["lm", "transfer", "finetune"] = "lm"
     transfer_passkey_share: float = 0.5
     transfer_base_weight: float = 0.01
+    finetune_init: str | None = None  # a trained memory directory to start from (phase A's); "shipped": the package's
+    finetune_curriculum: list[list[float]] = field(default_factory=lambda: [[0.0, 640], [0.3, 1024], [0.6, 2048]])
+    finetune_lora_rank: int = 8
+    finetune_kl_weight: float = 0.5
+    finetune_eval_steps: int = 50
+    finetune_time_budget_s: float | None = None
 
 
 @dataclass
@@ -145,9 +153,9 @@ POSITIVE = {
     "seq_len", "save_steps", "save_total_limit", "logging_steps", "num_train_samples", "niah_samples",
     "ppl_seq_len", "ppl_bucket_size", "gate_lr_multiplier", "memory_layer_interval", "real_model_window",
     "real_model_niah_samples", "num_memories", "top_k_memories", "num_memory_banks", "segments_per_bank", "alibi_scale",
-    "variant_max_steps",
+    "variant_max_steps", "finetune_lora_rank", "finetune_eval_steps", "finetune_time_budget_s",
 }
-NON_NEGATIVE = {"num_sink_tokens", "num_memory_layers", "first_memory_layer", "weight_decay", "warmup_steps", "max_grad_norm", "seed"}
+NON_NEGATIVE = {"finetune_kl_weight", "num_sink_tokens", "num_memory_layers", "first_memory_layer", "weight_decay", "warmup_steps", "max_grad_norm", "seed"}
 FRACTIONS = {"transfer_passkey_share", "memory_gate_init", "niah_ratio", "needle_beyond_window"}
 
 

@@ -3,6 +3,7 @@
     python -m senri.reports sinks                       # NLL beyond 2x the window: base, no sinks, 4 sinks
     python -m senri.reports placement SEED CASES        # perfect-memory ceiling per placement (2K and 4K tokens)
     python -m senri.reports real KIND LENGTH CASES      # base / gates closed / shipped memory (KIND: passkey | fact | nll)
+    python -m senri.reports grid DIR CASES              # the same over the whole grid (DIR: a trained memory, or shipped)
     python -m senri.reports ship STATE UPDATE           # ship a phase-A state (transfer_state.pt, memory_update UPDATE)
 
 Each prints its records and writes them as JSON under ``runs/reports/``. All run on the offline SmolLM2 with window
@@ -70,20 +71,27 @@ def placement(seed: int, cases: int) -> list[dict[str, Any]]:
                              chunk_size=CHUNK, text_ids=text_ids, seed=seed, prefill_tokens=2048, progress=True)
 
 
-def real(kind: str, length: int, cases: int, directory: str | None = None) -> dict[str, Any]:
-    """Base (full attention), the shipped memory with its gates closed, and with them as trained, on the same
-    cases (``seed=7``, needles beyond the window)."""
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _models(directory: str | None) -> tuple[Any, Any, Any]:
+    """(base with full attention, the trained memory of ``directory`` (default: the shipped one), tokenizer)."""
     from .trained import SMOLLM2_WINDOW256, load_trained_memory
 
     llama, tokenizer = load_local_smollm2()
     trained = load_trained_memory(llama, directory or SMOLLM2_WINDOW256)
+    return llama.to(_device()), trained.to(_device()), tokenizer
+
+
+def _three_way(llama: Any, trained: Any, tokenizer: Any, kind: str, length: int, cases: int) -> list[dict[str, Any]]:
     haystack = texts()["pydoc topics"]
     if kind == "nll":
-        ids = tokenizer(haystack, return_tensors="pt").input_ids[:, 20000 : 20000 + length]
+        ids = tokenizer(haystack, return_tensors="pt").input_ids[:, 20000 : 20000 + length].to(_device())
         records = nll_table({"trained": trained, "base": llama}, ids, WINDOW, CHUNK)
         with gates_closed(trained):
             records += [dict(r, model="gates closed") for r in nll_table({"x": trained}, ids, WINDOW, CHUNK)]
-        return {"kind": kind, "length": length, "records": records}
+        return records
     depths = depths_beyond_window(length, WINDOW, CHUNK)
     if kind == "passkey":
         case_list = passkey_cases(tokenizer, length, cases, seed=7, depths=depths)
@@ -95,8 +103,30 @@ def real(kind: str, length: int, cases: int, directory: str | None = None) -> di
     records = compare_on_cases({"trained": trained}, {name: case_list}, progress=True)
     with gates_closed(trained):
         records += compare_on_cases({"gates closed": trained}, {name: case_list}, progress=True)
-    records += compare_on_cases({"base": llama}, {name: case_list}, progress=True)
-    return {"kind": kind, "length": length, "records": records}
+    return records + compare_on_cases({"base": llama}, {name: case_list}, progress=True)
+
+
+def real(kind: str, length: int, cases: int, directory: str | None = None) -> dict[str, Any]:
+    """Base (full attention), the shipped memory with its gates closed, and with them as trained, on the same
+    cases (``seed=7``, needles beyond the window). On a GPU when there is one."""
+    llama, trained, tokenizer = _models(directory)
+    return {"kind": kind, "length": length, "records": _three_way(llama, trained, tokenizer, kind, length, cases)}
+
+
+# The issue's grid: pass keys at 4x-32x the window, the natural-text needle at 8x and 16x, NLL inside the window.
+GRID = (("passkey", 1024), ("passkey", 2048), ("passkey", 4096), ("passkey", 8192), ("fact", 2048), ("fact", 4096),
+        ("nll", 2048))
+
+
+def grid(directory: str, cases: int) -> dict[str, Any]:
+    """:func:`real` over :data:`GRID` for the trained memory in ``directory`` ("shipped": the package's), one
+    process, the models loaded once (a GPU makes it minutes)."""
+    llama, trained, tokenizer = _models(None if directory == "shipped" else directory)
+    records = []
+    for kind, length in GRID:
+        records += [dict(r, kind=kind, length=length)
+                    for r in _three_way(llama, trained, tokenizer, kind, length, cases)]
+    return {"directory": directory, "cases": cases, "records": records}
 
 
 CHECK_LENGTH, CHECK_CASES, CHECK_SEED = 1024, 4, 7
@@ -134,14 +164,15 @@ def ship(state_path: str, memory_update: str, directory: str | None = None) -> d
 def main(argv: list[str]) -> Any:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     commands = {"sinks": (sinks, ()), "placement": (placement, (int, int)), "real": (real, (str, int, int)),
-                "ship": (ship, (str, str))}
+                "grid": (grid, (str, int)), "ship": (ship, (str, str))}
     if not argv or argv[0] not in commands:
         raise SystemExit(f"usage: python -m senri.reports {{{' | '.join(commands)}}} ... (see the module docstring)")
     function, types = commands[argv[0]]
     if len(argv) - 1 != len(types):
         raise SystemExit(f"{argv[0]} takes {len(types)} arguments, got {len(argv) - 1} (see the module docstring)")
     result = function(*(t(a) for t, a in zip(types, argv[1:])))
-    path = OUT_DIR / ("-".join(argv).replace("/", "_") + ".json")
+    out_dir = Path(os.environ.get("SENRI_REPORTS_DIR", OUT_DIR))
+    path = out_dir / ("-".join(argv).replace("/", "_").strip("_.") + ".json")
     with atomic_write(path) as f:
         json.dump(result, f, indent=1)
     print(f"written to {path}")

@@ -1,9 +1,12 @@
-"""Shipped trained memories: only what training changed (gates, memory q/k maps), a few MB, plus a JSON card.
+"""Shipped trained memories: only what training changed (gates, memory q/k maps, LoRA adapters), a few MB, plus a
+JSON card.
 
-An artifact directory holds ``memory_parameters.safetensors`` and ``card.json``: the base checkpoint it was trained
+An artifact directory holds ``memory_parameters.safetensors`` (and ``lora_parameters.safetensors`` after phase B,
+with the LoRA settings in the card) and ``card.json``: the base checkpoint it was trained
 on (name and a fingerprint of its weights), the Senri settings of the conversion, the recipe, the training steps,
 the commit, and the measured numbers. :func:`load_trained_smollm2` rebuilds the model from the offline SmolLM2:
-conversion with the card's settings, then the shipped parameters, checked name by name and shape by shape.
+conversion with the card's settings, then the shipped parameters, checked name by name and shape by shape, then
+the LoRA adapters (rebuilt with ``peft`` and merged into q/k/v/o, so the result is a plain SenriForCausalLM).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from .transfer import TRANSFER_PARAMETER_SUFFIXES
 TRAINED_DIR = Path(__file__).resolve().parent / "trained"
 SMOLLM2_WINDOW256 = TRAINED_DIR / "smollm2-window256"
 PARAMETERS_FILE = "memory_parameters.safetensors"
+LORA_FILE = "lora_parameters.safetensors"
 CARD_FILE = "card.json"
 # The Senri settings a card records: together with the base checkpoint they define the model the parameters fit.
 CARD_SETTINGS = ("sliding_window", "chunk_size", "num_sink_tokens", "layer_types", "memory_update", "memory_qk_map",
@@ -45,23 +49,44 @@ def git_commit() -> str | None:
         return None
 
 
-def save_trained_memory(model: SenriForCausalLM, base: Any, directory: str | Path, base_model: str,
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(path)
+
+
+def save_trained_memory(model: Any, base: Any, directory: str | Path, base_model: str,
                         card: dict[str, Any]) -> Path:
-    """Write ``model``'s trained memory parameters and a card (``card`` adds the recipe, steps, numbers...)."""
+    """Write ``model``'s trained memory parameters and a card (``card`` adds the recipe, steps, numbers...).
+
+    ``model`` is a SenriForCausalLM, or a peft model around one (phase B): then its LoRA adapters are written too,
+    with their settings in the card."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {name: p.detach().float().contiguous().cpu() for name, p in model.named_parameters()
+    lora = None
+    inner = model
+    if hasattr(model, "peft_config"):
+        from peft import get_peft_model_state_dict
+
+        from .finetune import lora_config_of
+
+        lora = lora_config_of(model)
+        lora_tensors = {k: v.detach().float().contiguous().cpu() for k, v in get_peft_model_state_dict(model).items()}
+        inner = model.get_base_model()
+    tensors = {name: p.detach().float().contiguous().cpu() for name, p in inner.named_parameters()
                if name.endswith(TRANSFER_PARAMETER_SUFFIXES)}
     if not tensors:
         raise ValueError("the model has no trained memory parameters (gates, memory q/k maps) to save")
-    tmp = directory / (PARAMETERS_FILE + ".tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(directory / PARAMETERS_FILE)
+    _save_tensors(tensors, directory / PARAMETERS_FILE)
+    if lora is not None:
+        _save_tensors(lora_tensors, directory / LORA_FILE)
+    elif (directory / LORA_FILE).exists():
+        (directory / LORA_FILE).unlink()  # a stale adapter must not be merged into a model trained without it
     full_card = {
         "base_model": base_model, "base_fingerprint": base_fingerprint(base),
-        "settings": {name: getattr(model.config, name) for name in CARD_SETTINGS},
+        "settings": {name: getattr(inner.config, name) for name in CARD_SETTINGS},
         "parameters": {name: list(t.shape) for name, t in tensors.items()},
-        "commit": git_commit(), **card,
+        "lora": lora, "commit": git_commit(), **card,
     }
     with atomic_write(directory / CARD_FILE) as f:
         json.dump(full_card, f, indent=1)
@@ -94,7 +119,28 @@ def load_trained_memory(base: Any, directory: str | Path, check_base: bool = Tru
     with torch.no_grad():
         for name, tensor in tensors.items():
             own[name].copy_(tensor)
+    if card.get("lora"):
+        model = _merge_lora(model, card["lora"], directory / LORA_FILE)
     return model.eval()
+
+
+def _merge_lora(model: SenriForCausalLM, lora: dict[str, Any], path: Path) -> SenriForCausalLM:
+    """Rebuild the card's LoRA adapters with peft, load them (every adapter weight must be present and used) and
+    merge them into the base weights."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    if not path.exists():
+        raise ValueError(f"the card in {path.parent} names LoRA adapters but {path.name} is missing")
+    peft_model = get_peft_model(model, LoraConfig(**lora, lora_dropout=0.0, bias="none"))
+    tensors = load_file(str(path))
+    expected = {name: tuple(t.shape) for name, t in get_peft_model_state_dict(peft_model).items()}
+    odd = sorted(set(tensors) ^ set(expected))
+    odd += [f"{name}: {tuple(t.shape)} vs {expected[name]}" for name, t in tensors.items()
+            if name in expected and tuple(t.shape) != expected[name]]
+    if odd:
+        raise ValueError(f"the LoRA adapters in {path} do not match the card's LoRA settings: {odd[:4]}")
+    set_peft_model_state_dict(peft_model, tensors)
+    return peft_model.merge_and_unload()
 
 
 def load_trained_smollm2(directory: str | Path = SMOLLM2_WINDOW256):

@@ -482,12 +482,17 @@ def train(cfg: ConfigManager, model: SenriForCausalLM | None = None, tokenizer: 
     with Drive, the results are copied there when training ends (:func:`publish_results`). A run whose saved
     ``config.yaml`` (local or on Drive) has other identity settings raises naming them. A finished run, here or on
     Drive, is returned as it is. Works unchanged under ``torchrun --nproc_per_node N`` (gloo on CPU).
-    ``training.recipe: transfer`` runs phase A of the real-model recipe instead (:func:`senri.transfer.train_transfer`).
+    ``training.recipe: transfer`` runs phase A of the real-model recipe instead (:func:`senri.transfer.train_transfer`),
+    ``finetune`` its phase B (:func:`senri.finetune.train_finetune`).
     """
     if cfg.training.recipe == "transfer":
         from .transfer import train_transfer
 
         return train_transfer(cfg)
+    if cfg.training.recipe == "finetune":
+        from .finetune import train_finetune
+
+        return train_finetune(cfg)
     run_dir = Path(cfg.experiment.run_dir)
     args = training_arguments(cfg, run_dir)  # sets up the process group under torchrun
     drive_dir = cfg.resolve_drive_dir()

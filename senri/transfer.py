@@ -310,29 +310,17 @@ def settings_from_config(cfg: Any) -> TransferSettings:
     )
 
 
-def train_transfer(cfg: Any) -> dict[str, Any]:
-    """Run phase A for ``cfg`` (``training.recipe: transfer``): the base model converted with the profile's Senri
-    settings is the student, the base with full attention the teacher. State and metrics live in
-    ``{run_dir}/transfer`` (mirrored to the Drive directory after each save when there is one, and resumed from
-    there on a new runtime); the trained memory is written to ``{run_dir}/trained_memory`` (senri.trained format)."""
+def drive_mirror(cfg: Any, run_dir: Path, state_file: str) -> tuple[Path | None, Callable[[Path], None]]:
+    """Drive handling of the real-model recipes: restore ``state_file`` from the Drive directory into ``run_dir`` on
+    a new runtime, and return (the Drive directory or None, an ``on_save`` hook that copies the state there after
+    each save; a failed copy is a warning, the next save tries again)."""
     import shutil
 
-    from .conversion import load_base_model
-    from .trained import save_trained_memory
-
-    run_dir = Path(cfg.experiment.run_dir)
-    out_dir = run_dir  # transfer_state.pt and metrics.jsonl beside what 02-04 read (final/, train_summary.json)
     drive_dir = cfg.resolve_drive_dir()
-    drive_state = None if drive_dir is None else Path(drive_dir) / "transfer_state.pt"
-    if drive_state is not None and drive_state.exists() and not (out_dir / "transfer_state.pt").exists():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(drive_state, out_dir / "transfer_state.pt")  # a new runtime resumes from Drive
-    base, tokenizer = load_base_model(cfg.model.base_model)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    base = base.to(device)
-    student = convert_llama_to_senri(base, **cfg.senri_config_kwargs()).to(device)
-    settings = settings_from_config(cfg)
-    corpus = text_corpus_ids(tokenizer, local_text_corpus())
+    drive_state = None if drive_dir is None else Path(drive_dir) / state_file
+    if drive_state is not None and drive_state.exists() and not (run_dir / state_file).exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(drive_state, run_dir / state_file)  # a new runtime resumes from Drive
 
     def mirror(state_path: Path) -> None:
         if drive_state is None:
@@ -342,27 +330,59 @@ def train_transfer(cfg: Any) -> dict[str, Any]:
             tmp = drive_state.with_suffix(".tmp")
             shutil.copy2(state_path, tmp)
             tmp.replace(drive_state)
-        except OSError as error:  # a full or dropped Drive must not stop training: the next save tries again
-            print(f"warning: copying the transfer state to {drive_state} failed ({error}); retrying at the next save")
+        except OSError as error:  # a full or dropped Drive must not stop training
+            print(f"warning: copying {state_file} to {drive_state} failed ({error}); retrying at the next save")
 
-    result = run_transfer(base, student, tokenizer, corpus, settings, out_dir, on_save=mirror)
-    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-               if line.strip()]
-    # The keys of the Trainer's summary, so that 02-04 read a transfer run like any other.
-    summary = {"recipe": "transfer", "global_step": result["steps"], "max_steps": settings.steps,
-               "final_loss": records[-1]["loss"] if records else None, "train_runtime": result["seconds"],
-               "gates": {str(k): [round(float(x), 4) for x in v] for k, v in student.memory_gate_values().items()}}
-    save_trained_memory(student, base, run_dir / "trained_memory", cfg.model.base_model,
-                        {"recipe": asdict(settings), "summary": summary})
-    student.save_pretrained(run_dir / "final")  # the whole converted model, for 03's evaluation
+    return (None if drive_dir is None else Path(drive_dir)), mirror
+
+
+def finish_recipe_run(cfg: Any, model: Any, base: Any, tokenizer: Any, summary: dict[str, Any],
+                      card: dict[str, Any], drive_dir: Path | None) -> dict[str, Any]:
+    """What a real-model recipe run leaves, like any run: ``trained_memory/`` (senri.trained format),
+    ``final/`` (the whole converted model, for 03), ``train_summary.json`` (Trainer keys), published to Drive."""
+    from .trained import save_trained_memory
+
+    run_dir = Path(cfg.experiment.run_dir)
+    save_trained_memory(model, base, run_dir / "trained_memory", cfg.model.base_model, card)
+    final = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    final.save_pretrained(run_dir / "final")
     tokenizer.save_pretrained(run_dir / "final")
     with atomic_write(run_dir / "train_summary.json") as f:
         json.dump(summary, f, indent=1)
     if drive_dir is not None:
         from .training import publish_results
 
-        publish_results(run_dir, Path(drive_dir))
+        publish_results(run_dir, drive_dir)
     return summary
 
 
-__all__ += ["local_text_corpus", "settings_from_config", "train_transfer"]
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def train_transfer(cfg: Any) -> dict[str, Any]:
+    """Run phase A for ``cfg`` (``training.recipe: transfer``): the base model converted with the profile's Senri
+    settings is the student, the base with full attention the teacher. State and metrics live in the run directory
+    (the state mirrored to the Drive directory after each save when there is one, and resumed from there on a new
+    runtime); the trained memory is written to ``{run_dir}/trained_memory`` (senri.trained format)."""
+    from .conversion import load_base_model
+
+    run_dir = Path(cfg.experiment.run_dir)
+    drive_dir, mirror = drive_mirror(cfg, run_dir, "transfer_state.pt")
+    base, tokenizer = load_base_model(cfg.model.base_model)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base = base.to(device)
+    student = convert_llama_to_senri(base, **cfg.senri_config_kwargs()).to(device)
+    settings = settings_from_config(cfg)
+    corpus = text_corpus_ids(tokenizer, local_text_corpus())
+    result = run_transfer(base, student, tokenizer, corpus, settings, run_dir, on_save=mirror)
+    records = read_metrics(run_dir / "metrics.jsonl")
+    summary = {"recipe": "transfer", "global_step": result["steps"], "max_steps": settings.steps,
+               "final_loss": records[-1]["loss"] if records else None, "train_runtime": result["seconds"],
+               "gates": {str(k): [round(float(x), 4) for x in v] for k, v in student.memory_gate_values().items()}}
+    return finish_recipe_run(cfg, student, base, tokenizer, summary, {"recipe": asdict(settings), "summary": summary},
+                             drive_dir)
+
+
+__all__ += ["local_text_corpus", "settings_from_config", "drive_mirror", "finish_recipe_run", "read_metrics",
+            "train_transfer"]

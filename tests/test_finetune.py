@@ -1,0 +1,170 @@
+"""Phase B (end-to-end fine-tuning through the memory: LoRA via peft, answer-only loss, KL to the base, distance
+curriculum), on tiny random models with the real SmolLM2 tokenizer (the pass-key text is real text)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from senri.config import ConfigManager
+from senri.finetune import (
+    FinetuneSettings, add_lora, answer_loss, kl_to_base, passkey_sample, run_finetune, seq_len_at,
+    settings_from_config,
+)
+from senri.trained import LORA_FILE, load_trained_memory, read_card, save_trained_memory
+from senri.transfer import build_student
+
+WINDOW, CHUNK, SINKS = 32, 8, 2
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2):
+    return smollm2[1]
+
+
+def _base(vocab: int, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    return LlamaForCausalLM(config).eval()
+
+
+def _student(base):
+    return build_student(base, [1, 2], sliding_window=WINDOW, chunk_size=CHUNK, num_sink_tokens=SINKS,
+                         memory_update="linear")
+
+
+def _settings(**overrides) -> FinetuneSettings:
+    fields = dict(steps=4, batch_size=2, curriculum=((0.0, 96), (0.5, 128)), save_steps=2, log_steps=1, eval_steps=2,
+                  eval_cases=2, eval_length=128, kl_seq_len=64, kl_tokens=16, warmup_steps=1, learning_rate=1e-2,
+                  gate_learning_rate=1e-2)
+    return FinetuneSettings(**{**fields, **overrides})
+
+
+CORPUS = list(range(1000, 4000))
+
+
+def test_passkey_samples_have_the_exact_length_the_answer_last_and_the_needle_beyond_the_window(tokenizer):
+    for index in range(40):
+        length = random.Random(index).choice([96, 200, 640])
+        ids, n_answer = passkey_sample(tokenizer, length, WINDOW + CHUNK, random.Random(index))
+        assert len(ids) == length and n_answer == 6
+        text = tokenizer.decode(ids)
+        key = text.split("The pass key is ")[1][:5]
+        assert key.isdigit() and text.endswith("What is the pass key? The pass key is " + key)
+        needle_end = text.index(f"{key} is the pass key.") + len(f"{key} is the pass key.")
+        question = text.rindex(" What is the pass key?")
+        distance = len(tokenizer(text[needle_end:question], add_special_tokens=False)["input_ids"])
+        assert distance >= WINDOW + CHUNK
+    with pytest.raises(ValueError, match="no room"):
+        passkey_sample(tokenizer, 60, 50, random.Random(0))
+    settings = _settings(steps=10, curriculum=((0.0, 96), (0.3, 128), (0.6, 256)))
+    assert [seq_len_at(s, settings) for s in (0, 2, 3, 5, 6, 9)] == [96, 96, 128, 128, 256, 256]
+
+
+def test_lora_starts_as_the_model_and_only_adapters_and_memory_parameters_train(tokenizer):
+    base = _base(len(tokenizer))
+    student = _student(base)
+    ids = torch.randint(0, len(tokenizer), (1, 100), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = student(input_ids=ids).logits
+    model = add_lora(student, _settings())
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, before)
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    lora = [name for name in trainable if "lora_" in name]
+    assert lora and all(name.endswith(("memory_gate", "memory_query_map", "memory_key_map")) for name in
+                        set(trainable) - set(lora))
+    # Adapters on q/k/v/o of the layers from the first memory layer (1) on, none below.
+    layers = {int(name.split("layers.")[1].split(".")[0]) for name in lora}
+    modules = {name.split(".")[-4] for name in lora}
+    assert layers == {1, 2, 3} and modules == {"q_proj", "k_proj", "v_proj", "o_proj"}
+
+
+def test_answer_loss_is_the_cross_entropy_of_each_rows_answer_only(tokenizer):
+    model = _student(_base(len(tokenizer)))
+    ids = torch.randint(0, len(tokenizer), (2, 80), generator=torch.Generator().manual_seed(1))
+    lengths = torch.tensor([6, 3])
+    logits = model(input_ids=ids).logits  # the naive way: every position's logits
+    expected = torch.cat([F.cross_entropy(logits[0, -7:-1], ids[0, -6:], reduction="none"),
+                          F.cross_entropy(logits[1, -4:-1], ids[1, -3:], reduction="none")]).mean()
+    torch.testing.assert_close(answer_loss(model, ids, lengths), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_kl_is_zero_for_the_base_itself_and_the_naive_kl_otherwise(tokenizer):
+    base = _base(len(tokenizer))
+    ids = torch.randint(0, len(tokenizer), (1, 120), generator=torch.Generator().manual_seed(2))
+    assert float(kl_to_base(base, base, ids, 20)) == pytest.approx(0.0, abs=1e-6)
+    student = _student(base)
+    with torch.no_grad():
+        student.model.layers[1].self_attn.memory_gate.fill_(0.7)  # beyond the window the student now differs
+    p = base(input_ids=ids).logits[0, -20:].float().log_softmax(-1)
+    q = student(input_ids=ids).logits[0, -20:].float().log_softmax(-1)
+    expected = (p.exp() * (p - q)).sum(-1).mean()
+    got = kl_to_base(student, base, ids, 20)
+    assert float(got) > 1e-4
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_finetune_resumes_exactly_and_refuses_other_settings(tokenizer, tmp_path):
+    def trained(out_dir, steps_first=None):
+        base = _base(len(tokenizer))
+        model = add_lora(_student(base), _settings())
+        if steps_first is not None:  # an interrupted run: a shorter time, then the same run again
+            run_finetune(base, model, tokenizer, CORPUS, _settings(time_budget_s=0.0), out_dir)
+            base = _base(len(tokenizer))
+            model = add_lora(_student(base), _settings())
+        result = run_finetune(base, model, tokenizer, CORPUS, _settings(), out_dir)
+        return result, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    straight, params = trained(tmp_path / "straight")
+    resumed, params_resumed = trained(tmp_path / "resumed", steps_first=1)
+    assert straight["steps"] == resumed["steps"] == 4
+    for name in params:
+        torch.testing.assert_close(params_resumed[name], params[name], rtol=0, atol=0)
+    records = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert {"answer_loss", "kl", "memory_on_accuracy", "memory_off_accuracy", "gate/1/mean"} <= set(records[1])
+    assert any(p.abs().max() > 0 for n, p in params.items() if "lora_B" in n)  # the adapters moved
+    base = _base(len(tokenizer))
+    with pytest.raises(ValueError, match="other fine-tuning settings.*learning_rate"):
+        run_finetune(base, add_lora(_student(base), _settings()), tokenizer, CORPUS, _settings(learning_rate=1e-3),
+                     tmp_path / "straight")
+
+
+def test_a_shipped_finetune_merges_its_lora_and_refuses_broken_artifacts(tokenizer, tmp_path):
+    base = _base(len(tokenizer))
+    model = add_lora(_student(base), _settings())
+    run_finetune(base, model, tokenizer, CORPUS, _settings(steps=2), tmp_path / "run")
+    directory = save_trained_memory(model, base, tmp_path / "art", "tiny", {"steps": 2})
+    card = read_card(directory)
+    assert card["lora"]["r"] == 8 and (directory / LORA_FILE).exists()
+    ids = torch.randint(0, len(tokenizer), (1, 90), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        loaded = load_trained_memory(base, directory)
+        assert type(loaded).__name__ == "SenriForCausalLM" and not any("lora" in n for n, _ in loaded.named_parameters())
+        torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-5)
+    (directory / LORA_FILE).unlink()
+    with pytest.raises(ValueError, match="lora_parameters.safetensors is missing"):
+        load_trained_memory(base, directory)
+    card["lora"]["r"] = 4
+    (directory / "card.json").write_text(json.dumps(card))
+    save_trained_memory(model, base, tmp_path / "art2", "tiny", {})
+    (tmp_path / "art2" / "card.json").write_text(json.dumps({**read_card(tmp_path / "art2"), "lora": card["lora"]}))
+    with pytest.raises(ValueError, match="do not match the card's LoRA settings"):
+        load_trained_memory(base, tmp_path / "art2")
+
+
+def test_the_real_finetune_profile_and_its_validation():
+    settings = settings_from_config(ConfigManager("real-finetune"))
+    assert settings.curriculum == ((0.0, 640), (0.3, 1024), (0.6, 2048)) and settings.eval_length == 2048
+    assert settings.gate_learning_rate == pytest.approx(10 * settings.learning_rate)
+    for bad in ([[0.0, 200]], [[0.2, 640]], [[0.0, 640], [1.5, 1024]], [[0.0, 640], [0.5, 1024], [0.3, 2048]]):
+        with pytest.raises(ValueError, match="finetune_curriculum"):
+            settings_from_config(ConfigManager("real-finetune", {"training.finetune_curriculum": bad}))
