@@ -5,6 +5,7 @@
     python -m senri.reports real KIND LENGTH CASES      # base / gates closed / shipped memory (KIND: passkey | fact | nll)
     python -m senri.reports grid DIR CASES              # the same over the whole grid (DIR: a trained memory, or shipped)
     python -m senri.reports ship STATE UPDATE           # ship a phase-A state (transfer_state.pt, memory_update UPDATE)
+    python -m senri.reports ship-run RUN_DIR GRID_JSON  # ship a finished phase-B run with its grid numbers
 
 Each prints its records and writes them as JSON under ``runs/reports/``. All run on the offline SmolLM2 with window
 256 and chunk 64 (the ``cpu-real`` profile); one CPU thread unless ``OMP_NUM_THREADS`` says otherwise.
@@ -161,10 +162,60 @@ def ship(state_path: str, memory_update: str, directory: str | None = None) -> d
     return read_card(path)
 
 
+def ship_run(run_dir: str, grid_json: str, directory: str | None = None) -> dict[str, Any]:
+    """Ship a finished phase-B run (``RUN_DIR/trained_memory``, e.g. ``real-finetune``): the files are copied as they
+    are, the card gains the per-case check (re-measured by the tests), what the run actually did (steps, the
+    curriculum stages it reached, time; from its metrics) and the grid's numbers (``grid_json``, from
+    ``python -m senri.reports grid``)."""
+    import shutil
+
+    from .diagnostics import teacher_forced_passkey
+    from .trained import CARD_FILE, SMOLLM2_WINDOW256, load_trained_memory, read_card
+    from .transfer import read_metrics
+
+    source = Path(run_dir) / "trained_memory"
+    llama, tokenizer = load_local_smollm2()
+    model = load_trained_memory(llama, source)  # refuses a memory made for another base
+    cases = passkey_cases(tokenizer, CHECK_LENGTH, CHECK_CASES, seed=CHECK_SEED,
+                          depths=depths_beyond_window(CHECK_LENGTH, WINDOW, CHUNK))
+    check = {"length": CHECK_LENGTH, "seed": CHECK_SEED, "trained": teacher_forced_passkey(model, cases)}
+    with gates_closed(model):
+        check["gates closed"] = teacher_forced_passkey(model, cases)
+    records = read_metrics(Path(run_dir) / "metrics.jsonl")
+    stages: dict[int, int] = {}
+    for record in records:
+        if "seq_len" in record:
+            stages.setdefault(record["seq_len"], record["step"])
+    summary = json.loads((Path(run_dir) / "train_summary.json").read_text(encoding="utf-8"))
+    grid_records = json.loads(Path(grid_json).read_text(encoding="utf-8"))["records"]
+    card = read_card(source)
+    card.update({
+        "check": check,
+        "run": {"steps_done": summary["global_step"], "steps_planned": summary["max_steps"],
+                "stopped_by_time_budget": summary.get("stopped_early", False),
+                "train_runtime_s": round(summary["train_runtime"], 1),
+                "sequence_lengths_reached": {str(k): f"from about step {v}" for k, v in sorted(stages.items())}},
+        "results": [{k: r[k] for k in ("kind", "length", "model", "n", "accuracy", "answer_logprob") if k in r}
+                    | ({} if r["kind"] != "nll" else {"nll_inside_window": r["nll_inside_window"],
+                                                      "nll_beyond_2w": r["nll_beyond_2w"]})
+                    for r in grid_records],
+    })
+    target = Path(directory or SMOLLM2_WINDOW256)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    with atomic_write(tmp / CARD_FILE) as f:
+        json.dump(card, f, indent=1)
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.replace(target)
+    return {"check": check, "run": card["run"]}
+
+
 def main(argv: list[str]) -> Any:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     commands = {"sinks": (sinks, ()), "placement": (placement, (int, int)), "real": (real, (str, int, int)),
-                "grid": (grid, (str, int)), "ship": (ship, (str, str))}
+                "grid": (grid, (str, int)), "ship": (ship, (str, str)), "ship-run": (ship_run, (str, str))}
     if not argv or argv[0] not in commands:
         raise SystemExit(f"usage: python -m senri.reports {{{' | '.join(commands)}}} ... (see the module docstring)")
     function, types = commands[argv[0]]

@@ -48,6 +48,21 @@ def test_shipped_memory_reproduces_its_recorded_cases_and_closed_gates_lose_the_
     assert closed == check["gates closed"] and not any(closed)
 
 
+def test_shipped_lora_is_merged_into_the_layers_from_the_first_memory_layer_on(shipped):
+    """Phase B's adapters (q/k/v/o of layers 4-29) are merged on load: those weights differ from the base, the
+    layers below are the base's exactly, and nothing of peft remains in the model."""
+    model, _ = shipped
+    llama, _ = load_local_smollm2()
+    card = read_card()
+    assert card["lora"]["layers_to_transform"] == list(range(4, 30))
+    for index in (0, 3, 4, 20, 29):
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            ours = getattr(model.model.layers[index].self_attn, proj).weight
+            theirs = getattr(llama.model.layers[index].self_attn, proj).weight
+            assert torch.equal(ours, theirs) == (index < 4), (index, proj)
+    assert not any("lora" in name for name, _ in model.named_parameters())
+
+
 def test_shipped_memory_survives_save_pretrained_bit_exact(shipped, tmp_path):
     model, _ = shipped
     model.save_pretrained(tmp_path)
@@ -76,5 +91,6 @@ def test_demo_core_compares_memory_gates_closed_and_base_on_a_short_case(shipped
     assert [r["model"] for r in rows] == ["Senri, trained memory", "Senri, gates closed", "base, full attention"]
     by_model = {r["model"]: r for r in rows}
     assert all(r["key_tokens_back"] > 256 + 64 for r in rows)  # the key is beyond the window
-    assert by_model["base, full attention"]["correct"]  # the ceiling finds it...
-    assert not by_model["Senri, gates closed"]["correct"]  # ...the window alone cannot
+    assert by_model["base, full attention"]["correct"]  # the ceiling finds it,
+    assert not by_model["Senri, gates closed"]["correct"]  # the window alone cannot,
+    assert by_model["Senri, trained memory"]["correct"]  # the trained memory does.
