@@ -94,3 +94,21 @@ def test_demo_core_compares_memory_gates_closed_and_base_on_a_short_case(shipped
     assert by_model["base, full attention"]["correct"]  # the ceiling finds it,
     assert not by_model["Senri, gates closed"]["correct"]  # the window alone cannot,
     assert by_model["Senri, trained memory"]["correct"]  # the trained memory does.
+
+
+def test_the_demo_headline_reads_the_cards_measured_grid(tmp_path):
+    """The headline figure and summary show what the card measured (20 pass keys per context, three models)."""
+    from senri.demo import headline_figure, measured_passkey, summary_text
+
+    card = read_card()
+    table = measured_passkey(card)
+    assert set(table) == {"trained", "gates closed", "base"}
+    assert all(set(by_length) == {1024, 2048, 4096, 8192} for by_length in table.values())
+    assert table["trained"][2048] == (20, 20) and table["gates closed"][2048] == (0, 20)
+    growth = [{"model": m, "context": c, "cache_mib": 1.0, "ms_per_token": 1.0}
+              for m in ("Senri", "Llama KV cache") for c in (256, 4096)]
+    headline_figure(card, growth, 256).savefig(tmp_path / "headline.png")
+    rows = [{"model": "Senri, trained memory", "context": 2048, "window": 256, "key_tokens_back": 1500,
+             "answer": "12345.", "correct": True}]
+    text = summary_text(rows, growth, card, tmp_path, 1.0)
+    assert "8×: 20/20" in text and "Senri, gates closed" in text
