@@ -95,13 +95,14 @@ def local_attention(
 
 
 # The window's backend for queries spanning several chunks: "auto" (FlexAttention on CUDA when torch has it, else
-# one SDPA call: grouped_local_attention), "sdpa" or "flex" (eager flex_attention off CUDA: for tests).
+# one SDPA call: grouped_local_attention), "sdpa", "flex" (eager flex_attention off CUDA: for tests) or
+# "flex-compiled" (compiled as on CUDA, on any device: for tests of the compiled path).
 LOCAL_ATTENTION_BACKEND = "auto"
 _FLEX: dict = {}
 
 
 def _use_flex(q: torch.Tensor) -> bool:
-    if LOCAL_ATTENTION_BACKEND == "flex":
+    if LOCAL_ATTENTION_BACKEND in ("flex", "flex-compiled"):
         return True
     if LOCAL_ATTENTION_BACKEND != "auto" or not q.is_cuda or "failed" in _FLEX:
         return False
@@ -127,9 +128,13 @@ def flex_local_attention(
     build = _flex_block_mask.__wrapped__ if _tracing() else _flex_block_mask
     block_mask = build(q_start, k_start, q.shape[2], k.shape[2], chunk_size, window_chunks, S, q.device)
     attend = flex_attention
-    if q.is_cuda and not _tracing():
+    if (q.is_cuda or LOCAL_ATTENTION_BACKEND == "flex-compiled") and not _tracing():
         if "compiled" not in _FLEX:
-            _FLEX["compiled"] = torch.compile(flex_attention, dynamic=False)
+            # dynamic=None: the first call compiles for its shapes, a second shape recompiles once with dynamic
+            # sizes, and later lengths reuse that graph. (dynamic=False recompiled for every length and, past
+            # torch._dynamo's recompile limit of 8, fell back to eager flex_attention, which materialises the
+            # whole score matrix: seen on an H200, where it made the window slower than full attention.)
+            _FLEX["compiled"] = torch.compile(flex_attention, dynamic=None)
         attend = _FLEX["compiled"]
     return attend(q, k, v, block_mask=block_mask, scale=scaling, enable_gqa=True)
 
@@ -138,11 +143,15 @@ def flex_local_attention(
 def _flex_block_mask(q_start: int, k_start: int, T: int, L: int, C: int, W: int, S: int, device: torch.device):
     from torch.nn.attention.flex_attention import create_block_mask
 
+    # The offsets enter the mask as tensors, not Python ints: compiled flex_attention guards on the mask function's
+    # closure, and an int there would recompile it for every new offset (every piece of a stream).
+    q0, k0 = torch.tensor(q_start, device=device), torch.tensor(k_start, device=device)
+
     def window(b, h, q_index, k_index):
-        q_pos, k_pos = q_index + q_start, k_index - S + k_start
+        q_pos, k_pos = q_index + q0, k_index - S + k0
         start = (q_pos // C - W) * C
         in_window = (k_index >= S) & (k_pos <= q_pos) & (k_pos >= start)
-        return in_window | ((k_index < S) & (k_index < torch.clamp(start, min=k_start)))
+        return in_window | ((k_index < S) & (k_index < torch.maximum(start, k0)))
 
     return create_block_mask(window, None, None, T, L, device=device)
 

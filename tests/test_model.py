@@ -437,3 +437,35 @@ def test_memory_qk_maps_start_as_identity_then_change_the_memory_path_and_stream
     again = SenriForCausalLM.from_pretrained(tmp_path).eval()
     assert torch.equal(again.model.layers[1].self_attn.memory_key_map, attn.memory_key_map)
     assert torch.equal(again.model.layers[1].self_attn.memory_query_map, attn.memory_query_map)
+
+
+def test_compiled_flex_attention_matches_sdpa_and_does_not_recompile_per_offset_or_length(monkeypatch):
+    """The compiled FlexAttention path (CUDA's; compiled here on the CPU) equals the SDPA path for several offsets
+    (stream pieces) and lengths, and its number of compiled graphs stops growing once each size has varied once
+    (automatic dynamic shapes): an int offset in the mask would recompile per piece, and past torch's recompile
+    limit flex_attention falls back to its eager, full-matrix form."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    import senri.modeling_senri as modeling
+
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    monkeypatch.setattr(modeling, "_FLEX", {})
+    torch._dynamo.reset()
+    counters.clear()
+    g = torch.Generator().manual_seed(3)
+    C, W, S = 8, 2, 2
+    graphs = []
+    for q_start, T in ((0, 48), (16, 48), (40, 32), (72, 64), (96, 40), (120, 56), (200, 24), (304, 72)):
+        k_start = max(0, (q_start // C - W) * C)
+        q = torch.randn(1, 4, T, 8, generator=g)
+        k, v = (torch.randn(1, 2, q_start + T - k_start, 8, generator=g) for _ in range(2))
+        sink_k, sink_v = (torch.randn(1, 2, S, 8, generator=g) for _ in range(2))
+        monkeypatch.setattr(modeling, "LOCAL_ATTENTION_BACKEND", "sdpa")
+        expected = modeling.local_attention(q, k, v, q_start, k_start, 8**-0.5, C, W, sink_k, sink_v)
+        monkeypatch.setattr(modeling, "LOCAL_ATTENTION_BACKEND", "flex-compiled")
+        got = modeling.local_attention(q, k, v, q_start, k_start, 8**-0.5, C, W, sink_k, sink_v)
+        assert "failed" not in modeling._FLEX, modeling._FLEX.get("failed")
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[-1] == graphs[3] <= 4, graphs  # new offsets and lengths after the fourth piece: no new graph
