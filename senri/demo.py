@@ -44,13 +44,17 @@ def recall_table(trained: Any, base: Any, tokenizer: Any, lengths: tuple[int, ..
     """Pass-key answers of the trained model, the same model with gates closed, and the base model (full attention)
     on prompts of ``lengths`` tokens whose key lies beyond the window."""
     window, chunk = trained.config.sliding_window, trained.config.chunk_size
+    from tqdm.auto import tqdm
+
     rows = []
+    progress = tqdm(total=3 * cases * len(lengths), desc="recall", leave=False)
     for length in lengths:
         for case in passkey_cases(tokenizer, length, cases, seed, depths_beyond_window(length, window, chunk)):
             distance = case.answer_start - case.needle[1]
             runs = [("Senri, trained memory", trained, window), ("Senri, gates closed", None, window),
                     ("base, full attention", base, None)]
             for name, model, model_window in runs:
+                progress.update()
                 if model is None:
                     with gates_closed(trained):
                         text = answer(trained, tokenizer, case)
@@ -58,6 +62,7 @@ def recall_table(trained: Any, base: Any, tokenizer: Any, lengths: tuple[int, ..
                     text = answer(model, tokenizer, case)
                 rows.append({"model": name, "context": length, "window": model_window, "key": case.key,
                              "key_tokens_back": distance, "answer": text, "correct": text.startswith(case.key)})
+    progress.close()
     return rows
 
 
@@ -68,9 +73,11 @@ def state_growth(senri: Any, llama: Any, contexts: tuple[int, ...] = DEMO_CONTEX
 
     from .cache import SenriCache
 
+    from tqdm.auto import tqdm
+
     rows = []
     ids = torch.randint(100, 1000, (1, max(contexts) + steps), generator=torch.Generator().manual_seed(0))
-    for context in contexts:
+    for context in tqdm(contexts, desc="state growth", leave=False):
         for name, model in (("Senri", senri), ("Llama KV cache", llama)):
             cache = SenriCache(senri.config, 1) if model is senri else DynamicCache()
             model(input_ids=ids[:, :context], cache=cache, use_cache=True, logits_to_keep=1)
