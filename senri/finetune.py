@@ -30,7 +30,7 @@ from .diagnostics import passkey_cases, teacher_forced_scores
 from .io import atomic_write
 from .modeling_senri import SenriForCausalLM
 from .niah import PASSKEY_FILLER, make_needle
-from .transfer import TRANSFER_PARAMETER_SUFFIXES, _jsonable
+from .transfer import TRANSFER_PARAMETER_SUFFIXES, _jsonable, resume
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # Settings a resumed run may change: how often it saves, logs and evaluates, and how long it may run.
@@ -205,26 +205,7 @@ def run_finetune(
                                    {"params": gates, "lr": settings.gate_learning_rate, "weight_decay": 0.0}])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings))
     state_path, metrics_path = out_dir / "finetune_state.pt", out_dir / "metrics.jsonl"
-    step = 0
-    if state_path.exists():
-        saved = torch.load(state_path, weights_only=True)
-        now = _jsonable(asdict(settings))
-        differ = [f"{k}: saved {saved['settings'].get(k)!r}, now {v!r}" for k, v in now.items()
-                  if k not in CONTINUATION_SETTINGS and saved["settings"].get(k) != v]
-        if differ:
-            raise ValueError(f"{state_path} was made with other fine-tuning settings ({'; '.join(differ)}); "
-                             "use another out_dir to start a new run")
-        with torch.no_grad():
-            for name, value in saved["parameters"].items():
-                params[name].copy_(value)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        step = saved["step"]
-        if metrics_path.exists():
-            kept = [line for line in metrics_path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line)["step"] <= step]
-            with atomic_write(metrics_path) as f:
-                f.write("".join(line + "\n" for line in kept))
+    step = resume(state_path, metrics_path, settings, CONTINUATION_SETTINGS, "fine-tuning", params, optimizer, scheduler)
     device = next(peft_model.parameters()).device
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else torch.autocast("cpu", enabled=False))

@@ -218,25 +218,7 @@ def run_transfer(
         {"params": maps, "lr": settings.learning_rate}, {"params": gates, "lr": settings.gate_learning_rate},
     ])
     state_path, metrics_path = out_dir / "transfer_state.pt", out_dir / "metrics.jsonl"
-    step = 0
-    if state_path.exists():
-        saved = torch.load(state_path, weights_only=True)
-        now = _jsonable(asdict(settings))
-        differ = [f"{k}: saved {saved['settings'].get(k)!r}, now {v!r}" for k, v in now.items()
-                  if k not in CONTINUATION_SETTINGS and saved["settings"].get(k) != v]
-        if differ:
-            raise ValueError(f"{state_path} was made with other transfer settings ({'; '.join(differ)}); "
-                             "use another out_dir to start a new run")
-        with torch.no_grad():
-            for name, value in saved["parameters"].items():
-                params[name].copy_(value)
-        optimizer.load_state_dict(saved["optimizer"])
-        step = saved["step"]
-        if metrics_path.exists():  # records after the saved step are logged again by this run
-            kept = [line for line in metrics_path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line)["step"] <= step]
-            with atomic_write(metrics_path) as f:
-                f.write("".join(line + "\n" for line in kept))
+    step = resume(state_path, metrics_path, settings, CONTINUATION_SETTINGS, "transfer", params, optimizer)
     config = student.config
     layers = config.memory_layers
     teacher = base.eval()
@@ -277,6 +259,36 @@ def run_transfer(
                 on_save(state_path)
     student.eval()
     return {"steps": step, "seconds": time.perf_counter() - began}
+
+
+def resume(state_path: Path, metrics_path: Path, settings: Any, continuation: Sequence[str], what: str,
+           params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any = None) -> int:
+    """Restore a saved run (trainable parameters, optimizer, scheduler) and return its step (0 without a save).
+
+    A save made with other settings (those in ``continuation`` may change) raises naming each; the records of
+    ``metrics_path`` after the saved step are dropped (the resumed run logs them again)."""
+    if not state_path.exists():
+        return 0
+    saved = torch.load(state_path, weights_only=True)
+    now = _jsonable(asdict(settings))
+    differ = [f"{k}: saved {saved['settings'].get(k)!r}, now {v!r}" for k, v in now.items()
+              if k not in continuation and saved["settings"].get(k) != v]
+    if differ:
+        raise ValueError(f"{state_path} was made with other {what} settings ({'; '.join(differ)}); "
+                         "use another out_dir to start a new run")
+    with torch.no_grad():
+        for name, value in saved["parameters"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(saved["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(saved["scheduler"])
+    step = saved["step"]
+    if metrics_path.exists():
+        kept = [line for line in metrics_path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line)["step"] <= step]
+        with atomic_write(metrics_path) as f:
+            f.write("".join(line + "\n" for line in kept))
+    return step
 
 
 def _jsonable(value: Any) -> Any:

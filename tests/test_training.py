@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import TrainerCallback
 
 from senri.config import ConfigManager
