@@ -246,15 +246,15 @@ def run_finetune(
         scheduler.step()
         step += 1
         record: dict[str, Any] | None = None
-        if step % settings.log_steps == 0 or step == settings.steps:
+        evaluate = step % settings.eval_steps == 0 or step == settings.steps
+        if step % settings.log_steps == 0 or evaluate:  # every record has the losses (02 reads them)
             gate_means = {layer: float(inner.model.layers[layer].self_attn.memory_gate.detach().clamp(0, 1).mean())
                           for layer in config.memory_layers}
             record = {"step": step, "loss": float(loss.detach()), "answer_loss": float(task.detach()),
                       "kl": None if kl is None else float(kl.detach()), "grad_norm": float(grad_norm),
                       "seq_len": length, "seconds": time.perf_counter() - began,
                       **{f"gate/{layer}/mean": value for layer, value in gate_means.items()}}
-        if step % settings.eval_steps == 0 or step == settings.steps:
-            record = record or {"step": step, "seconds": time.perf_counter() - began}
+        if evaluate:
             record.update(memory_on_off(peft_model, eval_cases))
         if record is not None:
             with open(metrics_path, "a", encoding="utf-8") as f:

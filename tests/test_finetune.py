@@ -168,3 +168,13 @@ def test_the_real_finetune_profile_and_its_validation():
     for bad in ([[0.0, 200]], [[0.2, 640]], [[0.0, 640], [1.5, 1024]], [[0.0, 640], [0.5, 1024], [0.3, 2048]]):
         with pytest.raises(ValueError, match="finetune_curriculum"):
             settings_from_config(ConfigManager("real-finetune", {"training.finetune_curriculum": bad}))
+
+
+def test_every_metrics_record_has_the_losses_and_evaluations_log_memory_on_and_off(tokenizer, tmp_path):
+    base = _base(len(tokenizer))
+    model = add_lora(_student(base), _settings())
+    run_finetune(base, model, tokenizer, CORPUS, _settings(log_steps=3, eval_steps=2), tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 3, 4]  # evaluations at 2 and 4 (the last step), a log at 3
+    assert all("loss" in r and "answer_loss" in r and "gate/1/mean" in r for r in records)
+    assert ["memory_on_accuracy" in r for r in records] == [True, False, True]
