@@ -178,3 +178,34 @@ def test_every_metrics_record_has_the_losses_and_evaluations_log_memory_on_and_o
     assert [r["step"] for r in records] == [2, 3, 4]  # evaluations at 2 and 4 (the last step), a log at 3
     assert all("loss" in r and "answer_loss" in r and "gate/1/mean" in r for r in records)
     assert ["memory_on_accuracy" in r for r in records] == [True, False, True]
+
+
+@pytest.mark.slow
+def test_the_real_finetune_profile_trains_through_senri_training_from_phase_a_with_drive(tmp_path):
+    """`training.recipe: finetune` (02_training's path) on the real SmolLM2: starts from phase A's shipped memory,
+    writes a Trainer-shaped summary, metrics with losses, gates and memory on/off accuracy, final/ with LoRA merged,
+    trained_memory/ with the adapters, the state mirrored to (a stand-in) Drive at each save."""
+    from senri.conversion import load_local_smollm2
+    from senri.training import train
+
+    cfg = ConfigManager("real-finetune", {
+        "training.max_steps": 2, "training.per_device_batch_size": 1, "training.finetune_curriculum": [[0.0, 384]],
+        "training.finetune_eval_steps": 2, "training.save_steps": 1, "training.logging_steps": 1,
+        "experiment.run_dir": str(tmp_path / "run"), "experiment.drive_dir": str(tmp_path / "drive")})
+    summary = train(cfg)
+    assert summary["recipe"] == "finetune" and summary["global_step"] == 2 and summary["final_loss"] > 0
+    assert summary["last_eval"]["memory_off_accuracy"] == 0.0
+    card = read_card(tmp_path / "run" / "trained_memory")
+    assert card["recipe"]["init"]["recipe"]["name"].startswith("phase A") and card["lora"]["r"] == 8
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and "gate/20/mean" in records[-1]
+    assert torch.load(tmp_path / "drive" / "finetune_state.pt", weights_only=True)["step"] == 2
+    assert (tmp_path / "drive" / "final" / "config.json").is_file()
+    # final/ is the model with its adapters merged: what load_trained_memory rebuilds from trained_memory/.
+    from senri import SenriForCausalLM
+
+    final = SenriForCausalLM.from_pretrained(tmp_path / "run" / "final")
+    rebuilt = load_trained_memory(load_local_smollm2()[0], tmp_path / "run" / "trained_memory")
+    ids = torch.arange(100, 500)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(final(input_ids=ids).logits, rebuilt(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
