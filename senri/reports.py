@@ -133,6 +133,19 @@ def grid(directory: str, cases: int) -> dict[str, Any]:
 CHECK_LENGTH, CHECK_CASES, CHECK_SEED = 1024, 4, 7
 
 
+def card_check(model: Any, tokenizer: Any) -> dict[str, Any]:
+    """Per case, what ``model`` and its gates-closed twin find on the card's pass keys at 4x the window (the tests
+    measure them again)."""
+    from .diagnostics import teacher_forced_passkey
+
+    cases = passkey_cases(tokenizer, CHECK_LENGTH, CHECK_CASES, seed=CHECK_SEED,
+                          depths=depths_beyond_window(CHECK_LENGTH, WINDOW, CHUNK))
+    check = {"length": CHECK_LENGTH, "seed": CHECK_SEED, "trained": teacher_forced_passkey(model, cases)}
+    with gates_closed(model):
+        check["gates closed"] = teacher_forced_passkey(model, cases)
+    return check
+
+
 def ship(state_path: str, memory_update: str, directory: str | None = None) -> dict[str, Any]:
     """Write a phase-A state as the shipped trained memory, with a card that records the recipe, the steps and,
     per case, what the trained model and its gates-closed twin find on 4 pass keys at 4x the window (the test
@@ -149,13 +162,7 @@ def ship(state_path: str, memory_update: str, directory: str | None = None) -> d
         for name, value in saved["parameters"].items():
             own[name].copy_(value)
     student.eval()
-    cases = passkey_cases(tokenizer, CHECK_LENGTH, CHECK_CASES, seed=CHECK_SEED,
-                          depths=depths_beyond_window(CHECK_LENGTH, WINDOW, CHUNK))
-    from .diagnostics import teacher_forced_passkey
-
-    check = {"length": CHECK_LENGTH, "seed": CHECK_SEED, "trained": teacher_forced_passkey(student, cases)}
-    with gates_closed(student):
-        check["gates closed"] = teacher_forced_passkey(student, cases)
+    check = card_check(student, tokenizer)
     card = {"recipe": {"name": "phase A: layer-local attention transfer (senri.transfer)", "profile": "cpu-real",
                        "settings": saved["settings"]}, "steps": saved["step"], "check": check}
     path = save_trained_memory(student, llama, directory or SMOLLM2_WINDOW256, "local-smollm2", card)
@@ -169,18 +176,12 @@ def ship_run(run_dir: str, grid_json: str, directory: str | None = None) -> dict
     ``python -m senri.reports grid``)."""
     import shutil
 
-    from .diagnostics import teacher_forced_passkey
     from .trained import CARD_FILE, SMOLLM2_WINDOW256, load_trained_memory, read_card
     from .transfer import read_metrics
 
     source = Path(run_dir) / "trained_memory"
     llama, tokenizer = load_local_smollm2()
-    model = load_trained_memory(llama, source)  # refuses a memory made for another base
-    cases = passkey_cases(tokenizer, CHECK_LENGTH, CHECK_CASES, seed=CHECK_SEED,
-                          depths=depths_beyond_window(CHECK_LENGTH, WINDOW, CHUNK))
-    check = {"length": CHECK_LENGTH, "seed": CHECK_SEED, "trained": teacher_forced_passkey(model, cases)}
-    with gates_closed(model):
-        check["gates closed"] = teacher_forced_passkey(model, cases)
+    check = card_check(load_trained_memory(llama, source), tokenizer)  # refuses a memory made for another base
     records = read_metrics(Path(run_dir) / "metrics.jsonl")
     stages: dict[int, int] = {}
     for record in records:
