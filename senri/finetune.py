@@ -30,6 +30,7 @@ from .diagnostics import passkey_cases, teacher_forced_scores
 from .io import atomic_write
 from .modeling_senri import SenriForCausalLM
 from .niah import PASSKEY_FILLER, make_needle
+from .real_model import depths_beyond_window, gates_closed
 from .transfer import TRANSFER_PARAMETER_SUFFIXES, _jsonable, resume
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -161,8 +162,6 @@ def kl_to_base(model: Any, base: Any, ids: torch.Tensor, tokens: int) -> torch.T
 
 def memory_on_off(model: Any, cases: Sequence[Any]) -> dict[str, float]:
     """Teacher-forced pass-key accuracy with the memory as trained and with every gate closed."""
-    from .real_model import gates_closed
-
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     was_training = inner.training
     inner.eval()
@@ -211,7 +210,7 @@ def run_finetune(
                 else torch.autocast("cpu", enabled=False))
     min_distance = window + config.chunk_size
     eval_cases = passkey_cases(tokenizer, settings.eval_length, settings.eval_cases, seed=settings.seed + 1,
-                               depths=_depths(settings.eval_length, window, config.chunk_size))
+                               depths=depths_beyond_window(settings.eval_length, window, config.chunk_size))
     base = base.eval()
     peft_model.train()
     began = time.perf_counter()
@@ -269,12 +268,6 @@ def run_finetune(
             break
     peft_model.eval()
     return {"steps": step, "seconds": time.perf_counter() - began, "stopped_early": stopped_early}
-
-
-def _depths(length: int, window: int, chunk: int) -> tuple[float, float]:
-    from .real_model import depths_beyond_window
-
-    return depths_beyond_window(length, window, chunk)
 
 
 def load_finetune_state(peft_model: Any, state_path: str | Path) -> int:
