@@ -40,6 +40,12 @@ class PasskeyCase:
     key: str
 
 
+def filler_sentences(tokenizer: Any) -> list[list[int]]:
+    """The classic pass-key filler (``PASSKEY_FILLER``), one token list per sentence, each with its leading space."""
+    return [list(tokenizer(" " + sentence.strip() + ".", add_special_tokens=False)["input_ids"])
+            for sentence in PASSKEY_FILLER.split(".") if sentence.strip()]
+
+
 def passkey_cases(
     tokenizer: Any, length: int, num_cases: int, seed: int = 0, depths: tuple[float, float] = DEFAULT_DEPTHS,
 ) -> list[PasskeyCase]:
@@ -49,7 +55,7 @@ def passkey_cases(
     if not 0.0 <= depths[0] <= depths[1] <= 1.0:
         raise ValueError(f"depths must be 0 <= low <= high <= 1, got {depths}")
     encode = lambda text: list(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
-    sentences = [encode(" " + sentence.strip() + ".") for sentence in PASSKEY_FILLER.split(".") if sentence.strip()]
+    sentences = filler_sentences(tokenizer)
     cases = []
     for index in range(num_cases):
         rng = random.Random(f"passkey-case-{seed}-{length}-{index}")

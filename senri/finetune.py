@@ -19,19 +19,19 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .diagnostics import passkey_cases, teacher_forced_scores
+from .diagnostics import filler_sentences, passkey_cases, teacher_forced_scores
 from .io import atomic_write
 from .modeling_senri import SenriForCausalLM
-from .niah import PASSKEY_FILLER, make_needle
+from .niah import make_needle
 from .real_model import depths_beyond_window, gates_closed
-from .transfer import TRANSFER_PARAMETER_SUFFIXES, _jsonable, resume
+from .transfer import TRANSFER_PARAMETER_SUFFIXES, _jsonable, resume, text_sample
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # Settings a resumed run may change: how often it saves, logs and evaluates, and how long it may run.
@@ -64,7 +64,6 @@ class FinetuneSettings:
     eval_length: int = 1024
     seed: int = 4321                     # data seed (the reported evaluation uses other seeds)
     time_budget_s: float | None = None   # stop (and save) once training has run this long
-    window: int = field(default=0, repr=False)  # filled from the model: the needle is always beyond it
 
 
 def seq_len_at(step: int, settings: FinetuneSettings) -> int:
@@ -89,7 +88,7 @@ def passkey_sample(tokenizer: Any, length: int, min_distance: int, rng: random.R
     filler_budget = length - len(needle_ids) - len(question_ids) - len(answer_ids)
     if filler_budget <= min_distance:
         raise ValueError(f"length {length} leaves no room for a needle {min_distance} tokens back")
-    sentences = [encode(" " + s.strip() + ".") for s in PASSKEY_FILLER.split(".") if s.strip()]
+    sentences = filler_sentences(tokenizer)
     offset = rng.randrange(len(sentences))
     distance = rng.randint(min_distance, filler_budget)
     # Whole sentences after the needle (at least `distance` tokens), then the filler before it, taken backwards
@@ -109,11 +108,6 @@ def passkey_sample(tokenizer: Any, length: int, min_distance: int, rng: random.R
     ids = before + needle_ids + after + question_ids + answer_ids
     assert len(ids) == length, (len(ids), length)
     return ids, len(answer_ids)
-
-
-def text_sample(corpus_ids: Sequence[int], length: int, rng: random.Random) -> list[int]:
-    start = rng.randrange(max(1, len(corpus_ids) - length))
-    return list(corpus_ids[start : start + length])
 
 
 def add_lora(model: SenriForCausalLM, settings: FinetuneSettings) -> Any:

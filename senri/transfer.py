@@ -73,8 +73,13 @@ def training_sequence(index: int, tokenizer: Any, corpus_ids: Sequence[int], set
         case = passkey_cases(tokenizer, settings.seq_len, 1, seed=settings.seed * 100003 + index,
                              depths=settings.needle_depths)[0]
         return case.ids[: settings.seq_len]
-    start = rng.randrange(max(1, len(corpus_ids) - settings.seq_len))
-    return list(corpus_ids[start : start + settings.seq_len])
+    return text_sample(corpus_ids, settings.seq_len, rng)
+
+
+def text_sample(corpus_ids: Sequence[int], length: int, rng: random.Random) -> list[int]:
+    """A stretch of ``length`` tokens of ``corpus_ids`` starting where ``rng`` says."""
+    start = rng.randrange(max(1, len(corpus_ids) - length))
+    return list(corpus_ids[start : start + length])
 
 
 class _Done(Exception):
@@ -296,7 +301,7 @@ def _jsonable(value: Any) -> Any:
 
 
 __all__ = [
-    "TransferSettings", "TRANSFER_PARAMETER_SUFFIXES", "transfer_parameters", "text_corpus_ids", "training_sequence",
+    "TransferSettings", "TRANSFER_PARAMETER_SUFFIXES", "transfer_parameters", "text_corpus_ids", "training_sequence", "text_sample",
     "teacher_targets", "student_layer_output", "transfer_loss", "build_student", "run_transfer",
 ]
 
