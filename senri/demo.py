@@ -92,16 +92,26 @@ def state_growth(senri: Any, llama: Any, contexts: tuple[int, ...] = DEMO_CONTEX
     return rows
 
 
+def _plot_growth(ax: Any, rows: list[dict[str, Any]], key: str) -> None:
+    """One line per model of ``key`` (cache_mib or ms_per_token) against the context, on a base-2 axis."""
+    for name in dict.fromkeys(r["model"] for r in rows):
+        points = [r for r in rows if r["model"] == name]
+        ax.plot([r["context"] for r in points], [r[key] for r in points], marker="o", label=name)
+    contexts = sorted({r["context"] for r in rows})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(contexts, [str(c) for c in contexts])
+    ax.minorticks_off()
+    ax.set_xlabel("context (tokens)")
+
+
 def state_growth_figure(rows: list[dict[str, Any]]):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    for name in dict.fromkeys(r["model"] for r in rows):
-        points = [r for r in rows if r["model"] == name]
-        axes[0].plot([r["context"] for r in points], [r["cache_mib"] for r in points], marker="o", label=name)
-        axes[1].plot([r["context"] for r in points], [r["ms_per_token"] for r in points], marker="o", label=name)
-    axes[0].set(xlabel="context (tokens)", ylabel="cache (MiB)", title="State size", xscale="log")
-    axes[1].set(xlabel="context (tokens)", ylabel="ms per generated token", title="Decode time", xscale="log")
+    _plot_growth(axes[0], rows, "cache_mib")
+    _plot_growth(axes[1], rows, "ms_per_token")
+    axes[0].set(ylabel="cache (MiB)", title="State size")
+    axes[1].set(ylabel="ms per generated token", title="Decode time")
     axes[0].legend()
     fig.tight_layout()
     return fig
@@ -124,24 +134,21 @@ def headline_figure(card: dict[str, Any], growth: list[dict[str, Any]], window: 
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for model, by_length in measured_passkey(card).items():
+    measured = measured_passkey(card)
+    for model, by_length in measured.items():
         lengths = sorted(by_length)
         axes[0].plot([length / window for length in lengths], [by_length[n][0] / by_length[n][1] for n in lengths],
                      marker="o", label=MODEL_NAMES.get(model, model))
+    multiples = sorted({length // window for by_length in measured.values() for length in by_length})
+    cases = sorted({n for by_length in measured.values() for _, n in by_length.values()})
     axes[0].set(xlabel=f"needle context (multiples of the {window}-token window)", ylabel="pass keys found",
-                title="Recall beyond the window (20 cases each)", ylim=(-0.05, 1.05))
+                title=f"Recall beyond the window ({'/'.join(map(str, cases))} cases each)", ylim=(-0.05, 1.05))
     axes[0].set_xscale("log", base=2)
-    axes[0].set_xticks([4, 8, 16, 32], ["4×", "8×", "16×", "32×"])
+    axes[0].set_xticks(multiples, [f"{m}×" for m in multiples])
     axes[0].minorticks_off()
     axes[0].legend(fontsize=8)
-    for name in dict.fromkeys(r["model"] for r in growth):
-        points = [r for r in growth if r["model"] == name]
-        axes[1].plot([r["context"] for r in points], [r["cache_mib"] for r in points], marker="o", label=name)
-    axes[1].set(xlabel="context (tokens)", ylabel="MiB", title="Cache / state size")
-    axes[1].set_xscale("log", base=2)
-    contexts = sorted({r["context"] for r in growth})
-    axes[1].set_xticks(contexts, [str(c) for c in contexts])
-    axes[1].minorticks_off()
+    _plot_growth(axes[1], growth, "cache_mib")
+    axes[1].set(ylabel="MiB", title="Cache / state size")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
     return fig
