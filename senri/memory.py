@@ -83,21 +83,27 @@ def memory_states(
         return Ms, zs
     if update != "delta":
         raise ValueError(f"memory update {update!r} is unknown; valid values are ['delta', 'linear']")
-    states = [M]
-    for j in range(k.shape[2]):
-        sk_j = sk[:, :, j]  # (B, H, C, D)
-        retrieved = (sk_j @ states[-1]) / ((sk_j @ zs[:, :, j].unsqueeze(-1)) + eps)  # (B, H, C, D)
-        states.append(states[-1] + sk_j.transpose(-1, -2) @ (v[:, :, j] - retrieved))
-    return torch.stack(states, dim=2), zs
+    # Only the numerator depends on the previous write; every chunk's normaliser φ(K_j)·z_j + eps comes from the
+    # prefix sums at once. Each step is then two fused ops on (B·H, ., .) matrices:
+    # U_j = V_j − φ(K_j) M_j / n_j (addcdiv) and M_j+1 = M_j + φ(K_j)ᵀ U_j (baddbmm).
+    # The chunks are taken by unbind, not by indexing: the backward of one unbind is one stack, while each index's
+    # backward would allocate and add a zero gradient the size of the whole input (quadratic in the chunks).
+    B, H, N, C, D = sk.shape
+    norms = (sk @ zs[:, :, :N].unsqueeze(-1) + eps).flatten(0, 1)  # (B·H, N, C, 1)
+    flat_sk, flat_v = sk.flatten(0, 1), v.flatten(0, 1)  # (B·H, N, C, D)
+    states = [M.flatten(0, 1)]  # (B·H, D, D)
+    for sk_j, sk_t, v_j, n_j in zip(flat_sk.unbind(1), flat_sk.transpose(-1, -2).unbind(1), flat_v.unbind(1),
+                                    norms.unbind(1)):
+        states.append(torch.baddbmm(states[-1], sk_t, torch.addcdiv(v_j, sk_j @ states[-1], n_j, value=-1.0)))
+    return torch.stack(states, dim=1).view(B, H, N + 1, D, D), zs
 
 
 def _decayed_memory_states(sk, v, M, z, update, eps, decay):
     if update not in ("delta", "linear"):
         raise ValueError(f"memory update {update!r} is unknown; valid values are ['delta', 'linear']")
     Ms, zs = [M], [z]
-    for j in range(sk.shape[2]):
-        sk_j, M_j, z_j = sk[:, :, j], Ms[-1], zs[-1]
-        values = v[:, :, j]
+    for sk_j, values in zip(sk.unbind(2), v.unbind(2)):  # unbind: see memory_states
+        M_j, z_j = Ms[-1], zs[-1]
         if update == "delta":
             values = values - (sk_j @ M_j) / ((sk_j @ z_j.unsqueeze(-1)) + eps)
         Ms.append(decay[:, None, None] * M_j + sk_j.transpose(-1, -2) @ values)
@@ -400,22 +406,25 @@ def slotted_memory_attention(
     with float32_memory(q.device):
         grid = F.pad(q, (0, 0, pad_front, pad_back)).view(B, H, G, n_query, C, D)
         gates = None if expansion is None else F.pad(expansion, (pad_front, pad_back)).view(B, H, G, n_query, C)
+        # Pieces by split/unbind, not by indexing in the loop (whose backward adds a full-size zero gradient per piece).
+        k_chunks, v_chunks = k.split(C, dim=2), v.split(C, dim=2)
+        grid_chunks = grid.unbind(3)
+        gate_chunks = None if gates is None else gates.unbind(3)
         outputs, current = [], written
         for i, chunk in enumerate(range(first_chunk, last_chunk + 1)):
             while current < min(max(chunk - window_chunks, written), new_written):
-                start = (current - written) * C
-                k_c, v_c = k[:, :, start : start + C], v[:, :, start : start + C]
+                k_c, v_c = k_chunks[current - written], v_chunks[current - written]
                 keep = sink_keep_mask(current * C, C, num_sink_tokens, q.device)
                 M, z = write_slots(k_c, v_c, layout.slots(current, k_c), M, z, update, eps, decay, keep)
                 current += 1
             intra = {}
             if intra_chunk:
-                own = slice((chunk - written) * C, (chunk - written + 1) * C)
-                missing = C - k[:, :, own].shape[2]
-                intra_k, intra_v = (F.pad(t[:, :, own], (0, 0, 0, missing)) for t in (k, v))  # (B, H, C, D)
+                own_k, own_v = k_chunks[chunk - written], v_chunks[chunk - written]
+                missing = C - own_k.shape[2]
+                intra_k, intra_v = (F.pad(t, (0, 0, 0, missing)) for t in (own_k, own_v))  # (B, H, C, D)
                 intra = dict(intra_k=intra_k, intra_v=intra_v, intra_slots=layout.slots(chunk, intra_k))
-            rows = grid[:, :, :, i].reshape(B, H, G * C, D)
-            gate = None if gates is None else gates[:, :, :, i].reshape(B, H, G * C)
+            rows = grid_chunks[i].reshape(B, H, G * C, D)
+            gate = None if gate_chunks is None else gate_chunks[i].reshape(B, H, G * C)
             outputs.append(read_slots(rows, M, z, layout, eps, gate, **intra).view(B, H, G, C, D))
         if current != new_written:
             raise RuntimeError(f"wrote chunks up to {current}, expected {new_written}")

@@ -65,7 +65,9 @@ def local_attention(
 
     One attention call, cost O(T · window): queries of one chunk are a single block over the keys from their
     window's start (a lower-right causal mask); queries of several chunks go through
-    :func:`grouped_local_attention`.
+    :func:`grouped_local_attention` (on CUDA :func:`flex_local_attention`). At a stream's start (training,
+    a first prefill) the first W + 1 chunks, whose windows reach back to position 0, take a plain causal call
+    of their own: two calls then, instead of blocks whose key windows reach before the stream.
     """
     T = q.shape[2]
     if window_chunks is not None and (q_start + T - 1) // chunk_size != q_start // chunk_size:
@@ -76,6 +78,19 @@ def local_attention(
             except Exception as error:  # noqa: BLE001 - a GPU/compiler that cannot run it: the SDPA path still can
                 _FLEX["failed"] = error
                 logger.warning_once(f"FlexAttention failed ({error!r}); Senri's window uses one SDPA call instead")
+        head = (window_chunks + 1) * chunk_size - q_start
+        if q_start == k_start == 0 and head > chunk_size:
+            # A stream's first W + 1 chunks see every earlier token (their windows start at or before 0, and the
+            # sinks are in them): plain causal attention, whose kernel skips the future, instead of blocks whose
+            # keys would reach before the stream (zero padding, computed and masked). The rest as blocks.
+            first = F.scaled_dot_product_attention(
+                q[:, :, :head], k[:, :, :head], v[:, :, :head], is_causal=True, scale=scaling, enable_gqa=True
+            )
+            if head >= T:
+                return first
+            rest = grouped_local_attention(q[:, :, head:], k, v, head, 0, scaling, chunk_size, window_chunks,
+                                           sink_k, sink_v)
+            return torch.cat([first, rest], dim=2)
         return grouped_local_attention(*args)
     lo = k_start if window_chunks is None else max(k_start, window_start_of(q_start, chunk_size, window_chunks))
     n_k = q_start + T - lo
