@@ -23,6 +23,17 @@ REPEATS = 5
 PIECE = 512  # streaming piece size
 
 
+def build_models(device: torch.device | str = "cpu") -> tuple[LlamaForCausalLM, SenriForCausalLM]:
+    """Llama (sdpa) and Senri on the benchmark's shapes, Senri holding Llama's weights (its memory layers' own
+    parameters at their initial values)."""
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(**SHAPES, attn_implementation="sdpa")).to(device)
+    senri = SenriForCausalLM(SenriConfig(**SHAPES, sliding_window=WINDOW, chunk_size=CHUNK,
+                                         layer_types=["sliding_attention", "memory", "sliding_attention", "memory"]))
+    senri.load_state_dict(llama.state_dict(), strict=False)
+    return llama, senri.to(device)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
@@ -72,12 +83,7 @@ def main() -> None:
         sync()
         return torch.cuda.max_memory_allocated(device) / 2**20
 
-    torch.manual_seed(0)
-    llama = LlamaForCausalLM(LlamaConfig(**SHAPES, attn_implementation="sdpa")).to(device)
-    senri = SenriForCausalLM(SenriConfig(**SHAPES, sliding_window=WINDOW, chunk_size=CHUNK,
-                                         layer_types=["sliding_attention", "memory", "sliding_attention", "memory"]))
-    senri.load_state_dict(llama.state_dict(), strict=False)
-    senri.to(device)
+    llama, senri = build_models(device)
     ids = torch.randint(0, SHAPES["vocab_size"], (1, 16384), device=device)
     rows, extra = [], []
 
@@ -116,12 +122,12 @@ def main() -> None:
             for s in range(0, n, PIECE):
                 senri(input_ids=ids[:, s : s + PIECE], cache=cache, use_cache=True, logits_to_keep=1)
 
-        per_2k = median_seconds(lambda: stream(2048), 3) / 2048
-        per_16k = median_seconds(lambda: stream(16384), 3) / 16384
+        t_16k, t_2k = paired_seconds(lambda: stream(16384), lambda: stream(2048), 3)
+        per_2k, per_16k = t_2k / 2048, t_16k / 16384
         rows.append(("per-token streaming cost: 16K / 2K (target <= 1.3)", per_16k, per_2k, per_16k / per_2k))
 
-        # 4. Latency of one decoded token after 1K and after 8K tokens of context.
-        def decode_after(n: int) -> float:
+        # 4. Latency of one decoded token after 1K and after 8K tokens of context (the two timed alternately).
+        def decode_after(n: int):
             cache = SenriCache(senri.config, batch_size=1)
             for s in range(0, n, PIECE):
                 senri(input_ids=ids[:, s : s + PIECE], cache=cache, use_cache=True, logits_to_keep=1)
@@ -132,9 +138,9 @@ def main() -> None:
                 for _ in range(32):
                     senri(input_ids=token, cache=cache, use_cache=True)
 
-            return median_seconds(step) / 32
+            return step
 
-        d_1k, d_8k = decode_after(1024), decode_after(8192)
+        d_8k, d_1k = (t / 32 for t in paired_seconds(decode_after(8192), decode_after(1024), 2 * args.repeats))
         rows.append(("decode latency: after 8K / after 1K (target <= 1.2)", d_8k, d_1k, d_8k / d_1k))
 
         # Reference point: Llama's decode after 8K with its growing KV cache.

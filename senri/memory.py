@@ -123,6 +123,12 @@ def sink_keep_mask(
     return (positions >= num_sink_tokens).to(MEMORY_DTYPE)
 
 
+def pad_tokens(x: torch.Tensor, front: int, back: int) -> torch.Tensor:
+    """x (..., T, D) with ``front``/``back`` zero rows on the token axis; x itself when there are none (F.pad
+    would copy it)."""
+    return x if front == back == 0 else F.pad(x, (0, 0, front, back))
+
+
 def memory_read(
     q: torch.Tensor, M: torch.Tensor, z: torch.Tensor, eps: float, intra_k: torch.Tensor | None = None,
     intra_v: torch.Tensor | None = None,
@@ -179,13 +185,13 @@ def memory_attention(
         index = (chunks - window_chunks - written).clamp(0, n_write)
         # Lay the queries on the chunk grid: (B, Hq, T, D) -> (B, H, n_query, G*C, D), heads of a group stacked.
         pad_front, pad_back = q_start - first_chunk * C, (last_chunk + 1) * C - (q_start + T)
-        grid = F.pad(q, (0, 0, pad_front, pad_back)).view(B, H, G, n_query, C, D)
+        grid = pad_tokens(q, pad_front, pad_back).view(B, H, G, n_query, C, D)
         grid = grid.permute(0, 1, 3, 2, 4, 5).reshape(B, H, n_query, G * C, D)
         intra_k = intra_v = None
         if intra_chunk:
             own = slice((first_chunk - written) * C, None)  # the query chunks' own keys
-            intra_k = F.pad(k[:, :, own], (0, 0, 0, pad_back)).view(B, H, n_query, C, D)
-            intra_v = F.pad(v[:, :, own], (0, 0, 0, pad_back)).view(B, H, n_query, C, D)
+            intra_k = pad_tokens(k[:, :, own], 0, pad_back).view(B, H, n_query, C, D)
+            intra_v = pad_tokens(v[:, :, own], 0, pad_back).view(B, H, n_query, C, D)
         read = memory_read(grid, Ms[:, :, index], zs[:, :, index], eps, intra_k, intra_v)
     read = read.view(B, H, n_query, G, C, D).permute(0, 1, 3, 2, 4, 5).reshape(B, Hq, n_query * C, D)
     return read[:, :, pad_front : pad_front + T], Ms[:, :, -1], zs[:, :, -1]
@@ -404,7 +410,7 @@ def slotted_memory_attention(
         raise ValueError("an expansion gate is given exactly for hierarchical layouts")
     pad_front, pad_back = q_start - first_chunk * C, (last_chunk + 1) * C - (q_start + T)
     with float32_memory(q.device):
-        grid = F.pad(q, (0, 0, pad_front, pad_back)).view(B, H, G, n_query, C, D)
+        grid = pad_tokens(q, pad_front, pad_back).view(B, H, G, n_query, C, D)
         gates = None if expansion is None else F.pad(expansion, (pad_front, pad_back)).view(B, H, G, n_query, C)
         # Pieces by split/unbind, not by indexing in the loop (whose backward adds a full-size zero gradient per piece).
         k_chunks, v_chunks = k.split(C, dim=2), v.split(C, dim=2)

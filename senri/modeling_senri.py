@@ -29,7 +29,9 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .cache import LayerState, SenriCache
 from .configuration_senri import MEMORY_LAYER_TYPES, SenriConfig
-from .memory import MemoryLayout, alibi_decay, empty_memory, memory_attention, slotted_memory_attention
+from .memory import (
+    MemoryLayout, alibi_decay, empty_memory, memory_attention, pad_tokens, slotted_memory_attention,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -231,14 +233,14 @@ def grouped_local_attention(
     q_lo = c0 * C  # position of the first query slot
     S = 0 if sink_k is None else sink_k.shape[2]
     pad_front, pad_back = q_start - q_lo, N * R - T - (q_start - q_lo)
-    grid = F.pad(q, (0, 0, pad_front, pad_back))  # (B, Hq, N * R, D)
+    grid = pad_tokens(q, pad_front, pad_back)  # (B, Hq, N * R, D)
     grid = grid.view(B, Hq, N, R, D).permute(2, 0, 1, 3, 4).reshape(N, B * Hq, R, D)
 
     key_lo = q_lo - lead * R  # position of the first key slot
     cut = max(0, key_lo - k_start)
 
     def layout(x: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
-        x = F.pad(x[:, :, cut:], (0, 0, max(0, k_start - key_lo), q_lo + N * R - (q_start + T)))
+        x = pad_tokens(x[:, :, cut:], max(0, k_start - key_lo), q_lo + N * R - (q_start + T))
         if S:
             groups = x.view(B, H, lead + N, R, D)
             x = torch.cat([sinks[:, :, None].expand(B, H, lead + N, S, D), groups], dim=3).view(B, H, -1, D)
@@ -538,7 +540,7 @@ class SenriAttention(nn.Module):
                 output = memory_output.to(q.dtype)
             else:
                 gate = gate_clamp(self.memory_gate).to(output.dtype)[None, :, None, None]
-                output = output + gate * (memory_output.to(output.dtype) - output)
+                output = torch.lerp(output, memory_output.to(output.dtype), gate)  # (1 − g) local + g memory
 
         keep_from = (new_written - written) * self.chunk_size
         new_state = LayerState(
