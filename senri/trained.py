@@ -71,7 +71,10 @@ def save_trained_memory(model: Any, base: Any, directory: str | Path, base_model
         from .finetune import lora_config_of
 
         lora = lora_config_of(model)
-        lora_tensors = {k: v.detach().float().contiguous().cpu() for k, v in get_peft_model_state_dict(model).items()}
+        # save_embedding_layers=False: the adapters never touch the embeddings, and peft's "auto" check would load
+        # the base model's config as a SenriConfig (transformers then warns of a llama/senri type mismatch).
+        adapters = get_peft_model_state_dict(model, save_embedding_layers=False)
+        lora_tensors = {k: v.detach().float().contiguous().cpu() for k, v in adapters.items()}
         inner = model.get_base_model()
     tensors = {name: p.detach().float().contiguous().cpu() for name, p in inner.named_parameters()
                if name.endswith(TRANSFER_PARAMETER_SUFFIXES)}
@@ -133,7 +136,8 @@ def _merge_lora(model: SenriForCausalLM, lora: dict[str, Any], path: Path) -> Se
         raise ValueError(f"the card in {path.parent} names LoRA adapters but {path.name} is missing")
     peft_model = get_peft_model(model, LoraConfig(**lora, lora_dropout=0.0, bias="none"))
     tensors = load_file(str(path))
-    expected = {name: tuple(t.shape) for name, t in get_peft_model_state_dict(peft_model).items()}
+    adapters = get_peft_model_state_dict(peft_model, save_embedding_layers=False)  # as saved
+    expected = {name: tuple(t.shape) for name, t in adapters.items()}
     odd = sorted(set(tensors) ^ set(expected))
     odd += [f"{name}: {tuple(t.shape)} vs {expected[name]}" for name, t in tensors.items()
             if name in expected and tuple(t.shape) != expected[name]]
