@@ -427,7 +427,7 @@ def slotted_memory_attention(
             if intra_chunk:
                 own_k, own_v = k_chunks[chunk - written], v_chunks[chunk - written]
                 missing = C - own_k.shape[2]
-                intra_k, intra_v = (F.pad(t, (0, 0, 0, missing)) for t in (own_k, own_v))  # (B, H, C, D)
+                intra_k, intra_v = (pad_tokens(t, 0, missing) for t in (own_k, own_v))  # (B, H, C, D)
                 intra = dict(intra_k=intra_k, intra_v=intra_v, intra_slots=layout.slots(chunk, intra_k))
             rows = grid_chunks[i].reshape(B, H, G * C, D)
             gate = None if gate_chunks is None else gate_chunks[i].reshape(B, H, G * C)

@@ -80,8 +80,8 @@ def local_attention(
             except Exception as error:  # noqa: BLE001 - a GPU/compiler that cannot run it: the SDPA path still can
                 _FLEX["failed"] = error
                 logger.warning_once(f"FlexAttention failed ({error!r}); Senri's window uses one SDPA call instead")
-        head = (window_chunks + 1) * chunk_size - q_start
-        if q_start == k_start == 0 and head > chunk_size:
+        if q_start == k_start == 0 and window_chunks > 0:
+            head = (window_chunks + 1) * chunk_size
             # A stream's first W + 1 chunks see every earlier token (their windows start at or before 0, and the
             # sinks are in them): plain causal attention, whose kernel skips the future, instead of blocks whose
             # keys would reach before the stream (zero padding, computed and masked). The rest as blocks.
@@ -449,7 +449,7 @@ class SenriAttention(nn.Module):
                     q[b : b + 1, :, first:], k[b : b + 1, :, first:], v[b : b + 1, :, first:], position_embeddings,
                     row, output_attentions,
                 )
-            outputs.append(F.pad(out_b, (0, 0, first, 0)))
+            outputs.append(pad_tokens(out_b, first, 0))
             if output_attentions:  # the row's positions 0.. are stream positions offsets[b]..
                 weights.append(F.pad(w_b, (P + T - w_b.shape[-1], 0, first, 0)))
             rows.append(row)
