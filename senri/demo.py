@@ -156,7 +156,8 @@ def headline_figure(card: dict[str, Any], growth: list[dict[str, Any]], window: 
 
 def summary_text(recall: list[dict[str, Any]], growth: list[dict[str, Any]], card: dict[str, Any],
                  out_dir: Path, seconds: float) -> str:
-    lines = ["", "Senri demo — SmolLM2-135M with a compressive memory beside a 256-token window", ""]
+    card_window = card["settings"]["sliding_window"]  # the window the card's measurements were made with
+    lines = ["", f"Senri demo — SmolLM2-135M with a compressive memory beside a {card_window}-token window", ""]
     lines.append(f"{'model':<24}{'context':>8}{'window':>8}{'key back':>9}  {'answer':<14}correct")
     for r in recall:
         window = "full" if r["window"] is None else r["window"]
@@ -172,7 +173,7 @@ def summary_text(recall: list[dict[str, Any]], growth: list[dict[str, Any]], car
         lines.append("The shipped memory, measured (card.json, docs/RESULTS.md), pass keys found:")
         for model, by_length in measured.items():
             lines.append(f"  {MODEL_NAMES.get(model, model):<24}" + "  ".join(
-                f"{length // 256}×: {found}/{n}" for length, (found, n) in sorted(by_length.items())))
+                f"{length // card_window}×: {found}/{n}" for length, (found, n) in sorted(by_length.items())))
     lines += [f"Figures and demo.json in {out_dir}/ ({seconds:.0f} s).",
               "The toy memory proof (a 2-layer model trained from scratch) is not part of the demo: "
               "`make variants PROFILE=cpu-proof` / notebooks 02-04 with profile cpu-proof run it.", ""]
@@ -194,7 +195,7 @@ def main(out_dir: str | Path = "runs/demo") -> dict[str, Any]:
     growth = state_growth(trained, base)
     figure = save_figure(state_growth_figure(growth), out_dir, "state_growth")
     card = read_card()
-    headline = save_figure(headline_figure(card, growth, trained.config.sliding_window), out_dir, "headline")
+    headline = save_figure(headline_figure(card, growth, card["settings"]["sliding_window"]), out_dir, "headline")
     seconds = time.perf_counter() - began
     result = {"recall": recall, "state_growth": growth, "figure": str(figure), "headline_figure": str(headline),
               "seconds": seconds}
