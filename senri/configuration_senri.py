@@ -19,6 +19,7 @@ VALIDATED_ON_ASSIGNMENT = frozenset({
     "layer_types", "num_hidden_layers", "chunk_size", "sliding_window", "memory_update", "memory_gate_init",
     "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size", "memory_relevance", "memory_type",
     "num_memories", "top_k_memories", "num_memory_banks", "segments_per_bank", "num_sink_tokens", "alibi_scale",
+    "sink_max_distance",
     "memory_eps",
 })
 JAPANESE_TOKENIZER = "cyberagent/open-calm-small"
@@ -60,6 +61,13 @@ class SenriConfig(LlamaConfig):
       windowed layer besides its window and are never written to memory, so each earlier token is still visible
       through exactly one path. A pretrained model whose window loses its first tokens goes off its training
       distribution; conversions default to 4. 0 (default here) is the plain window. At most ``chunk_size``.
+    * ``sink_max_distance`` (L): the farthest RoPE distance at which a query sees a sink. A query in chunk c sees
+      sink i as if it stood at position i + max(0, (c + 1)·C − L), so the distance stays below L however long the
+      stream (sinks kept at their own positions 0..S−1 are seen at distances the base model never trained on:
+      SmolLM2 breaks past ~12K tokens). While (c + 1)·C ≤ L the sinks keep their own positions (a stream shorter
+      than L computes what it always did). L is at least ``sliding_window + chunk_size + num_sink_tokens`` (the
+      sinks then stand just before the window, where StreamingLLM places them): a smaller value, 0 included,
+      means that. None: their own positions always (unbounded; what models before this setting did).
     * ``memory_qk_map``: memory layers get per-KV-head maps ``memory_query_map`` / ``memory_key_map`` (H, D, D),
       identity at start, applied to the raw queries and keys of the memory path only (read and write): q and k were
       trained for softmax attention with RoPE, the memory reads them without it.
@@ -123,6 +131,7 @@ class SenriConfig(LlamaConfig):
     segments_per_bank: int = 4
     memory_relevance: str = "mass"
     num_sink_tokens: int = 0
+    sink_max_distance: int | None = 0
     memory_qk_map: bool = False
     tokenizer_name: str | None = None  # the tokenizer a preset is meant for (japanese(): JAPANESE_TOKENIZER)
     attention_output_bias: bool | None = None  # o_proj bias; None: same as attention_bias (Qwen2: q/k/v only)
@@ -269,6 +278,14 @@ class SenriConfig(LlamaConfig):
         """Number of full chunks the local window holds behind the current chunk."""
         return self.sliding_window // self.chunk_size
 
+    @property
+    def sink_distance(self) -> int | None:
+        """The farthest RoPE distance at which a query sees an attention sink (``sink_max_distance``, at least the
+        window's reach), or None when the sinks keep their own positions."""
+        if self.sink_max_distance is None:
+            return None
+        return max(self.sink_max_distance, self.sliding_window + self.chunk_size + self.num_sink_tokens)
+
     def validate_layer_type(self) -> None:
         """Replaces transformers' check, which only knows its own layer types (Senri's run in __post_init__)."""
 
@@ -324,6 +341,8 @@ class SenriConfig(LlamaConfig):
                 f"num_sink_tokens must be in 0..chunk_size ({self.chunk_size}), got {self.num_sink_tokens} "
                 "(StreamingLLM keeps 4; 0 is the plain window)"
             )
+        if self.sink_max_distance is not None and self.sink_max_distance < 0:
+            raise ValueError(f"sink_max_distance must be None or >= 0, got {self.sink_max_distance}")
         if self.alibi_scale <= 0:
             raise ValueError(f"alibi_scale must be > 0, got {self.alibi_scale}")
         if self.memory_eps <= 0:

@@ -199,6 +199,23 @@ def token_nlls(model: Any, input_ids: torch.Tensor, chunk_tokens: int | None = N
     return torch.cat(nlls)
 
 
+@torch.inference_mode()
+def stream_vs_fresh(model: Any, input_ids: torch.Tensor, block: int, chunk_tokens: int | None = None) -> list[dict]:
+    """Does more context ever hurt? Per block of ``block`` tokens of a (1, T) stream: the mean NLL of its tokens in
+    one stream from the start (``streamed``) and in a fresh stream started at the block (``fresh``), over the same
+    tokens (the block's first has no context in the fresh stream and counts in neither), and their ratio."""
+    streamed = token_nlls(model, input_ids, chunk_tokens)  # streamed[i]: token i + 1 given tokens 0..i
+    rows = []
+    for start in range(0, input_ids.shape[1] - 1, block):
+        fresh = token_nlls(model, input_ids[:, start : start + block], chunk_tokens)
+        if fresh.numel() == 0:
+            break
+        same = streamed[start : start + fresh.numel()].mean().item()
+        rows.append({"start": start, "tokens": fresh.numel(), "streamed": round(same, 4),
+                     "fresh": round(fresh.mean().item(), 4), "ratio": round(same / fresh.mean().item(), 4)})
+    return rows
+
+
 def perplexity(model: Any, input_ids: torch.Tensor, chunk_tokens: int | None = None) -> float:
     """exp(mean NLL) over the sequence."""
     return math.exp(token_nlls(model, input_ids, chunk_tokens).mean().item())
@@ -276,6 +293,7 @@ def load_records(path: str | os.PathLike) -> Any:
 
 
 __all__ = [
+    "stream_vs_fresh",
     "REVERSAL_PAIRS", "new_cache", "stream_logits", "greedy_continue", "run_niah", "niah_accuracy_table",
     "token_nlls", "perplexity", "position_ppl", "reversal_curse", "baseline_perplexity", "save_records",
     "load_records",

@@ -41,9 +41,41 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 
+class SenriRotaryEmbedding(LlamaRotaryEmbedding):
+    """Llama's RoPE tables with the angles (position × frequency) taken in float64.
+
+    In float32 an angle near position 10^6 is off by up to 0.03 rad (10^7: 0.25): a stream that long would see its
+    window through noisy relative phases. Senri rotates every key at its absolute position, however long the stream,
+    so it computes the angles exactly and rounds only the tables (what float32 does near position 0 anyway). RoPE
+    types whose frequencies change with the length (dynamic, longrope) keep Llama's path."""
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if "dynamic" in self.rope_type or self.rope_type == "longrope" or x.device.type == "mps":  # mps: no float64
+            return super().forward(x, position_ids)
+        angles = position_ids[..., None].double() * self.inv_freq.to(device=x.device, dtype=torch.float64)
+        angles = torch.cat((angles, angles), dim=-1)  # (B, T, D)
+        return (angles.cos() * self.attention_scaling).to(x.dtype), (angles.sin() * self.attention_scaling).to(x.dtype)
+
+
 def window_start_of(position: torch.Tensor | int, chunk_size: int, window_chunks: int):
     """First position the block-sliding window of a query at ``position`` covers (may be negative: no cut yet)."""
     return (position // chunk_size - window_chunks) * chunk_size
+
+
+def sink_shift(chunk: int, chunk_size: int, sink_distance: int | None) -> int:
+    """How far a query in ``chunk`` sees the attention sinks moved forward: sink i is rotated at position i + shift,
+    so the query's RoPE distance to a sink stays below ``sink_distance`` (SenriConfig.sink_distance; None: 0, the
+    sinks' own positions). Depends on the query's chunk alone, so any split of a stream into calls sees the same."""
+    return 0 if sink_distance is None else max(0, (chunk + 1) * chunk_size - sink_distance)
+
+
+def chunk_sinks(sink_k: torch.Tensor | None, first: int, count: int) -> torch.Tensor | None:
+    """The sinks of query chunks ``first .. first + count - 1`` of a call: ``sink_k`` as it is when shared by every
+    chunk (B, H, S, D), else its slice of the per-chunk sinks (B, H, chunks, S, D)."""
+    if sink_k is None or sink_k.dim() == 4:
+        return sink_k
+    return sink_k[:, :, first : first + count]
 
 
 # Query chunks per block of the one-call window attention (each block's keys: its window, shared by the block's
@@ -62,8 +94,10 @@ def local_attention(
 
     q: (B, Hq, T, D); k, v: (B, H, L, D), the keys ending with the queries' own tokens. ``window_chunks=None`` is
     full causal attention; otherwise query t sees keys s with window_start_of(t) <= s <= t, and also the attention
-    sinks ``sink_k``/``sink_v`` (B, H, S, D), the stream's first S tokens (RoPE'd at their positions 0..S-1), those
-    of them that lie before its window (StreamingLLM), in one softmax with the window's keys.
+    sinks ``sink_v`` (B, H, S, D), the stream's first S tokens, those of them that lie before its window
+    (StreamingLLM), in one softmax with the window's keys. Their keys ``sink_k`` are (B, H, S, D) when every query
+    sees them at the same positions, or (B, H, chunks, S, D): per query chunk of the call, from the first query's
+    chunk on, each rotated where that chunk's queries see them (:func:`sink_shift`).
 
     One attention call, cost O(T · window): queries of one chunk are a single block over the keys from their
     window's start (a lower-right causal mask); queries of several chunks go through
@@ -91,11 +125,13 @@ def local_attention(
             if head >= T:
                 return first
             rest = grouped_local_attention(q[:, :, head:], k, v, head, 0, scaling, chunk_size, window_chunks,
-                                           sink_k, sink_v)
+                                           chunk_sinks(sink_k, window_chunks + 1, T), sink_v)
             return torch.cat([first, rest], dim=2)
         return grouped_local_attention(*args)
     lo = k_start if window_chunks is None else max(k_start, window_start_of(q_start, chunk_size, window_chunks))
     n_k = q_start + T - lo
+    if sink_k is not None and sink_k.dim() == 5:
+        sink_k = sink_k[:, :, 0]  # one chunk of queries: its own sinks
     n_s = 0 if sink_k is None else min(sink_k.shape[2], max(lo, 0))  # the sinks before the window (or the keys)
     block_k, block_v = k[:, :, lo - k_start :], v[:, :, lo - k_start :]
     mask = None
@@ -139,11 +175,13 @@ def flex_local_attention(
     (and the sinks before each query's window). Compiled on CUDA (torch.compile), eager elsewhere (slow: tests)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    S = 0 if sink_k is None else sink_k.shape[2]
-    if S:
-        k, v = torch.cat([sink_k, k], dim=2), torch.cat([sink_v, v], dim=2)
+    S = 0 if sink_k is None else sink_k.shape[-2]
+    copies = 1 if S == 0 or sink_k.dim() == 4 else sink_k.shape[2]
+    if S:  # per-chunk sinks: one copy per query chunk, all before the keys
+        sink_v = sink_v if copies == 1 else sink_v[:, :, None].expand(-1, -1, copies, -1, -1).flatten(2, 3)
+        k, v = torch.cat([sink_k.flatten(2, 3) if copies > 1 else sink_k, k], dim=2), torch.cat([sink_v, v], dim=2)
     build = _flex_block_mask.__wrapped__ if _tracing() else _flex_block_mask
-    block_mask = build(q_start, k_start, q.shape[2], k.shape[2], chunk_size, window_chunks, S, q.device)
+    block_mask = build(q_start, k_start, q.shape[2], k.shape[2], chunk_size, window_chunks, S, copies, q.device)
     attend = flex_attention
     if (q.is_cuda or LOCAL_ATTENTION_BACKEND == "flex-compiled") and not _tracing():
         if "compiled" not in _FLEX:
@@ -157,25 +195,35 @@ def flex_local_attention(
 
 
 @functools.lru_cache(maxsize=4)
-def _flex_block_mask(q_start: int, k_start: int, T: int, L: int, C: int, W: int, S: int, device: torch.device):
+def _flex_block_mask(
+    q_start: int, k_start: int, T: int, L: int, C: int, W: int, S: int, copies: int, device: torch.device,
+):
     from torch.nn.attention.flex_attention import create_block_mask
 
     # The offsets enter the mask as tensors, not Python ints: compiled flex_attention guards on the mask function's
     # closure, and an int there would recompile it for every new offset (every piece of a stream).
     q0, k0 = torch.tensor(q_start, device=device), torch.tensor(k_start, device=device)
+    c0, slots = torch.tensor(q_start // C, device=device), torch.tensor(copies * S, device=device)
+    per_chunk = copies > 1
 
     def window(b, h, q_index, k_index):
-        q_pos, k_pos = q_index + q0, k_index - S + k0
+        q_pos, k_pos = q_index + q0, k_index - slots + k0
         start = (q_pos // C - W) * C
-        in_window = (k_index >= S) & (k_pos <= q_pos) & (k_pos >= start)
-        return in_window | ((k_index < S) & (k_index < torch.maximum(start, k0)))
+        in_window = (k_index >= slots) & (k_pos <= q_pos) & (k_pos >= start)
+        if not S:
+            return in_window
+        sink = (k_index < slots) & (k_index % S < torch.maximum(start, k0))
+        if per_chunk:  # the copy of the query's own chunk
+            sink = sink & (k_index // S == q_pos // C - c0)
+        return in_window | sink
 
     return create_block_mask(window, None, None, T, L, device=device)
 
 
 @functools.lru_cache(maxsize=4)
 def _grouped_mask(
-    q_start: int, k_start: int, T: int, C: int, W: int, m: int, S: int, device: torch.device, dtype: torch.dtype,
+    q_start: int, k_start: int, T: int, C: int, W: int, m: int, S: int, copies: int, device: torch.device,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
     """The additive mask (N, 1, R, span) of :func:`grouped_local_attention` (0 where a query sees a key slot, -inf
     elsewhere). It depends only on these numbers, so the layers of one forward (and the steps of a training run)
@@ -184,19 +232,25 @@ def _grouped_mask(
     R, lead, N = m * C, W // m, -(-(c1 - c0 + 1) // m)
     q_lo = c0 * C
     key_lo = q_lo - lead * R
+    slots = copies * S  # sink slots leading each key group: ``copies`` copies of the S sinks
     q_pos = q_lo + torch.arange(N, device=device)[:, None] * R + torch.arange(R, device=device)[None]  # (N, R)
     group = torch.arange(lead + 1, device=device)[:, None]  # (lead + 1, 1) key groups of a block
-    slot = torch.arange(S + R, device=device)[None]
-    k_pos = (key_lo + (torch.arange(N, device=device)[:, None, None] + group) * R + slot - S).flatten(1)  # (N, span)
-    is_sink = (slot < S).expand(lead + 1, -1).flatten()[None, None]
+    slot = torch.arange(slots + R, device=device)[None]
+    k_pos = (key_lo + (torch.arange(N, device=device)[:, None, None] + group) * R + slot - slots).flatten(1)
+    is_sink = (slot < slots).expand(lead + 1, -1).flatten()[None, None]
     q_pos, k_pos = q_pos[:, :, None], k_pos[:, None, :]
     window_start = window_start_of(q_pos, C, W)
     visible = ~is_sink & (k_pos >= max(k_start, 0)) & (k_pos <= q_pos) & (k_pos >= window_start)
     if S:
-        sink_index = slot.expand(lead + 1, -1).flatten()[None, None]
-        first_group = (group == 0).expand(-1, S + R).flatten()[None, None]
-        # The sinks of the block's first group, those before the window (and before the keys held).
-        visible |= is_sink & first_group & (sink_index < torch.clamp(window_start, min=k_start))
+        sink_index = (slot % S).expand(lead + 1, -1).flatten()[None, None]
+        first_group = (group == 0).expand(-1, slots + R).flatten()[None, None]
+        # The sinks of the block's first group, those before the window (and before the keys held); with per-chunk
+        # sinks, the copy of the query's own chunk in its block.
+        own = is_sink & first_group & (sink_index < torch.clamp(window_start, min=k_start))
+        if copies > 1:
+            copy = (slot // S).expand(lead + 1, -1).flatten()[None, None]
+            own &= copy == (torch.arange(R, device=device) // C)[None, :, None]
+        visible |= own
     valid_query = (q_pos >= q_start) & (q_pos < q_start + T)
     visible |= ~valid_query  # padding queries of the grid see everything (finite, discarded)
     return torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))[:, None]
@@ -231,7 +285,9 @@ def grouped_local_attention(
     R, lead = m * C, W // m  # queries per block; key groups before a block's own
     N = -(-(c1 - c0 + 1) // m)
     q_lo = c0 * C  # position of the first query slot
-    S = 0 if sink_k is None else sink_k.shape[2]
+    S = 0 if sink_k is None else sink_k.shape[-2]
+    per_chunk = S > 0 and sink_k.dim() == 5
+    copies = m if per_chunk else 1  # per-chunk sinks: each key group carries one copy per query chunk of a block
     pad_front, pad_back = q_start - q_lo, N * R - T - (q_start - q_lo)
     grid = pad_tokens(q, pad_front, pad_back)  # (B, Hq, N * R, D)
     grid = grid.view(B, Hq, N, R, D).permute(2, 0, 1, 3, 4).reshape(N, B * Hq, R, D)
@@ -239,18 +295,26 @@ def grouped_local_attention(
     key_lo = q_lo - lead * R  # position of the first key slot
     cut = max(0, key_lo - k_start)
 
+    def group_sinks(sinks: torch.Tensor) -> torch.Tensor:
+        """(B, H, lead + N, copies · S, D): the sinks leading each key group (group n leads block n's keys)."""
+        if sinks.dim() == 5:  # group n, copy j: the sinks of the block's j-th query chunk n·m + j
+            chunk = torch.arange(lead + N, device=sinks.device)[:, None] * m + torch.arange(m, device=sinks.device)
+            chunk = chunk.clamp(max=sinks.shape[2] - 1).flatten()  # groups past the last block: never visible
+            return sinks.index_select(2, chunk).reshape(B, H, lead + N, m * S, D)
+        return sinks[:, :, None, None].expand(B, H, lead + N, copies, S, D).reshape(B, H, lead + N, copies * S, D)
+
     def layout(x: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
         x = pad_tokens(x[:, :, cut:], max(0, k_start - key_lo), q_lo + N * R - (q_start + T))
         if S:
             groups = x.view(B, H, lead + N, R, D)
-            x = torch.cat([sinks[:, :, None].expand(B, H, lead + N, S, D), groups], dim=3).view(B, H, -1, D)
-        span = (lead + 1) * (S + R)
-        return x.unfold(2, span, S + R).permute(2, 0, 1, 4, 3).reshape(N, B * H, span, D)
+            x = torch.cat([group_sinks(sinks), groups], dim=3).view(B, H, -1, D)
+        span = (lead + 1) * (copies * S + R)
+        return x.unfold(2, span, copies * S + R).permute(2, 0, 1, 4, 3).reshape(N, B * H, span, D)
 
     keys, values = layout(k, sink_k), layout(v, sink_v)
 
     build = _grouped_mask.__wrapped__ if _tracing() else _grouped_mask
-    mask = build(q_start, k_start, T, C, W, m, S, q.device, q.dtype)
+    mask = build(q_start, k_start, T, C, W, m, S, copies, q.device, q.dtype)
     out = F.scaled_dot_product_attention(grid, keys, values, attn_mask=mask, scale=scaling, enable_gqa=True)
     out = out.view(N, B, Hq, R, D).permute(1, 2, 0, 3, 4).reshape(B, Hq, N * R, D)
     return out[:, :, pad_front : pad_front + T]
@@ -274,7 +338,9 @@ def explicit_local_attention(
     allowed = k_pos <= q_pos
     if window_chunks is not None:
         allowed &= k_pos >= window_start_of(q_pos, chunk_size, window_chunks)
-    num_sinks = 0 if sink_k is None else sink_k.shape[2]
+    num_sinks = 0 if sink_k is None else sink_k.shape[-2]
+    precision = torch.promote_types(q.dtype, torch.float32)  # at least float32 (float64 stays float64)
+    scores = (q @ k.repeat_interleave(G, dim=1).transpose(-1, -2)).to(precision) * scaling
     if num_sinks:
         # A sink is seen through this copy only before the window (inside it, through the window's own key) or
         # before the keys held (a state restored without its window).
@@ -282,9 +348,14 @@ def explicit_local_attention(
             window_start_of(q_pos, chunk_size, window_chunks), min=k_start
         )
         allowed = torch.cat([sink_allowed, allowed], dim=1)
-        k, v = torch.cat([sink_k, k], dim=2), torch.cat([sink_v, v], dim=2)
-    precision = torch.promote_types(q.dtype, torch.float32)  # at least float32 (float64 stays float64)
-    scores = (q @ k.repeat_interleave(G, dim=1).transpose(-1, -2)).to(precision) * scaling
+        if sink_k.dim() == 5:  # each query's own chunk's sinks
+            chunk = (q_pos[:, 0] // chunk_size - q_start // chunk_size)
+            own = sink_k.index_select(2, chunk).repeat_interleave(G, dim=1)  # (B, Hq, T, S, D)
+            sink_scores = torch.einsum("bhtd,bhtsd->bhts", q, own)
+        else:
+            sink_scores = q @ sink_k.repeat_interleave(G, dim=1).transpose(-1, -2)
+        scores = torch.cat([sink_scores.to(precision) * scaling, scores], dim=-1)
+        v = torch.cat([sink_v, v], dim=2)
     weights = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
     output = (weights.to(v.dtype) @ v.repeat_interleave(G, dim=1)).to(q.dtype)
     full = weights.new_zeros(B, Hq, T, q_start + T)
@@ -404,6 +475,19 @@ class SenriAttention(nn.Module):
             return state.seen_tokens
         return state.window_start
 
+    def _rotated_sinks(self, sink_keys: torch.Tensor, sink_tables: tuple, P: int, T: int) -> torch.Tensor:
+        """The sinks' keys (B, H, n, D) rotated where the queries at P..P+T-1 see them: (B, H, n, D) when every
+        query chunk sees them at the same positions, else (B, H, chunks, n, D) per query chunk."""
+        cos, sin, first, shifts = sink_tables
+        c0, c1 = P // self.chunk_size - first, (P + T - 1) // self.chunk_size - first
+        B, H, n, D = sink_keys.shape
+        if shifts[c0] == shifts[c1]:  # shifts never decrease along the stream: one rotation for the whole call
+            return rope(sink_keys, cos[c0 : c0 + 1, :n], sin[c0 : c0 + 1, :n])
+        chunks = c1 - c0 + 1
+        expanded = sink_keys[:, :, None].expand(B, H, chunks, n, D).reshape(B, H, chunks * n, D)
+        rotated = rope(expanded, cos[c0 : c1 + 1, :n].reshape(1, -1, D), sin[c0 : c1 + 1, :n].reshape(1, -1, D))
+        return rotated.view(B, H, chunks, n, D)
+
     def gate_values(self) -> torch.Tensor | None:
         return None if self.layer_type != "memory" else self.memory_gate.detach().clamp(0.0, 1.0)
 
@@ -484,8 +568,7 @@ class SenriAttention(nn.Module):
             cos, sin, rope_start, sink_tables = position_embeddings
             sink_k = None
             if self.num_sink_tokens:
-                n = sink_keys.shape[2]
-                sink_k = rope(sink_keys, sink_tables[0][:, :n], sink_tables[1][:, :n])  # at positions 0..n-1
+                sink_k = self._rotated_sinks(sink_keys, sink_tables, P, T)
             q_cos, q_sin = cos[:, P - rope_start : P + T - rope_start], sin[:, P - rope_start : P + T - rope_start]
             q_rope = rope(q, q_cos, q_sin)
             if self.first_position_to_rotate(state) == P:
@@ -690,8 +773,20 @@ class SenriModel(SenriPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList([SenriDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.rotary_emb = SenriRotaryEmbedding(config=config)
         self.post_init()
+
+    def sink_tables(self, x: torch.Tensor, P: int, T: int, offsets: tuple[int, ...] | None) -> tuple | None:
+        """RoPE tables of the attention sinks as each query chunk of this call sees them (:func:`sink_shift`):
+        (cos, sin) (chunks, S, D) for the chunks from ``first`` on (of every row's own positions), and ``first``."""
+        S, C = self.config.num_sink_tokens, self.config.chunk_size
+        if not S:
+            return None
+        first, last = max(0, P - max(offsets or [0])) // C, (P + T - 1 - min(offsets or [0])) // C
+        shifts = [sink_shift(c, C, self.config.sink_distance) for c in range(first, last + 1)]
+        positions = torch.tensor(shifts, device=x.device)[:, None] + torch.arange(S, device=x.device)[None]
+        cos, sin = self.rotary_emb(x, positions.view(1, -1))
+        return cos.view(len(shifts), S, -1), sin.view(len(shifts), S, -1), first, shifts
 
     @merge_with_config_defaults  # use_cache=None: config.use_cache
     @capture_outputs  # output_hidden_states / output_attentions / return_dict
@@ -739,9 +834,7 @@ class SenriModel(SenriPreTrainedModel):
         ])
         positions = torch.arange(rope_start, P + T - min(offsets or [0]), device=inputs_embeds.device)[None]
         cos, sin = self.rotary_emb(inputs_embeds, positions)
-        sinks = self.config.num_sink_tokens
-        sink_tables = self.rotary_emb(inputs_embeds, torch.arange(sinks, device=inputs_embeds.device)[None]) if sinks else None
-        position_embeddings = (cos, sin, rope_start, sink_tables)
+        position_embeddings = (cos, sin, rope_start, self.sink_tables(inputs_embeds, P, T, offsets))
 
         for idx, layer in enumerate(self.layers):  # before any layer advances the cache
             layer.self_attn.check_state(states[idx])

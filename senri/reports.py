@@ -4,6 +4,8 @@
     python -m senri.reports placement SEED CASES        # perfect-memory ceiling per placement (2K and 4K tokens)
     python -m senri.reports real KIND LENGTH CASES      # base / gates closed / shipped memory (KIND: passkey | fact | nll)
     python -m senri.reports grid DIR CASES              # the same over the whole grid (DIR: a trained memory, or shipped)
+    python -m senri.reports stream TOKENS               # loss per 4K block of one long stream vs fresh starts there
+    python -m senri.reports stream-sinks TOKENS         # the same stream, gates closed, per sink placement
     python -m senri.reports ship STATE UPDATE           # ship a phase-A state (transfer_state.pt, memory_update UPDATE)
     python -m senri.reports ship-run RUN_DIR GRID_JSON  # ship a finished phase-B run with its grid numbers
 
@@ -13,6 +15,7 @@ Each prints its records and writes them as JSON under ``runs/reports/``. All run
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -48,6 +51,72 @@ def texts() -> dict[str, str]:
                                    "LICENSE.txt").read_text(encoding="utf-8", errors="ignore"),
         "pydoc topics": "\n\n".join(topics.topics[k] for k in sorted(topics.topics)),
     }
+
+
+def long_prose(tokenizer: Any, tokens: int) -> torch.Tensor:
+    """(1, tokens) of held-out prose for long streams: the pydoc topics (113K tokens), then the docstrings of the
+    standard library's modules in file order (neither is ever trained on)."""
+    import ast
+    import sysconfig
+
+    parts = [texts()["pydoc topics"]]
+    held = len(tokenizer(parts[0]).input_ids)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(stdlib.rglob("*.py")):
+        if held >= tokens:
+            break
+        if {"test", "tests", "site-packages", "idle_test"} & set(path.relative_to(stdlib).parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef))]
+        docs = [doc for doc in (ast.get_docstring(n) for n in nodes) if doc and len(doc) > 200]
+        parts += docs
+        held += sum(len(tokenizer(doc).input_ids) for doc in docs)
+    ids = tokenizer("\n\n".join(parts), return_tensors="pt").input_ids
+    if ids.shape[1] < tokens:
+        raise ValueError(f"only {ids.shape[1]} tokens of held-out prose here; asked for {tokens}")
+    return ids[:, :tokens]
+
+
+STREAM_BLOCK, STREAM_PIECE = 4096, 1024
+
+
+def stream(tokens: int) -> dict[str, Any]:
+    """One stream of ``tokens`` held-out tokens in 1024-token pieces through the shipped memory, with its gates closed
+    and as trained: per 4K block, the loss in the stream beside a fresh stream started at that block."""
+    from .evaluation import stream_vs_fresh
+
+    _, trained, tokenizer = _models(None)
+    ids = long_prose(tokenizer, tokens).to(_device())
+    records = []
+    for name in ("gates closed", "trained"):
+        with gates_closed(trained) if name == "gates closed" else contextlib.nullcontext():
+            for row in stream_vs_fresh(trained, ids, STREAM_BLOCK, STREAM_PIECE):
+                records.append(dict(row, model=name))
+                print(records[-1], flush=True)
+    worst = {name: max(r["ratio"] for r in records if r["model"] == name) for name in ("gates closed", "trained")}
+    return {"tokens": tokens, "block": STREAM_BLOCK, "piece": STREAM_PIECE, "worst_ratio": worst, "records": records}
+
+
+def stream_sinks(tokens: int) -> dict[str, Any]:
+    """The converted SmolLM2 (gates closed) streamed over ``tokens`` held-out tokens, per attention-sink placement
+    (``sink_max_distance``; None: the sinks at their own positions): mean loss per 4K block."""
+    from .evaluation import token_nlls
+
+    llama, tokenizer = load_local_smollm2()
+    ids = long_prose(tokenizer, tokens)
+    records = []
+    for distance in (None, 0, 1024, 4096, 8192):
+        model = convert_llama_to_senri(llama, sliding_window=WINDOW, chunk_size=CHUNK, sink_max_distance=distance)
+        with torch.inference_mode():
+            nlls = token_nlls(model.eval(), ids, STREAM_PIECE)
+        blocks = [round(nlls[i : i + STREAM_BLOCK].mean().item(), 4) for i in range(0, nlls.numel(), STREAM_BLOCK)]
+        records.append({"sink_max_distance": distance, "block": STREAM_BLOCK, "nll_per_block": blocks})
+        print(records[-1], flush=True)
+    return {"tokens": tokens, "records": records}
 
 
 def sinks() -> list[dict[str, Any]]:
@@ -216,7 +285,7 @@ def ship_run(run_dir: str, grid_json: str, directory: str | None = None) -> dict
 def main(argv: list[str]) -> Any:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     commands = {"sinks": (sinks, ()), "placement": (placement, (int, int)), "real": (real, (str, int, int)),
-                "grid": (grid, (str, int)), "ship": (ship, (str, str)), "ship-run": (ship_run, (str, str))}
+                "grid": (grid, (str, int)), "stream": (stream, (int,)), "stream-sinks": (stream_sinks, (int,)), "ship": (ship, (str, str)), "ship-run": (ship_run, (str, str))}
     if not argv or argv[0] not in commands:
         raise SystemExit(f"usage: python -m senri.reports {{{' | '.join(commands)}}} ... (see the module docstring)")
     function, types = commands[argv[0]]

@@ -153,11 +153,9 @@ def student_layer_output(model: SenriForCausalLM, layer: int, hidden: torch.Tens
     attn = model.model.layers[layer].self_attn
     T = hidden.shape[1]
     cos, sin = model.model.rotary_emb(hidden, torch.arange(T, device=hidden.device)[None])
-    sinks = model.config.num_sink_tokens
-    sink_tables = model.model.rotary_emb(hidden, torch.arange(sinks, device=hidden.device)[None]) if sinks else None
     captured = {}
     handle = attn.o_proj.register_forward_pre_hook(lambda module, args: captured.setdefault("out", args[0]))
-    args = (hidden, (cos, sin, 0, sink_tables), LayerState())
+    args = (hidden, (cos, sin, 0, model.model.sink_tables(hidden, 0, T, None)), LayerState())
     try:
         if gate is None:
             attn(*args)

@@ -26,14 +26,20 @@ def _stream(model, ids, pieces, cache=None):
     return torch.cat(logits, dim=1), cache
 
 
-@pytest.mark.parametrize("sinks", [0, 4])
+# Attention sinks: none; at their own positions (sink_max_distance=None: the stream here is shorter than the default
+# distance, so the same); moved along just before each chunk's window (0: the shortest distance).
+SINK_SETTINGS = [(0, None), (4, None), (4, 0)]
+
+
+@pytest.mark.parametrize("sinks,sink_max_distance", SINK_SETTINGS)
 @pytest.mark.parametrize("update", UPDATES)
 @pytest.mark.parametrize(
     "layer_types",
     [["sliding_attention", "memory", "sliding_attention"], ["memory_only", "memory", "full_attention"]],
 )
-def test_streaming_in_any_pieces_equals_one_pass(update, layer_types, sinks):
-    model = tiny_model(memory_update=update, layer_types=layer_types, num_sink_tokens=sinks)
+def test_streaming_in_any_pieces_equals_one_pass(update, layer_types, sinks, sink_max_distance):
+    model = tiny_model(memory_update=update, layer_types=layer_types, num_sink_tokens=sinks,
+                       sink_max_distance=sink_max_distance)
     T = 260  # 16 windows; pieces straddle chunk (4) and window (16) boundaries
     ids = torch.randint(0, 97, (2, T), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -43,11 +49,11 @@ def test_streaming_in_any_pieces_equals_one_pass(update, layer_types, sinks):
             torch.testing.assert_close(streamed, one_pass, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("sinks", [0, 4])
-def test_streaming_with_closed_gates_is_exact_in_float64(sinks):
+@pytest.mark.parametrize("sinks,sink_max_distance", SINK_SETTINGS)
+def test_streaming_with_closed_gates_is_exact_in_float64(sinks, sink_max_distance):
     """Windows, sinks, RoPE and cache lose nothing: with the memory's share closed, streaming in any pieces (one
     attention call each, or single-token steps) equals one pass to float64 rounding."""
-    model = tiny_model(memory_gate_init=0.0, num_sink_tokens=sinks,
+    model = tiny_model(memory_gate_init=0.0, num_sink_tokens=sinks, sink_max_distance=sink_max_distance,
                        layer_types=["sliding_attention", "memory", "full_attention"]).double()
     ids = torch.randint(0, 97, (2, 150), generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
@@ -57,9 +63,9 @@ def test_streaming_with_closed_gates_is_exact_in_float64(sinks):
             torch.testing.assert_close(streamed, one_pass, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("update", UPDATES)
-def test_greedy_generate_matches_repeated_full_forwards(update):
-    model = tiny_model(memory_update=update)
+@pytest.mark.parametrize("update,sinks", [("delta", 0), ("linear", 0), ("delta", 4)])
+def test_greedy_generate_matches_repeated_full_forwards(update, sinks):
+    model = tiny_model(memory_update=update, num_sink_tokens=sinks, sink_max_distance=0)
     prompt = torch.randint(0, 97, (1, 70), generator=torch.Generator().manual_seed(2))
     generated = model.generate(
         prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40, do_sample=False, pad_token_id=0
@@ -103,7 +109,7 @@ def test_exact_coverage_every_earlier_token_through_exactly_one_path(sinks):
     T = 45
     x = torch.randn(1, T, config.hidden_size, requires_grad=True)
     cos, sin = model.model.rotary_emb(x, torch.arange(T)[None])
-    sink_tables = model.model.rotary_emb(x, torch.arange(sinks)[None]) if sinks else None
+    sink_tables = model.model.sink_tables(x, 0, T, None)
     from senri.cache import LayerState
 
     for t in (3, 19, 20, 23, 24, 44):
@@ -144,9 +150,10 @@ def test_full_attention_cache_grows_and_memory_state_is_float32():
     assert cache.layers[0].state.M.dtype == torch.float32
 
 
-@pytest.mark.parametrize("update,sinks", [("delta", 0), ("linear", 0), ("delta", 4)])
-def test_state_saved_to_disk_continues_identically_in_a_fresh_process(tmp_path, update, sinks):
-    model = tiny_model(memory_update=update, num_sink_tokens=sinks)
+@pytest.mark.parametrize("update,sinks,sink_max_distance", [("delta", 0, None), ("linear", 0, None), ("delta", 4, None),
+                                                           ("delta", 4, 0)])
+def test_state_saved_to_disk_continues_identically_in_a_fresh_process(tmp_path, update, sinks, sink_max_distance):
+    model = tiny_model(memory_update=update, num_sink_tokens=sinks, sink_max_distance=sink_max_distance)
     model.save_pretrained(tmp_path / "model")
     ids = torch.randint(0, 97, (1, 300), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
