@@ -200,19 +200,24 @@ def token_nlls(model: Any, input_ids: torch.Tensor, chunk_tokens: int | None = N
 
 
 @torch.inference_mode()
-def stream_vs_fresh(model: Any, input_ids: torch.Tensor, block: int, chunk_tokens: int | None = None) -> list[dict]:
+def stream_vs_fresh(model: Any, input_ids: torch.Tensor, block: int, chunk_tokens: int | None = None,
+                    fresh_every: int = 1) -> list[dict]:
     """Does more context ever hurt? Per block of ``block`` tokens of a (1, T) stream: the mean NLL of its tokens in
-    one stream from the start (``streamed``) and in a fresh stream started at the block (``fresh``), over the same
-    tokens (the block's first has no context in the fresh stream and counts in neither), and their ratio."""
+    one stream from the start (``streamed``) and, for every ``fresh_every``-th block, in a fresh stream started at the
+    block (``fresh``, and the ratio), over the same tokens (the block's first has no context in the fresh stream and
+    counts in neither)."""
     streamed = token_nlls(model, input_ids, chunk_tokens)  # streamed[i]: token i + 1 given tokens 0..i
     rows = []
-    for start in range(0, input_ids.shape[1] - 1, block):
-        fresh = token_nlls(model, input_ids[:, start : start + block], chunk_tokens)
-        if fresh.numel() == 0:
+    for index, start in enumerate(range(0, input_ids.shape[1] - 1, block)):
+        tokens = min(block, input_ids.shape[1] - start) - 1
+        if tokens <= 0:
             break
-        same = streamed[start : start + fresh.numel()].mean().item()
-        rows.append({"start": start, "tokens": fresh.numel(), "streamed": round(same, 4),
-                     "fresh": round(fresh.mean().item(), 4), "ratio": round(same / fresh.mean().item(), 4)})
+        same = streamed[start : start + tokens].mean().item()
+        row = {"start": start, "tokens": tokens, "streamed": round(same, 4)}
+        if index % fresh_every == 0:
+            fresh = token_nlls(model, input_ids[:, start : start + block], chunk_tokens).mean().item()
+            row.update(fresh=round(fresh, 4), ratio=round(same / fresh, 4))
+        rows.append(row)
     return rows
 
 

@@ -4,7 +4,7 @@
     python -m senri.reports placement SEED CASES        # perfect-memory ceiling per placement (2K and 4K tokens)
     python -m senri.reports real KIND LENGTH CASES      # base / gates closed / shipped memory (KIND: passkey | fact | nll)
     python -m senri.reports grid DIR CASES              # the same over the whole grid (DIR: a trained memory, or shipped)
-    python -m senri.reports stream TOKENS               # loss per 4K block of one long stream vs fresh starts there
+    python -m senri.reports stream TOKENS EVERY         # loss per 4K block of a long stream vs fresh starts (every EVERY-th block)
     python -m senri.reports stream-sinks TOKENS         # the same stream, gates closed, per sink placement
     python -m senri.reports ship STATE UPDATE           # ship a phase-A state (transfer_state.pt, memory_update UPDATE)
     python -m senri.reports ship-run RUN_DIR GRID_JSON  # ship a finished phase-B run with its grid numbers
@@ -84,9 +84,10 @@ def long_prose(tokenizer: Any, tokens: int) -> torch.Tensor:
 STREAM_BLOCK, STREAM_PIECE = 4096, 1024
 
 
-def stream(tokens: int) -> dict[str, Any]:
+def stream(tokens: int, fresh_every: int) -> dict[str, Any]:
     """One stream of ``tokens`` held-out tokens in 1024-token pieces through the shipped memory, with its gates closed
-    and as trained: per 4K block, the loss in the stream beside a fresh stream started at that block."""
+    and as trained: per 4K block, the loss in the stream beside a fresh stream started at that block (at every
+    ``fresh_every``-th block: 1 for all)."""
     from .evaluation import stream_vs_fresh
 
     _, trained, tokenizer = _models(None)
@@ -94,11 +95,13 @@ def stream(tokens: int) -> dict[str, Any]:
     records = []
     for name in ("gates closed", "trained"):
         with gates_closed(trained) if name == "gates closed" else contextlib.nullcontext():
-            for row in stream_vs_fresh(trained, ids, STREAM_BLOCK, STREAM_PIECE):
+            for row in stream_vs_fresh(trained, ids, STREAM_BLOCK, STREAM_PIECE, fresh_every):
                 records.append(dict(row, model=name))
                 print(records[-1], flush=True)
-    worst = {name: max(r["ratio"] for r in records if r["model"] == name) for name in ("gates closed", "trained")}
-    return {"tokens": tokens, "block": STREAM_BLOCK, "piece": STREAM_PIECE, "worst_ratio": worst, "records": records}
+    worst = {name: max(r["ratio"] for r in records if r["model"] == name and "ratio" in r)
+             for name in ("gates closed", "trained")}
+    return {"tokens": tokens, "block": STREAM_BLOCK, "piece": STREAM_PIECE, "fresh_every": fresh_every,
+            "worst_ratio": worst, "records": records}
 
 
 def stream_sinks(tokens: int) -> dict[str, Any]:
@@ -285,7 +288,7 @@ def ship_run(run_dir: str, grid_json: str, directory: str | None = None) -> dict
 def main(argv: list[str]) -> Any:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     commands = {"sinks": (sinks, ()), "placement": (placement, (int, int)), "real": (real, (str, int, int)),
-                "grid": (grid, (str, int)), "stream": (stream, (int,)), "stream-sinks": (stream_sinks, (int,)), "ship": (ship, (str, str)), "ship-run": (ship_run, (str, str))}
+                "grid": (grid, (str, int)), "stream": (stream, (int, int)), "stream-sinks": (stream_sinks, (int,)), "ship": (ship, (str, str)), "ship-run": (ship_run, (str, str))}
     if not argv or argv[0] not in commands:
         raise SystemExit(f"usage: python -m senri.reports {{{' | '.join(commands)}}} ... (see the module docstring)")
     function, types = commands[argv[0]]

@@ -134,3 +134,23 @@ def test_rope_angles_are_exact_at_any_position():
     exact = torch.cat([angles, angles], dim=-1).cos()
     assert (cos.double() - exact).abs().max() < 1e-6
     assert (llama(x, far)[0].double() - exact).abs().max() > 1e-2  # what float32 angles give there
+
+
+def test_stream_vs_fresh_compares_the_same_tokens_with_and_without_the_earlier_stream():
+    """The long-stream check (``python -m senri.reports stream``): per block, the stream's loss and a fresh stream's
+    over the same tokens. A model that sees no further back than 60 tokens (window only, no sinks, 3 layers × 20
+    tokens) gives the two equal beyond a block's first 60 tokens; the first block is the same stream."""
+    from senri.evaluation import stream_vs_fresh, token_nlls
+
+    model = tiny_model(memory_gate_init=0.0)
+    ids = torch.randint(0, 97, (1, 300), generator=torch.Generator().manual_seed(13))
+    rows = stream_vs_fresh(model, ids, block=128, chunk_tokens=50, fresh_every=2)
+    assert [(r["start"], r["tokens"]) for r in rows] == [(0, 127), (128, 127), (256, 43)]
+    assert "fresh" in rows[0] and "fresh" not in rows[1] and "fresh" in rows[2]
+    assert rows[0]["streamed"] == rows[0]["fresh"] and rows[0]["ratio"] == 1.0
+    with torch.no_grad():
+        streamed, fresh = token_nlls(model, ids, 50), token_nlls(model, ids[:, 128:256], 50)
+    assert rows[1]["streamed"] == round(streamed[128:255].mean().item(), 4)
+    assert rows[2]["fresh"] == round(token_nlls(model, ids[:, 256:], 50).mean().item(), 4)
+    torch.testing.assert_close(streamed[128 + 64 : 255], fresh[64:])  # beyond the reach of the earlier stream
+    assert not torch.allclose(streamed[128:140], fresh[:12])
