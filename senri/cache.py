@@ -135,7 +135,20 @@ class LayerState:
 
 
 class SenriCacheLayer(CacheLayerMixin):
-    """transformers' per-layer cache interface around a :class:`LayerState`."""
+    """transformers' per-layer cache interface around a :class:`LayerState`.
+
+    ``keys`` / ``values`` are what transformers' own layers hold, read from the state (the source of truth; they are
+    views, not copies, and cannot be assigned): the window's tokens, positions ``state.window_start`` ..
+    ``seen_tokens - 1``, as ``(batch, kv_heads, tokens, head_dim)``. Keys are RoPE'd at their absolute positions,
+    as attention uses them and as transformers' ``DynamicLayer`` / ``DynamicSlidingWindowLayer`` hold them (Llama
+    rotates before ``update``); ``memory_only`` layers have no RoPE path and expose their raw keys. The window is
+    Senri's: after a forward it holds from the start of the next query's window (between ``window_length`` and
+    ``window_length + chunk_size - 1`` tokens once full; every token for ``full_attention``, the current chunk's
+    for ``memory_only``), not transformers' last ``sliding_window - 1``. The attention sinks, once they have left
+    the window, and the memory are not in them (``state``). A left-padded batch's rows are right-aligned, zeros
+    before a shorter row's window (``LayerState.row``). Both are None while the layer holds no window, and also for
+    a state restored by ``SenriCache.from_memory_state`` until its next forward rotates its keys.
+    """
 
     is_compileable = False
     supports_early_init = False
@@ -145,6 +158,29 @@ class SenriCacheLayer(CacheLayerMixin):
         self.layer_type = layer_type
         self.is_sliding = layer_type == "sliding_attention"
         self.state = LayerState()
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        """The window's keys as attention sees them (RoPE'd; raw on ``memory_only`` layers), or None."""
+        if self.layer_type == "memory_only":
+            return self.state.keys
+        return self.state.rotated_keys if self.state.keys is not None else None
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        # CacheLayerMixin.__init__ sets keys = values = None; the state is the only place a layer's tensors live.
+        if value is not None:
+            raise AttributeError("SenriCacheLayer.keys is read from its LayerState; advance it with SenriCache.set_layer_state")
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        """The window's values (the tokens of :attr:`keys`), or None when :attr:`keys` is None."""
+        return None if self.keys is None else self.state.values
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        if value is not None:
+            raise AttributeError("SenriCacheLayer.values is read from its LayerState; advance it with SenriCache.set_layer_state")
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.is_initialized = True

@@ -48,9 +48,16 @@ class SenriConfig(LlamaConfig):
     All Llama fields keep their meaning. Senri adds:
 
     * ``sliding_window`` / ``chunk_size``: the local window is *block-sliding*: a query in chunk ``c`` sees the
-      tokens of chunks ``c - sliding_window // chunk_size .. c`` (between ``sliding_window + 1`` and
-      ``sliding_window + chunk_size`` tokens); every older chunk has been written to memory. So each earlier token
-      is visible through exactly one path (docs/DESIGN.md, exact coverage invariant).
+      tokens of chunks ``c - window_chunks .. c``, ``window_chunks = ceil(sliding_window / chunk_size)`` (between
+      ``window_length + 1`` and ``window_length + chunk_size`` tokens, ``window_length = window_chunks * chunk_size``);
+      every older chunk has been written to memory. So each earlier token is visible through exactly one path
+      (docs/DESIGN.md, exact coverage invariant). Any ``sliding_window`` >= 0 is accepted: one that is not a multiple
+      of ``chunk_size`` is rounded *up* to whole chunks (``sliding_window=2``, ``chunk_size=8``: one chunk). Whole
+      chunks are what keeps the invariants: memory writes and the windows' starts stay on the chunk grid, so exact
+      coverage, streaming ≡ one pass, the constant state and state transfer hold unchanged; rounding up (not down)
+      keeps the promise that a query sees at least its ``sliding_window`` previous tokens, and padding a partial
+      chunk instead would make the window's start depend on the query within a chunk (one chunk written in pieces).
+      Every window length (``window_chunks``, ``window_length``, ``sink_distance``) comes from these properties.
     * ``memory_update``: ``"delta"`` (default) or ``"linear"`` (Infini-attention, eqs. 4 and 5).
     * ``layer_types``: one of ``sliding_attention``, ``memory`` (window + memory), ``memory_only``, ``full_attention``
       per layer. By default derived from ``num_memory_layers`` / ``first_memory_layer`` / ``memory_layer_interval``.
@@ -65,7 +72,7 @@ class SenriConfig(LlamaConfig):
       sink i as if it stood at position i + max(0, (c + 1)·C − L), so the distance stays below L however long the
       stream (sinks kept at their own positions 0..S−1 are seen at distances the base model never trained on:
       SmolLM2 breaks past ~12K tokens). While (c + 1)·C ≤ L the sinks keep their own positions (a stream shorter
-      than L computes what it always did). L is at least ``sliding_window + chunk_size + num_sink_tokens`` (the
+      than L computes what it always did). L is at least ``window_length + chunk_size + num_sink_tokens`` (the
       sinks then stand just before the window, where StreamingLLM places them): a smaller value, 0 included,
       means that. None: their own positions always (unbounded; what models before this setting did).
     * ``memory_qk_map``: memory layers get per-KV-head maps ``memory_query_map`` / ``memory_key_map`` (H, D, D),
@@ -275,8 +282,15 @@ class SenriConfig(LlamaConfig):
 
     @property
     def window_chunks(self) -> int:
-        """Number of full chunks the local window holds behind the current chunk."""
-        return self.sliding_window // self.chunk_size
+        """Number of full chunks the local window holds behind the current chunk: ``sliding_window`` rounded up to
+        whole chunks (a query always sees at least ``sliding_window`` earlier tokens)."""
+        return -(-self.sliding_window // self.chunk_size)
+
+    @property
+    def window_length(self) -> int:
+        """Tokens of the whole chunks behind the current one that the window holds (``window_chunks * chunk_size``,
+        ``sliding_window`` rounded up to a multiple of ``chunk_size``)."""
+        return self.window_chunks * self.chunk_size
 
     @property
     def sink_distance(self) -> int | None:
@@ -284,7 +298,7 @@ class SenriConfig(LlamaConfig):
         window's reach), or None when the sinks keep their own positions."""
         if self.sink_max_distance is None:
             return None
-        return max(self.sink_max_distance, self.sliding_window + self.chunk_size + self.num_sink_tokens)
+        return max(self.sink_max_distance, self.window_length + self.chunk_size + self.num_sink_tokens)
 
     def validate_layer_type(self) -> None:
         """Replaces transformers' check, which only knows its own layer types (Senri's run in __post_init__)."""
@@ -301,10 +315,10 @@ class SenriConfig(LlamaConfig):
 
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive integer, got {self.chunk_size}")
-        if self.sliding_window < 0 or self.sliding_window % self.chunk_size != 0:
+        if self.sliding_window is None or self.sliding_window < 0:
             raise ValueError(
-                f"sliding_window ({self.sliding_window}) must be a non-negative multiple of chunk_size "
-                f"({self.chunk_size}), e.g. {max(1, round(self.sliding_window / self.chunk_size)) * self.chunk_size}"
+                f"sliding_window must be a non-negative integer (rounded up to whole chunks of {self.chunk_size}), "
+                f"got {self.sliding_window}"
             )
         if self.memory_update not in MEMORY_UPDATES:
             raise ValueError(f"memory_update = {self.memory_update!r} is unknown; {_suggest(self.memory_update, MEMORY_UPDATES)}")

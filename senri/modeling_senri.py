@@ -329,7 +329,9 @@ def explicit_local_attention(
     Same arguments and output; the weights are (B, Hq, T, q_start + T) over the stream positions 0..q_start+T-1:
     each query's softmax weights over the keys it sees (its window, and the attention sinks before the window),
     zero everywhere else (tokens in memory, tokens outside the window, the future). Only used when attention weights
-    are asked for (``output_attentions=True``): it materialises the (T, L) scores.
+    are asked for (``output_attentions=True``): it materialises the (T, L) scores. The output is computed from the
+    returned weights (as Llama's eager attention returns the weights it multiplies the values by), so a gradient
+    reaches them (``retain_grad``) and flows through them.
     """
     B, Hq, T, D = q.shape
     G = Hq // k.shape[1]
@@ -355,13 +357,19 @@ def explicit_local_attention(
         else:
             sink_scores = q @ sink_k.repeat_interleave(G, dim=1).transpose(-1, -2)
         scores = torch.cat([sink_scores.to(precision) * scaling, scores], dim=-1)
-        v = torch.cat([sink_v, v], dim=2)
     weights = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
-    output = (weights.to(v.dtype) @ v.repeat_interleave(G, dim=1)).to(q.dtype)
     full = weights.new_zeros(B, Hq, T, q_start + T)
     full[..., k_start:] = weights[..., num_sinks:]
     full[..., :num_sinks] += weights[..., :num_sinks]
-    return output, full.to(q.dtype)
+    full = full.to(v.dtype)
+    # A position holds the weight of its window key or of its sink copy, never both (a sink's copy is seen only
+    # before the window and before the keys held), and a sink's value is its token's value: so the output is the
+    # weights over the keys held times their values, plus those over the sinks before them times the sinks' values.
+    output = full[..., k_start:] @ v.repeat_interleave(G, dim=1)
+    before = min(num_sinks, k_start)
+    if before:
+        output = output + full[..., :before] @ sink_v[:, :, :before].repeat_interleave(G, dim=1)
+    return output.to(q.dtype), full.to(q.dtype)
 
 
 class _GateClamp(torch.autograd.Function):
@@ -558,7 +566,7 @@ class SenriAttention(nn.Module):
 
         sink_keys, sink_values = state.sink_keys, state.sink_values
         if self.num_sink_tokens and (sink_keys is None or sink_keys.shape[2] < self.num_sink_tokens):
-            # Only while the stream is shorter than S: no chunk has left any window yet (S <= sliding_window).
+            # Only while the stream is shorter than S: no chunk has left any window yet (S <= chunk_size).
             if k_start != 0:
                 raise RuntimeError(f"layer {self.layer_idx}: sinks incomplete but the window starts at {k_start}")
             sink_keys, sink_values = k[:, :, : self.num_sink_tokens], v[:, :, : self.num_sink_tokens]
@@ -802,7 +810,9 @@ class SenriModel(SenriPreTrainedModel):
         **kwargs,
     ) -> BaseModelOutputWithPast:
         cache = _cache_argument(cache, past_key_values)
-        output_attentions = bool(kwargs.get("output_attentions", False))
+        # The keyword, else the config: capture_outputs records the attentions by the same rule, and they exist only if
+        # the layers take the explicit path (output_hidden_states needs nothing here: the hooks record them).
+        output_attentions = bool(kwargs.get("output_attentions", getattr(self.config, "output_attentions", False)))
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -894,13 +904,27 @@ class SenriForCausalLM(SenriPreTrainedModel, GenerationMixin):
 
     @torch.no_grad()
     def generate(self, inputs: torch.Tensor | None = None, **kwargs):
-        """``GenerationMixin.generate`` with a fresh :class:`SenriCache` unless one is passed."""
-        kwargs["cache"] = _cache_argument(kwargs.get("cache"), kwargs.pop("past_key_values", None))
-        if kwargs["cache"] is None and kwargs.get("use_cache", True):
+        """``GenerationMixin.generate`` with a fresh :class:`SenriCache` unless one is passed.
+
+        Without a cache (``use_cache=False``, as an argument or from the generation config) no ``cache`` argument is
+        passed at all: every step then recomputes the whole sequence in one pass (which equals streaming it), and
+        generate's modes that need a cache object to reorder (beam search, beam sampling) see none."""
+        cache = _cache_argument(kwargs.pop("cache", None), kwargs.pop("past_key_values", None))
+        if cache is None and self._generate_uses_cache(kwargs):
             reference = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
             batch_size = 1 if reference is None else reference.shape[0]
-            kwargs["cache"] = SenriCache(self.config, batch_size=batch_size)
+            cache = SenriCache(self.config, batch_size=batch_size)
+        if cache is not None:
+            kwargs["cache"] = cache
         return super().generate(inputs, **kwargs)
+
+    def _generate_uses_cache(self, kwargs: dict) -> bool:
+        """Whether generate will run with a cache: ``use_cache`` as passed, else from the ``generation_config``
+        passed, else the model's generation config (True unless set otherwise)."""
+        if kwargs.get("use_cache") is not None:
+            return bool(kwargs["use_cache"])
+        config = kwargs.get("generation_config") or self.generation_config
+        return getattr(config, "use_cache", True) is not False
 
     def memory_gate_values(self) -> dict[int, torch.Tensor]:
         """Per memory layer, the memory path's weight per query head (in [0, 1])."""

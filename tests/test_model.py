@@ -222,7 +222,7 @@ def test_mismatched_memory_states_are_refused_with_the_reason(tmp_path):
 @pytest.mark.parametrize(
     "fields,message",
     [
-        (dict(sliding_window=18), "sliding_window \\(18\\) must be a non-negative multiple of chunk_size \\(4\\)"),
+        (dict(sliding_window=-4), "sliding_window must be a non-negative integer \\(rounded up to whole chunks of 4\\)"),
         (dict(layer_types=["sliding_attention", "memroy", "memory"]), "'memroy' is unknown.*did you mean 'memory'"),
         (dict(layer_types=["memory"]), "layer_types has 1 entries but num_hidden_layers is 3"),
         (dict(layer_types=None, first_memory_layer=2, memory_layer_interval=2), "memory layer indices \\[4\\] are out of range"),

@@ -84,25 +84,25 @@ def test_an_invalid_config_assignment_is_refused_naming_the_key_and_changes_noth
     from tests.conftest import tiny_config
 
     config = tiny_config()
-    with pytest.raises(ValueError, match=r"sliding_window = 2 is refused: sliding_window \(2\) must be a non-negative "
-                                         r"multiple of chunk_size \(4\)"):
-        config.sliding_window = 2
+    with pytest.raises(ValueError, match=r"sliding_window = -2 is refused: sliding_window must be a non-negative "
+                                         r"integer \(rounded up to whole chunks of 4\), got -2"):
+        config.sliding_window = -2
     assert config.sliding_window == 16
     for key, value in (("num_sink_tokens", 9), ("memory_type", "mutli"), ("layer_types", ["memory"]),
-                       ("num_hidden_layers", 4), ("chunk_size", 5)):
+                       ("num_hidden_layers", 4), ("chunk_size", 0)):
         with pytest.raises(ValueError, match=f"setting {key} = "):
             setattr(config, key, value)
     assert config.to_dict() == tiny_config().to_dict()
     # Fields that must change together: update() checks them once, all or nothing.
     config.update({"chunk_size": 8, "sliding_window": 24})
     assert (config.chunk_size, config.sliding_window) == (8, 24)
-    with pytest.raises(ValueError, match="sliding_window = 20"):
-        config.update({"chunk_size": 16, "sliding_window": 20})
+    with pytest.raises(ValueError, match="sliding_window = -20"):
+        config.update({"chunk_size": 16, "sliding_window": -20})
     assert (config.chunk_size, config.sliding_window) == (8, 24)
     config.sliding_window = 32  # a valid assignment goes through
     # from_pretrained's overrides are assignments too; a list changed in place is caught when a model reads it.
-    with pytest.raises(ValueError, match="sliding_window = 12 is refused"):
-        SenriConfig.from_dict(config.to_dict(), sliding_window=12)
+    with pytest.raises(ValueError, match="sliding_window = -12 is refused"):
+        SenriConfig.from_dict(config.to_dict(), sliding_window=-12)
     config.layer_types[1] = "memroy"
     with pytest.raises(ValueError, match="'memroy' is unknown"):
         SenriForCausalLM(config)
@@ -255,3 +255,164 @@ def test_pip_install_into_a_fresh_venv_gives_an_importable_senri_with_its_declar
     lines = [line.split("#")[0].strip() for line in (repo / "requirements.txt").read_text().splitlines()]
     assert ".[dev]" in lines and not {line.split(">")[0].split("<")[0] for line in lines} & {
         r.split(">")[0].split("<")[0] for r in requires}
+
+
+def test_a_sliding_window_that_is_not_a_multiple_of_the_chunk_size_covers_whole_chunks_rounded_up():
+    """sliding_window=2 with chunk_size=8 (what transformers' eager/SDPA tests set): one whole chunk, the same model
+    as sliding_window=8, streaming like one pass and equal to the explicit (output_attentions) path."""
+    from senri import SenriConfig
+    from tests.conftest import tiny_config
+
+    fields = dict(chunk_size=8, num_sink_tokens=2, layer_types=["sliding_attention", "memory", "memory_only"])
+    config = tiny_config(sliding_window=2, **fields)
+    assert (config.window_chunks, config.window_length, config.sink_distance) == (1, 8, 8 + 8 + 2)
+    assigned = tiny_config(**fields)
+    assigned.sliding_window = 2  # as transformers' tests assign it
+    assert assigned.window_chunks == 1 and SenriConfig.from_dict(config.to_dict()).window_chunks == 1
+    assert tiny_config(sliding_window=9, chunk_size=8).window_chunks == 2  # a partial chunk counts whole
+    assert tiny_config(sliding_window=0, chunk_size=8).window_chunks == 0
+
+    model, whole_chunk = tiny_model(sliding_window=2, **fields), tiny_model(sliding_window=8, **fields)
+    ids = torch.randint(0, 97, (2, 45), generator=torch.Generator().manual_seed(11))  # chunks leave: memory written
+    with torch.no_grad():
+        one_pass = model(input_ids=ids).logits
+        torch.testing.assert_close(whole_chunk(input_ids=ids).logits, one_pass, rtol=0, atol=0)
+        explicit = model(input_ids=ids, output_attentions=True)
+        for pieces in ([1] * 45, [3, 10, 1, 17, 14]):
+            cache, logits, start = SenriCache(model.config, batch_size=2), [], 0
+            for n in pieces:
+                logits.append(model(input_ids=ids[:, start : start + n], cache=cache).logits)
+                start += n
+            torch.testing.assert_close(torch.cat(logits, dim=1), one_pass, rtol=0, atol=1e-5)
+            assert cache.layers[1].state.written_chunks == 44 // 8 - 1
+    torch.testing.assert_close(explicit.logits, one_pass, rtol=0, atol=1e-5)
+    # A query in chunk c sees chunks c - 1 .. c (up to itself) and the two sinks.
+    q, k = torch.arange(45)[:, None], torch.arange(45)[None]
+    visible = (k <= q) & ((k >= (q // 8 - 1) * 8) | (k < 2))
+    for weights in explicit.attentions[:2]:
+        assert not weights[..., ~visible].any() and (weights[..., visible] > 0).all()
+
+
+def test_cache_layers_hold_the_windows_rotated_keys_and_values_in_transformers_layout_after_forward_and_decoding():
+    """SenriCacheLayer.keys/values: (batch, kv_heads, tokens, head_dim), the window's tokens, keys RoPE'd at their
+    positions, as transformers' DynamicLayer holds them (a converted Llama's own cache is the reference)."""
+    import pytest
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from senri import convert_llama_to_senri
+
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    senri = convert_llama_to_senri(llama, sliding_window=2, chunk_size=8, num_sink_tokens=0,
+                                   layer_types=["sliding_attention", "memory"]).eval()
+    ids = torch.randint(1, 97, (2, 30), generator=torch.Generator().manual_seed(12))  # no pad token (0) inside
+    with torch.no_grad():
+        reference = llama(ids, use_cache=True).past_key_values
+        short = senri(input_ids=ids[:, :12]).cache  # nothing has left the window (chunk 1 sees chunk 0)
+        cache = senri(input_ids=ids).cache  # positions 16..29 remain: 29 // 8 - 1 = 2 chunks left the window
+    for idx in range(2):
+        layer, state = short.layers[idx], short.layer_state(idx)
+        assert layer.keys.shape == layer.values.shape == (2, 2, 12, 8)
+        torch.testing.assert_close(layer.keys, reference.layers[idx].keys[:, :, :12], rtol=0, atol=1e-5)
+        torch.testing.assert_close(layer.values, reference.layers[idx].values[:, :, :12], rtol=0, atol=1e-5)
+        assert layer.keys is state.rotated_keys and layer.values is state.values  # views of the state
+        assert cache.layers[idx].keys.shape == (2, 2, 14, 8) and cache.layer_state(idx).window_start == 16
+    # Layer 0's keys depend on their own token only: the window's equal the reference's at the same positions.
+    torch.testing.assert_close(cache.layers[0].keys, reference.layers[0].keys[:, :, 16:], rtol=0, atol=1e-5)
+    torch.testing.assert_close(cache.layers[0].values, reference.layers[0].values[:, :, 16:], rtol=0, atol=1e-5)
+    with pytest.raises(AttributeError, match="read from its LayerState"):
+        cache.layers[0].keys = torch.zeros(1)
+
+    # After decoding (generate's returned cache): the window slid with the stream, same layout and contents.
+    out = senri.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    decoded = out.cache
+    assert decoded.seen_tokens == 35 and decoded.layer_state(0).window_start == 24  # 34 // 8 - 1 = 3 chunks written
+    with torch.no_grad():
+        reference = llama(out.sequences[:, :35], use_cache=True).past_key_values
+    for idx in range(2):
+        assert decoded.layers[idx].keys.shape == decoded.layers[idx].values.shape == (2, 2, 11, 8)
+    torch.testing.assert_close(decoded.layers[0].keys, reference.layers[0].keys[:, :, 24:], rtol=0, atol=1e-5)
+    torch.testing.assert_close(decoded.layers[0].values, reference.layers[0].values[:, :, 24:], rtol=0, atol=1e-5)
+
+    # memory_only layers have no RoPE path: their raw keys (the current chunk's); full attention: every token.
+    model = tiny_model(num_hidden_layers=4, layer_types=["sliding_attention", "memory", "memory_only", "full_attention"],
+                       num_sink_tokens=2)
+    with torch.no_grad():
+        cache = model(input_ids=ids[:, :27]).cache
+    lengths = [layer.keys.shape[2] for layer in cache.layers]
+    assert lengths == [27 - (26 // 4 - 4) * 4, 27 - (26 // 4 - 4) * 4, 27 - 26 // 4 * 4, 27]
+    assert cache.layers[2].keys is cache.layer_state(2).keys and cache.layers[3].keys is cache.layer_state(3).rotated_keys
+    # A state restored without its rotated keys exposes none until its next forward rotates them.
+    restored = SenriCache.from_memory_state(model.config, cache.get_memory_state(include_window=True))
+    assert restored.layers[0].keys is None and restored.layers[0].values is None
+    with torch.no_grad():
+        model(input_ids=ids[:, 27:], cache=restored)
+    assert restored.layers[0].keys.shape[2] == 30 - (29 // 4 - 4) * 4
+
+
+def test_generate_without_a_cache_passes_none_and_equals_generate_with_one():
+    """use_cache=False: no cache argument reaches GenerationMixin.generate (beam search / beam sampling would refuse
+    one it cannot reorder); every step recomputes the sequence in one pass, which equals streaming it."""
+    model = tiny_model(num_sink_tokens=2)
+    ids = torch.randint(3, 97, (2, 20), generator=torch.Generator().manual_seed(13))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # a left-padded row
+    modes = {
+        "greedy": dict(do_sample=False),
+        "beam search": dict(do_sample=False, num_beams=3, num_return_sequences=2),
+        "beam sample": dict(do_sample=True, num_beams=2, top_k=5),
+        "sample": dict(do_sample=True, top_k=5),
+    }
+    for name, kwargs in modes.items():
+        outputs = {}
+        for use_cache in (True, False):
+            torch.manual_seed(14)
+            outputs[use_cache] = model.generate(ids, attention_mask=mask, max_new_tokens=12, pad_token_id=0,
+                                                use_cache=use_cache, return_dict_in_generate=True, **kwargs)
+        assert outputs[False].cache is None and isinstance(outputs[True].cache, SenriCache), name
+        assert outputs[True].sequences.shape[1] == 32 and torch.equal(outputs[False].sequences, outputs[True].sequences), name
+    # From the generation config as from the keyword.
+    model.generation_config.use_cache = False
+    try:
+        plain = model.generate(ids, max_new_tokens=12, num_beams=2, do_sample=False, pad_token_id=0,
+                               return_dict_in_generate=True)
+    finally:
+        model.generation_config.use_cache = True
+    assert plain.cache is None
+    cached = model.generate(ids, max_new_tokens=12, num_beams=2, do_sample=False, pad_token_id=0)
+    assert torch.equal(plain.sequences, cached)
+
+
+def test_output_attentions_and_hidden_states_are_honoured_from_the_config_as_from_the_keyword():
+    model = tiny_model(num_hidden_layers=4, layer_types=["sliding_attention", "memory", "memory_only", "full_attention"],
+                       num_sink_tokens=2)
+    ids = torch.randint(0, 97, (2, 30), generator=torch.Generator().manual_seed(15))
+    model.config._attn_implementation = "eager"  # transformers' config refuses output_attentions with "sdpa"
+    with torch.no_grad():
+        keyword = model(input_ids=ids, output_attentions=True, output_hidden_states=True)
+        model.config.output_attentions = model.config.output_hidden_states = True
+        from_config = model(input_ids=ids)
+        base = model.model(input_ids=ids)
+        overridden = model(input_ids=ids, output_attentions=False, output_hidden_states=False)
+        model.config.output_attentions = model.config.output_hidden_states = False
+        plain = model(input_ids=ids)
+    for outputs in (from_config, base):
+        assert len(outputs.attentions) == 4 and len(outputs.hidden_states) == 5
+        for got, expected in zip(outputs.attentions + outputs.hidden_states[:-1],
+                                 keyword.attentions + keyword.hidden_states[:-1]):
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    torch.testing.assert_close(from_config.logits, keyword.logits, rtol=0, atol=0)
+    assert overridden.attentions is None and overridden.hidden_states is None
+    assert plain.attentions is None and plain.hidden_states is None
+    # The weights returned are those the output is computed from: a gradient reaches them (as Llama's eager path).
+    model.config.output_attentions = True
+    try:
+        outputs = model(input_ids=ids)
+    finally:
+        model.config.output_attentions = False
+    softmax_layers = [outputs.attentions[i] for i in (0, 1, 3)]  # memory_only (2) has no softmax path: zeros
+    for weights in softmax_layers:
+        weights.retain_grad()
+    outputs.logits[0, -1].sum().backward()
+    assert all(w.grad is not None and w.grad.abs().sum() > 0 for w in softmax_layers)
