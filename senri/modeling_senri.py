@@ -362,14 +362,24 @@ def explicit_local_attention(
     full[..., k_start:] = weights[..., num_sinks:]
     full[..., :num_sinks] += weights[..., :num_sinks]
     full = full.to(v.dtype)
-    # A position holds the weight of its window key or of its sink copy, never both (a sink's copy is seen only
-    # before the window and before the keys held), and a sink's value is its token's value: so the output is the
-    # weights over the keys held times their values, plus those over the sinks before them times the sinks' values.
-    output = full[..., k_start:] @ v.repeat_interleave(G, dim=1)
-    before = min(num_sinks, k_start)
+    return weighted_values(full, v, k_start, sink_v).to(q.dtype), full.to(q.dtype)
+
+
+def weighted_values(
+    weights: torch.Tensor, v: torch.Tensor, k_start: int, sink_v: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The output of :func:`explicit_local_attention` from its weights (B, Hq, T, positions) over the stream and the
+    values v (B, H, L, D) of the keys held (positions ``k_start..``) and ``sink_v`` (B, H, S, D) of the sinks.
+
+    A position holds the weight of its window key or of its sink copy, never both (a sink's copy is seen only before
+    the window and before the keys held), and a sink's value is its token's value: so the output is the weights over
+    the keys held times their values, plus those over the sinks before them times the sinks' values."""
+    G = weights.shape[1] // v.shape[1]
+    output = weights[..., k_start:] @ v.repeat_interleave(G, dim=1)
+    before = 0 if sink_v is None else min(sink_v.shape[2], k_start)
     if before:
-        output = output + full[..., :before] @ sink_v[:, :, :before].repeat_interleave(G, dim=1)
-    return output.to(q.dtype), full.to(q.dtype)
+        output = output + weights[..., :before] @ sink_v[:, :, :before].repeat_interleave(G, dim=1)
+    return output
 
 
 class _GateClamp(torch.autograd.Function):
@@ -530,7 +540,7 @@ class SenriAttention(nn.Module):
         outputs (and attention weights) are zero."""
         B, Hq, T, D = q.shape
         P = state.seen_tokens
-        outputs, weights, rows = [], [], []
+        outputs, weights, rows, reattach = [], [], [], []
         for b in range(B):
             row = state.row(b)
             first = min(T, max(0, state.offsets[b] - P))  # this call's first real token of row b
@@ -539,21 +549,37 @@ class SenriAttention(nn.Module):
             if first < T:
                 out_b, w_b, row = self._attend(
                     q[b : b + 1, :, first:], k[b : b + 1, :, first:], v[b : b + 1, :, first:], position_embeddings,
-                    row, output_attentions,
+                    row, output_attentions, reattach=reattach,
                 )
             outputs.append(pad_tokens(out_b, first, 0))
             if output_attentions:  # the row's positions 0.. are stream positions offsets[b]..
                 weights.append(F.pad(w_b, (P + T - w_b.shape[-1], 0, first, 0)))
+            if len(reattach) == len(rows):
+                reattach.append(None)
             rows.append(row)
         new_state = LayerState.stack_rows(rows, state.offsets, P + T)
-        return torch.cat(outputs), torch.cat(weights) if output_attentions else None, new_state
+        if not output_attentions:
+            return torch.cat(outputs), None, new_state
+        weights = torch.cat(weights)
+        for b, local_from in enumerate(reattach):
+            if local_from is not None:
+                # Row b's local output again, from its weights as returned (a slice of the batch's): the same value
+                # (added as a difference that is exactly zero), but the gradient of the output reaches the returned
+                # weights, as it does without padding.
+                first = min(T, max(0, state.offsets[b] - P))
+                own = weights[b : b + 1, :, first:, state.offsets[b] :].contiguous()
+                outputs[b] = outputs[b] + pad_tokens(local_from(own), first, 0)
+        return torch.cat(outputs), weights, new_state
 
     def _attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_embeddings: tuple, state: LayerState,
-        output_attentions: bool,
+        output_attentions: bool, reattach: list | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, LayerState]:
         """Window (+ sinks) and memory paths of q (B, Hq, T, D), k, v (B, H, T, D) from ``state`` (no padding).
-        Returns the output before o_proj (B, Hq, T, D), the window weights or None, and the new state."""
+        Returns the output before o_proj (B, Hq, T, D), the window weights or None, and the new state.
+
+        ``reattach`` (a list; padded rows, with ``output_attentions`` and gradients): gets a function of a copy of
+        the weights returning what to add to the output so that it depends on that copy instead (its value: zero)."""
         B, T = q.shape[0], q.shape[2]
         P, k_start = state.seen_tokens, state.window_start
         new_keys = k
@@ -594,6 +620,7 @@ class SenriAttention(nn.Module):
             )  # (B, Hq, T, D)
             if output_attentions:
                 output, weights = output
+                local, local_values, local_sinks = output, v, sink_values
         elif output_attentions:
             weights = q.new_zeros(B, self.num_heads, T, P + T)
 
@@ -632,6 +659,14 @@ class SenriAttention(nn.Module):
             else:
                 gate = gate_clamp(self.memory_gate).to(output.dtype)[None, :, None, None]
                 output = torch.lerp(output, memory_output.to(output.dtype), gate)  # (1 − g) local + g memory
+
+        if reattach is not None and weights is not None and weights.requires_grad:
+            share = 1.0 if self.layer_type != "memory" else 1 - gate  # d output / d local
+
+            def local_from(copy: torch.Tensor) -> torch.Tensor:
+                return share * (weighted_values(copy, local_values, k_start, local_sinks).to(q.dtype) - local)
+
+            reattach.append(local_from)
 
         keep_from = (new_written - written) * self.chunk_size
         new_state = LayerState(

@@ -416,3 +416,16 @@ def test_output_attentions_and_hidden_states_are_honoured_from_the_config_as_fro
         weights.retain_grad()
     outputs.logits[0, -1].sum().backward()
     assert all(w.grad is not None and w.grad.abs().sum() > 0 for w in softmax_layers)
+    # So do those of a left-padded batch (assembled from its rows' own): each row's, as that row's alone.
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    grads = []
+    for row_ids, row_mask, row in ((ids, mask, 1), (ids[1:, 7:], None, 0)):
+        outputs = model(input_ids=row_ids, attention_mask=row_mask, output_attentions=True)
+        for i in (0, 1, 3):
+            outputs.attentions[i].retain_grad()
+        outputs.logits[row, -1].sum().backward()
+        grads.append([outputs.attentions[i].grad[row, :, -23:, -23:] for i in (0, 1, 3)])
+    for padded, alone in zip(*grads):
+        assert padded.abs().sum() > 0
+        torch.testing.assert_close(padded, alone, rtol=0, atol=1e-6)
