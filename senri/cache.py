@@ -142,8 +142,8 @@ class SenriCacheLayer(CacheLayerMixin):
     ``seen_tokens - 1``, as ``(batch, kv_heads, tokens, head_dim)``. Keys are RoPE'd at their absolute positions,
     as attention uses them and as transformers' ``DynamicLayer`` / ``DynamicSlidingWindowLayer`` hold them (Llama
     rotates before ``update``); ``memory_only`` layers have no RoPE path and expose their raw keys. The window is
-    Senri's: after a forward it holds from the start of the next query's window (between ``window_length`` and
-    ``window_length + chunk_size - 1`` tokens once full; every token for ``full_attention``, the current chunk's
+    Senri's: after a forward it holds from the start of the last seen token's window (``window_length + 1`` to
+    ``window_length + chunk_size`` tokens once full; every token for ``full_attention``, the current chunk's
     for ``memory_only``), not transformers' last ``sliding_window - 1``. The attention sinks, once they have left
     the window, and the memory are not in them (``state``). A left-padded batch's rows are right-aligned, zeros
     before a shorter row's window (``LayerState.row``). Both are None while the layer holds no window, and also for
@@ -170,7 +170,9 @@ class SenriCacheLayer(CacheLayerMixin):
     def keys(self, value: torch.Tensor | None) -> None:
         # CacheLayerMixin.__init__ sets keys = values = None; the state is the only place a layer's tensors live.
         if value is not None:
-            raise AttributeError("SenriCacheLayer.keys is read from its LayerState; advance it with SenriCache.set_layer_state")
+            raise AttributeError(
+                "SenriCacheLayer.keys is read from its LayerState; advance it with SenriCache.set_layer_state"
+            )
 
     @property
     def values(self) -> torch.Tensor | None:
@@ -180,7 +182,9 @@ class SenriCacheLayer(CacheLayerMixin):
     @values.setter
     def values(self, value: torch.Tensor | None) -> None:
         if value is not None:
-            raise AttributeError("SenriCacheLayer.values is read from its LayerState; advance it with SenriCache.set_layer_state")
+            raise AttributeError(
+                "SenriCacheLayer.values is read from its LayerState; advance it with SenriCache.set_layer_state"
+            )
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.is_initialized = True

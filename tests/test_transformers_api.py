@@ -336,13 +336,14 @@ def test_cache_layers_hold_the_windows_rotated_keys_and_values_in_transformers_l
     torch.testing.assert_close(decoded.layers[0].values, reference.layers[0].values[:, :, 24:], rtol=0, atol=1e-5)
 
     # memory_only layers have no RoPE path: their raw keys (the current chunk's); full attention: every token.
-    model = tiny_model(num_hidden_layers=4, layer_types=["sliding_attention", "memory", "memory_only", "full_attention"],
-                       num_sink_tokens=2)
+    layer_types = ["sliding_attention", "memory", "memory_only", "full_attention"]
+    model = tiny_model(num_hidden_layers=4, layer_types=layer_types, num_sink_tokens=2)
     with torch.no_grad():
         cache = model(input_ids=ids[:, :27]).cache
     lengths = [layer.keys.shape[2] for layer in cache.layers]
     assert lengths == [27 - (26 // 4 - 4) * 4, 27 - (26 // 4 - 4) * 4, 27 - 26 // 4 * 4, 27]
-    assert cache.layers[2].keys is cache.layer_state(2).keys and cache.layers[3].keys is cache.layer_state(3).rotated_keys
+    assert cache.layers[2].keys is cache.layer_state(2).keys
+    assert cache.layers[3].keys is cache.layer_state(3).rotated_keys
     # A state restored without its rotated keys exposes none until its next forward rotates them.
     restored = SenriCache.from_memory_state(model.config, cache.get_memory_state(include_window=True))
     assert restored.layers[0].keys is None and restored.layers[0].values is None
@@ -371,7 +372,8 @@ def test_generate_without_a_cache_passes_none_and_equals_generate_with_one():
             outputs[use_cache] = model.generate(ids, attention_mask=mask, max_new_tokens=12, pad_token_id=0,
                                                 use_cache=use_cache, return_dict_in_generate=True, **kwargs)
         assert outputs[False].cache is None and isinstance(outputs[True].cache, SenriCache), name
-        assert outputs[True].sequences.shape[1] == 32 and torch.equal(outputs[False].sequences, outputs[True].sequences), name
+        assert outputs[True].sequences.shape[1] == 32, name
+        assert torch.equal(outputs[False].sequences, outputs[True].sequences), name
     # From the generation config as from the keyword.
     model.generation_config.use_cache = False
     try:
@@ -385,8 +387,8 @@ def test_generate_without_a_cache_passes_none_and_equals_generate_with_one():
 
 
 def test_output_attentions_and_hidden_states_are_honoured_from_the_config_as_from_the_keyword():
-    model = tiny_model(num_hidden_layers=4, layer_types=["sliding_attention", "memory", "memory_only", "full_attention"],
-                       num_sink_tokens=2)
+    layer_types = ["sliding_attention", "memory", "memory_only", "full_attention"]
+    model = tiny_model(num_hidden_layers=4, layer_types=layer_types, num_sink_tokens=2)
     ids = torch.randint(0, 97, (2, 30), generator=torch.Generator().manual_seed(15))
     model.config._attn_implementation = "eager"  # transformers' config refuses output_attentions with "sdpa"
     with torch.no_grad():
