@@ -32,6 +32,11 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # A pretrained model's sliding windows go off distribution once its first tokens leave them (StreamingLLM): converted
 # models keep the first 4 tokens visible in every window unless told otherwise (num_sink_tokens=0: plain window).
 CONVERSION_DEFAULTS = {"num_sink_tokens": 4}
+# Senri's context is not bounded by its window: no query sees a position beyond the base's trained range however long
+# the stream (the window's keys are near it, the sinks at a bounded distance), so a converted model declares a context
+# of 2^20 tokens, where lm-eval and other tools read how long a prompt may be. RoPE types whose frequencies depend on
+# max_position_embeddings keep the source's value.
+STREAM_CONTEXT = 1 << 20
 
 
 def check_config_keys(overrides: dict[str, Any]) -> None:
@@ -51,6 +56,9 @@ def senri_config_from(base_config: Any, **overrides: Any) -> SenriConfig:
     fields = {k: v for k, v in base_config.to_dict().items() if k not in _DROPPED_SOURCE_FIELDS}
     if base_config.model_type == "qwen2":  # Qwen2 has q/k/v biases but no o_proj bias
         fields.update(attention_bias=True, attention_output_bias=False)
+    rope_type = (fields.get("rope_parameters") or {}).get("rope_type", "default")
+    if rope_type in ("default", "linear"):
+        fields["max_position_embeddings"] = max(fields.get("max_position_embeddings") or 0, STREAM_CONTEXT)
     fields.update(overrides)
     return SenriConfig(**fields)
 
@@ -162,4 +170,4 @@ def load_base_model(name: str) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBas
     return LlamaForCausalLM.from_pretrained(name, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(name)
 
 
-__all__ = ["CONVERSION_DEFAULTS", "check_config_keys", "convert_llama_to_senri", "convert_qwen2_to_senri", "load_local_smollm2", "load_base_model", "senri_config_from"]
+__all__ = ["CONVERSION_DEFAULTS", "STREAM_CONTEXT", "check_config_keys", "convert_llama_to_senri", "convert_qwen2_to_senri", "load_local_smollm2", "load_base_model", "senri_config_from"]
