@@ -51,30 +51,37 @@ def run_tasks(
     lm: Any, tasks: Sequence[str], tokenizer_dir: str | Path, lengths: Sequence[int], samples: int,
     include_path: str | Path | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Scores per task and metric (RULER: one metric per length) from ``lm_eval.simple_evaluate``.
+    """Scores per task and metric from ``lm_eval.simple_evaluate``: RULER tasks one metric per length, BABILong
+    ``acc@LENGTH``, other tasks (local ones from ``include_path``) their own metrics.
 
     ``tokenizer_dir``: where the RULER tasks load the tokenizer that sizes their haystacks (a model object does not
-    name one). RULER tasks take the first ``samples`` of every length; other tasks (BABILong, local ones from
-    ``include_path``) their first ``samples``. Lengths no sample had are left out (RULER reports them as -1)."""
+    name one). RULER tasks take the first ``samples`` of every length; the others their first ``samples`` (BABILong
+    per length: its data set has one configuration per length, "4k", "8k"...). RULER reports a length no sample had
+    as -1: left out."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
+    manager = TaskManager(include_path=None if include_path is None else str(include_path))
+
+    def evaluate(names: list[str], metadata: dict[str, Any], **selection: Any) -> dict[str, dict[str, float]]:
+        output = simple_evaluate(model=lm, tasks=names, task_manager=manager, metadata=metadata, log_samples=False,
+                                 **selection)
+        return {task: {key.split(",")[0]: float(value) for key, value in results.items()
+                       if isinstance(value, (int, float)) and "_stderr" not in key and value != -1}
+                for task, results in output["results"].items()}
+
     ruler = [task for task in tasks if task.startswith("niah_")]
-    if ruler and len(ruler) != len(tasks):
-        raise ValueError(f"run RULER tasks ({ruler}) and others ({sorted(set(tasks) - set(ruler))}) in separate calls: "
-                         "lm-eval selects samples by index for the first and by count for the second")
-    metadata = {"tokenizer": str(tokenizer_dir), "max_seq_lengths": list(lengths)}
-    selection = ({"samples": {task: ruler_sample_indices(lengths, samples) for task in ruler}} if ruler
-                 else {"limit": samples})
-    output = simple_evaluate(
-        model=lm, tasks=list(tasks), task_manager=TaskManager(include_path=None if include_path is None else str(include_path)),
-        metadata=metadata, log_samples=False, **selection,
-    )
+    babilong = [task for task in tasks if task.startswith("babilong")]
+    others = [task for task in tasks if task not in ruler and task not in babilong]
     scores: dict[str, dict[str, float]] = {}
-    for task, results in output["results"].items():
-        numbers = {key.split(",")[0]: float(value) for key, value in results.items()
-                   if isinstance(value, (int, float)) and not key.startswith("alias") and "_stderr" not in key}
-        scores[task] = {metric: value for metric, value in numbers.items() if value != -1}
+    if ruler:
+        scores.update(evaluate(ruler, {"tokenizer": str(tokenizer_dir), "max_seq_lengths": list(lengths)},
+                               samples={task: ruler_sample_indices(lengths, samples) for task in ruler}))
+    for length in lengths if babilong else ():
+        for task, metrics in evaluate(babilong, {"max_seq_lengths": f"{length // 1024}k"}, limit=samples).items():
+            scores.setdefault(task, {}).update({f"{metric}@{length}": value for metric, value in metrics.items()})
+    if others:
+        scores.update(evaluate(others, {}, limit=samples))
     return scores
 
 

@@ -6,6 +6,7 @@
     python -m senri.reports grid DIR CASES              # the same over the whole grid (DIR: a trained memory, or shipped)
     python -m senri.reports stream TOKENS EVERY         # loss per 4K block of a long stream vs fresh starts (every EVERY-th block)
     python -m senri.reports stream-sinks TOKENS         # the same stream, gates closed, per sink placement
+    python -m senri.reports ruler LENGTHS SAMPLES TASKS  # lm-eval's RULER (TASKS: offline | all | a,b): trained / closed / base
     python -m senri.reports ship STATE UPDATE           # ship a phase-A state (transfer_state.pt, memory_update UPDATE)
     python -m senri.reports ship-run RUN_DIR GRID_JSON  # ship a finished phase-B run with its grid numbers
 
@@ -120,6 +121,28 @@ def stream_sinks(tokens: int) -> dict[str, Any]:
         records.append({"sink_max_distance": distance, "block": STREAM_BLOCK, "nll_per_block": blocks})
         print(records[-1], flush=True)
     return {"tokens": tokens, "records": records}
+
+
+def ruler(lengths: str, samples: int, tasks: str) -> dict[str, Any]:
+    """lm-evaluation-harness's RULER needle tasks (``tasks``: "offline" for those whose haystacks build without the
+    Hub, "all" for the six NIAH tasks and BABILong qa1-qa5, or a comma-separated list) at ``lengths`` (comma-separated
+    tokens), ``samples`` per length, for the shipped memory, its gates closed and the base with full attention
+    (every prompt kept whole: max_length above the longest)."""
+    from .conversion import _converted_cache_dir
+    from .lm_harness import BABILONG, RULER_NIAH, RULER_OFFLINE, harness_lm, run_tasks
+
+    llama, trained, tokenizer = _models(None)
+    names = {"offline": list(RULER_OFFLINE), "all": list(RULER_NIAH) + list(BABILONG)}.get(tasks, tasks.split(","))
+    sizes = [int(n) for n in lengths.split(",")]
+    longest = max(sizes) + 512
+    records = []
+    for model_name, model in (("trained", trained), ("gates closed", trained), ("base", llama)):
+        with gates_closed(trained) if model_name == "gates closed" else contextlib.nullcontext():
+            lm = harness_lm(model, tokenizer, max_length=longest)
+            for task, scores in run_tasks(lm, names, _converted_cache_dir(), sizes, samples).items():
+                records.append({"model": model_name, "task": task, "samples": samples, "scores": scores})
+                print(records[-1], flush=True)
+    return {"lengths": sizes, "samples": samples, "records": records}
 
 
 def sinks() -> list[dict[str, Any]]:
@@ -288,7 +311,7 @@ def ship_run(run_dir: str, grid_json: str, directory: str | None = None) -> dict
 def main(argv: list[str]) -> Any:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     commands = {"sinks": (sinks, ()), "placement": (placement, (int, int)), "real": (real, (str, int, int)),
-                "grid": (grid, (str, int)), "stream": (stream, (int, int)), "stream-sinks": (stream_sinks, (int,)), "ship": (ship, (str, str)), "ship-run": (ship_run, (str, str))}
+                "grid": (grid, (str, int)), "stream": (stream, (int, int)), "stream-sinks": (stream_sinks, (int,)), "ruler": (ruler, (str, int, str)), "ship": (ship, (str, str)), "ship-run": (ship_run, (str, str))}
     if not argv or argv[0] not in commands:
         raise SystemExit(f"usage: python -m senri.reports {{{' | '.join(commands)}}} ... (see the module docstring)")
     function, types = commands[argv[0]]
