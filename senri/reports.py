@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from .conversion import convert_llama_to_senri, load_local_smollm2
-from .diagnostics import nll_beyond, placement_ceiling
-from .io import atomic_write
-from .real_model import compare_on_cases, depths_beyond_window, fact_cases, gates_closed, nll_table, passkey_cases
+from .model.conversion import convert_llama_to_senri, load_local_smollm2
+from .evaluation.diagnostics import nll_beyond, placement_ceiling
+from .model.io import atomic_write
+from .evaluation.real_model import compare_on_cases, depths_beyond_window, fact_cases, gates_closed, nll_table, passkey_cases
 
 WINDOW, CHUNK = 256, 64
 OUT_DIR = Path("runs/reports")
@@ -40,7 +40,7 @@ def texts() -> dict[str, str]:
     the installed packages; the first entry here is those, for the sink measurement only)."""
     import pydoc_data.topics as topics
 
-    from .transfer import local_text_corpus
+    from .training.transfer import local_text_corpus
 
     return {
         "package licences (joined)": "\n\n".join(local_text_corpus()),
@@ -78,7 +78,7 @@ def _device() -> str:
 
 def _models(directory: str | None) -> tuple[Any, Any, Any]:
     """(base with full attention, the trained memory of ``directory`` (default: the shipped one), tokenizer)."""
-    from .trained import SMOLLM2_WINDOW256, load_trained_memory
+    from .model.trained import SMOLLM2_WINDOW256, load_trained_memory
 
     llama, tokenizer = load_local_smollm2()
     trained = load_trained_memory(llama, directory or SMOLLM2_WINDOW256)
@@ -136,7 +136,7 @@ CHECK_LENGTH, CHECK_CASES, CHECK_SEED = 1024, 4, 7
 def card_check(model: Any, tokenizer: Any) -> dict[str, Any]:
     """Per case, what ``model`` and its gates-closed twin find on the card's pass keys at 4x the window (the tests
     measure them again)."""
-    from .diagnostics import teacher_forced_passkey
+    from .evaluation.diagnostics import teacher_forced_passkey
 
     cases = passkey_cases(tokenizer, CHECK_LENGTH, CHECK_CASES, seed=CHECK_SEED,
                           depths=depths_beyond_window(CHECK_LENGTH, WINDOW, CHUNK))
@@ -150,8 +150,8 @@ def ship(state_path: str, memory_update: str, directory: str | None = None) -> d
     """Write a phase-A state as the shipped trained memory, with a card that records the recipe, the steps and,
     per case, what the trained model and its gates-closed twin find on 4 pass keys at 4x the window (the test
     re-measures them)."""
-    from .trained import SMOLLM2_WINDOW256, read_card, save_trained_memory
-    from .transfer import build_student
+    from .model.trained import SMOLLM2_WINDOW256, read_card, save_trained_memory
+    from .training.transfer import build_student
 
     llama, tokenizer = load_local_smollm2()
     student = build_student(llama, range(4, 24), sliding_window=WINDOW, chunk_size=CHUNK, num_sink_tokens=4,
@@ -176,8 +176,8 @@ def ship_run(run_dir: str, grid_json: str, directory: str | None = None) -> dict
     ``python -m senri.reports grid``)."""
     import shutil
 
-    from .trained import CARD_FILE, SMOLLM2_WINDOW256, load_trained_memory, read_card
-    from .transfer import read_metrics
+    from .model.trained import CARD_FILE, SMOLLM2_WINDOW256, load_trained_memory, read_card
+    from .training.transfer import read_metrics
 
     source = Path(run_dir) / "trained_memory"
     llama, tokenizer = load_local_smollm2()

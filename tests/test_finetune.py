@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from senri.config import ConfigManager
-from senri.finetune import (
+from senri.training.config import ConfigManager
+from senri.training.finetune import (
     FinetuneSettings, add_lora, answer_loss, kl_to_base, passkey_sample, run_finetune, seq_len_at,
     settings_from_config,
 )
-from senri.trained import LORA_FILE, load_trained_memory, read_card, save_trained_memory
-from senri.transfer import build_student
+from senri.model.trained import LORA_FILE, load_trained_memory, read_card, save_trained_memory
+from senri.training.transfer import build_student
 
 WINDOW, CHUNK, SINKS = 32, 8, 2
 
@@ -185,8 +185,8 @@ def test_the_real_finetune_profile_trains_through_senri_training_from_phase_a_wi
     """`training.recipe: finetune` (02_training's path) on the real SmolLM2: starts from phase A's shipped memory,
     writes a Trainer-shaped summary, metrics with losses, gates and memory on/off accuracy, final/ with LoRA merged,
     trained_memory/ with the adapters, the state mirrored to (a stand-in) Drive at each save."""
-    from senri.conversion import load_local_smollm2
-    from senri.training import train
+    from senri.model.conversion import load_local_smollm2
+    from senri.training.recipes import train
 
     cfg = ConfigManager("real-finetune", {
         "training.max_steps": 2, "training.per_device_batch_size": 1, "training.finetune_curriculum": [[0.0, 384]],

@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 from transformers import TrainerCallback
 
-from senri.config import ConfigManager
-from senri.training import (
+from senri.training.config import ConfigManager, model_runs
+from senri.training.loop import (
     COMPLETE_MARKER, GATE_GROUP, build_model, find_resume_checkpoint, is_complete, make_optimizer_param_groups,
-    mark_complete, mirror_checkpoint, model_runs, prune_checkpoints, train,
+    mark_complete, mirror_checkpoint, prune_checkpoints,
 )
+from senri.training.recipes import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parent.parent

@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from senri.real_model import gates_closed
-from senri.trained import load_trained_memory, save_trained_memory
-from senri.transfer import (
+from senri.evaluation.real_model import gates_closed
+from senri.model.trained import load_trained_memory, save_trained_memory
+from senri.training.transfer import (
     TransferSettings, build_student, run_transfer, teacher_targets, transfer_parameters,
 )
 
@@ -132,11 +132,11 @@ def test_trained_memory_round_trips_bit_exact_and_refuses_another_base(tmp_path)
 
 @pytest.mark.slow
 def test_the_cpu_real_profile_trains_through_senri_training_like_any_run(tmp_path):
-    """`training.recipe: transfer` goes through senri.training.train (02_training): a Trainer-shaped summary,
+    """`training.recipe: transfer` goes through senri.training.recipes.train (02_training): a Trainer-shaped summary,
     gate values in metrics.jsonl, the whole model in final/, the trained memory in trained_memory/, all on Drive."""
-    from senri.config import ConfigManager
-    from senri.trained import read_card
-    from senri.training import train
+    from senri.training.config import ConfigManager
+    from senri.model.trained import read_card
+    from senri.training.recipes import train
 
     cfg = ConfigManager("cpu-real", {"training.max_steps": 2, "training.seq_len": 384, "training.save_steps": 1,
                                      "training.logging_steps": 1, "experiment.run_dir": str(tmp_path / "run"),

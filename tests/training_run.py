@@ -15,8 +15,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from senri.config import ConfigManager
-from senri.training import train
+from senri.training.config import ConfigManager
+from senri.training.recipes import train
 
 
 class PauseAt(TrainerCallback):

@@ -36,14 +36,13 @@ from typing import Any, Callable
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
-from .cache import SenriCache
+from ..model.cache import SenriCache
 from .config import ConfigManager, check_identity
-from .configuration_senri import SenriConfig
-from .conversion import convert_llama_to_senri, load_base_model
-from .data import build_dataset, build_tokenizer
-from .evaluation import load_records, save_records
-from .io import atomic_write
-from .modeling_senri import SenriForCausalLM
+from ..model.conversion import convert_llama_to_senri, load_base_model
+from ..tasks.data import build_dataset, build_tokenizer
+from ..evaluation.harness import load_records, save_records
+from ..model.io import atomic_write
+from ..model.modeling_senri import SenriForCausalLM
 
 # Parameters of the memory path: the per-head gates, and whatever else the model names "memory".
 GATE_PARAMETER_SUFFIXES = ("memory_gate",)
@@ -397,8 +396,8 @@ def retrieval_metrics(cfg: ConfigManager, tokenizer: Any,
     datasets."""
     if cfg.experiment.dataset != "passkey" or not samples or tokenizer is None:
         return None
-    from .analysis import passkey_probe, retrieval_probe
-    from .niah import VALUE_WORDS
+    from ..evaluation.analysis import passkey_probe, retrieval_probe
+    from ..tasks.niah import VALUE_WORDS
 
     probe = passkey_probe(tokenizer, cfg.training.seq_len, samples, cfg.training.seed, cfg.model.sliding_window,
                           cfg.model.chunk_size, template=cfg.experiment.niah_templates[0])
@@ -408,28 +407,6 @@ def retrieval_metrics(cfg: ConfigManager, tokenizer: Any,
 
 
 # --- training -----------------------------------------------------------------------------------------------------
-def model_runs(cfg: ConfigManager) -> dict[str, ConfigManager]:
-    """The models a run trains, each in ``{run_dir}/{name}`` (and ``{drive_dir}/{name}``): ``senri`` and, with
-    ``experiment.train_twin``, a ``swa_only`` twin of identical size and training budget whose layers are all
-    sliding-window attention."""
-    run_dir, drive_dir = Path(cfg.experiment.run_dir), cfg.resolve_drive_dir()
-
-    def run(name: str, **extra: Any) -> ConfigManager:
-        overrides = {**cfg._overrides, "experiment.run_dir": str(run_dir / name), **extra}
-        if drive_dir is not None:  # one Drive directory per model, so the two never resume from each other
-            overrides["experiment.drive_dir"] = str(drive_dir / name)
-        return ConfigManager(cfg.requested_profile, overrides, cfg.config_dir)
-
-    runs = {"senri": run("senri")}
-    if cfg.experiment.train_twin:
-        layers = cfg.model.layer_types or SenriConfig.default_layer_types(
-            cfg.model.num_hidden_layers, cfg.model.num_memory_layers, cfg.model.first_memory_layer,
-            cfg.model.memory_layer_interval,
-        )
-        runs["swa_only"] = run("swa_only", **{"model.layer_types": ["sliding_attention"] * len(layers)})
-    return runs
-
-
 def training_arguments(cfg: ConfigManager, run_dir: Path) -> TrainingArguments:
     """Trainer's arguments from the ``training`` section (precision from ``cfg.resolve_precision()``)."""
     t = cfg.training
@@ -485,14 +462,6 @@ def train(cfg: ConfigManager, model: SenriForCausalLM | None = None, tokenizer: 
     ``training.recipe: transfer`` runs phase A of the real-model recipe instead (:func:`senri.transfer.train_transfer`),
     ``finetune`` its phase B (:func:`senri.finetune.train_finetune`).
     """
-    if cfg.training.recipe == "transfer":
-        from .transfer import train_transfer
-
-        return train_transfer(cfg)
-    if cfg.training.recipe == "finetune":
-        from .finetune import train_finetune
-
-        return train_finetune(cfg)
     run_dir = Path(cfg.experiment.run_dir)
     args = training_arguments(cfg, run_dir)  # sets up the process group under torchrun
     drive_dir = cfg.resolve_drive_dir()
@@ -556,7 +525,7 @@ def train(cfg: ConfigManager, model: SenriForCausalLM | None = None, tokenizer: 
 
 
 __all__ = [
-    "build_model", "make_optimizer_param_groups", "SenriTrainer", "training_arguments", "train", "model_runs",
+    "build_model", "make_optimizer_param_groups", "SenriTrainer", "training_arguments", "train",
     "find_resume_checkpoint", "mirror_checkpoint", "prune_checkpoints", "mark_complete", "is_complete",
     "publish_results", "drive_warning", "RESULT_FILES",
     "gate_stats", "memory_norms", "COMPLETE_MARKER", "GATE_GROUP", "GATE_PARAMETER_SUFFIXES",

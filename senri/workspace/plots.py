@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from .io import atomic_write
+from ..model.io import atomic_write
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

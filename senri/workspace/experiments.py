@@ -12,12 +12,12 @@ import torch
 import yaml
 
 from . import plots
-from .analysis import gate_table, local_attention_map, memory_norm_trace
-from .cache import SenriCache
-from .config import TRAINING_DATA_KEYS, ConfigManager
-from .conversion import convert_llama_to_senri, load_base_model
-from .data import build_tokenizer
-from .evaluation import (
+from ..evaluation.analysis import gate_table, local_attention_map, memory_norm_trace
+from ..model.cache import SenriCache
+from ..training.config import TRAINING_DATA_KEYS, ConfigManager
+from ..model.conversion import convert_llama_to_senri, load_base_model
+from ..tasks.data import build_tokenizer
+from ..evaluation.harness import (
     baseline_perplexity,
     load_records,
     niah_accuracy_table,
@@ -26,10 +26,10 @@ from .evaluation import (
     run_niah,
     save_records,
 )
-from .configuration_senri import SenriConfig
-from .modeling_senri import SenriForCausalLM
-from .niah import generate_haystack_text
-from .training import model_runs, train
+from ..model.configuration_senri import SenriConfig
+from ..model.modeling_senri import SenriForCausalLM
+from ..tasks.niah import generate_haystack_text
+from ..training.recipes import train
 
 
 def eval_dir(cfg: ConfigManager) -> Path:
@@ -290,7 +290,7 @@ def seed_study(cfg: ConfigManager) -> dict[str, Any]:
     a run learned when its NIAH accuracy is >= 0.8 at every length of 8 windows or more, and its take-off step is
     the first logged step at which it retrieves half of the held-out needles beyond the window.
     """
-    from .analysis import seed_outcomes, takeoff_step
+    from ..evaluation.analysis import seed_outcomes, takeoff_step
 
     variants = load_records(eval_dir(cfg) / "variants.json")
     window = cfg.model.sliding_window

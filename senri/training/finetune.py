@@ -26,12 +26,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .diagnostics import filler_sentences, passkey_cases, teacher_forced_scores
-from .io import atomic_write
-from .modeling_senri import SenriForCausalLM
-from .niah import make_needle
-from .real_model import depths_beyond_window, gates_closed
-from .transfer import TRANSFER_PARAMETER_SUFFIXES, _jsonable, resume, text_sample
+from ..evaluation.diagnostics import filler_sentences, passkey_cases, teacher_forced_scores
+from ..model.io import atomic_write
+from ..model.modeling_senri import SenriForCausalLM
+from ..tasks.niah import make_needle
+from ..evaluation.real_model import depths_beyond_window, gates_closed
+from ..model.trained import TRANSFER_PARAMETER_SUFFIXES
+from .transfer import _jsonable, resume, text_sample
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # Settings a resumed run may change: how often it saves, logs and evaluates, and how long it may run.
@@ -126,13 +127,6 @@ def add_lora(model: SenriForCausalLM, settings: FinetuneSettings) -> Any:
         if name.endswith(TRANSFER_PARAMETER_SUFFIXES):
             p.requires_grad_(True)
     return peft_model
-
-
-def lora_config_of(peft_model: Any) -> dict[str, Any]:
-    """The LoRA settings a card records (enough to rebuild the adapter before loading its weights)."""
-    config = peft_model.peft_config["default"]
-    return {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules),
-            "layers_to_transform": list(config.layers_to_transform), "layers_pattern": config.layers_pattern}
 
 
 def answer_loss(model: Any, ids: torch.Tensor, answer_lengths: torch.Tensor) -> torch.Tensor:
@@ -303,7 +297,7 @@ def settings_from_config(cfg: Any) -> FinetuneSettings:
 def init_directory(init: str) -> Path:
     """``training.finetune_init`` as a directory: "shipped" (the package's trained memory), the name of a directory
     under ``senri/trained/``, or a path."""
-    from .trained import SMOLLM2_WINDOW256, TRAINED_DIR
+    from ..model.trained import SMOLLM2_WINDOW256, TRAINED_DIR
 
     if init == "shipped":
         return SMOLLM2_WINDOW256
@@ -315,8 +309,8 @@ def init_directory(init: str) -> Path:
 def initial_model(cfg: Any, base: Any) -> SenriForCausalLM:
     """Phase B's starting point: ``training.finetune_init`` (a trained memory directory, e.g. phase A's
     ``trained_memory``; "shipped" for the package's) whose settings must be the profile's, or the plain conversion."""
-    from .conversion import convert_llama_to_senri
-    from .trained import CARD_SETTINGS, load_trained_memory, read_card
+    from ..model.conversion import convert_llama_to_senri
+    from ..model.trained import CARD_SETTINGS, load_trained_memory, read_card
 
     init = cfg.training.finetune_init
     fresh = convert_llama_to_senri(base, **cfg.senri_config_kwargs())
@@ -335,7 +329,7 @@ def train_finetune(cfg: Any) -> dict[str, Any]:
     """Run phase B for ``cfg`` (``training.recipe: finetune``), resumable and mirrored to Drive like phase A; writes
     ``metrics.jsonl``, ``finetune_state.pt``, ``trained_memory/`` (memory parameters and LoRA), ``final/`` (LoRA
     merged) and ``train_summary.json`` in the run directory."""
-    from .conversion import load_base_model
+    from ..model.conversion import load_base_model
     from .transfer import drive_mirror, finish_recipe_run, local_text_corpus, read_metrics, text_corpus_ids
 
     run_dir = Path(cfg.experiment.run_dir)
@@ -346,7 +340,7 @@ def train_finetune(cfg: Any) -> dict[str, Any]:
     base = base.to(device)
     init_card = None
     if cfg.training.finetune_init is not None:
-        from .trained import read_card
+        from ..model.trained import read_card
 
         init_card = read_card(init_directory(cfg.training.finetune_init))
     peft_model = add_lora(initial_model(cfg, base).to(device), settings)
@@ -366,5 +360,5 @@ def train_finetune(cfg: Any) -> dict[str, Any]:
 
 
 __all__ = ["FinetuneSettings", "LORA_TARGETS", "seq_len_at", "passkey_sample", "text_sample", "add_lora",
-           "lora_config_of", "answer_loss", "kl_to_base", "memory_on_off", "run_finetune", "load_finetune_state",
+           "answer_loss", "kl_to_base", "memory_on_off", "run_finetune", "load_finetune_state",
            "settings_from_config", "initial_model", "train_finetune"]

@@ -24,13 +24,13 @@ from typing import Any
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from .cache import LayerState
-from .conversion import convert_llama_to_senri
-from .diagnostics import passkey_cases
-from .io import atomic_write
-from .modeling_senri import SenriForCausalLM, window_start_of
+from ..model.cache import LayerState
+from ..model.conversion import convert_llama_to_senri
+from ..evaluation.diagnostics import passkey_cases
+from ..model.io import atomic_write
+from ..model.modeling_senri import SenriForCausalLM, window_start_of
+from ..model.trained import TRANSFER_PARAMETER_SUFFIXES
 
-TRANSFER_PARAMETER_SUFFIXES = ("memory_gate", "memory_query_map", "memory_key_map")
 # Settings a resumed run may change: how long it goes on and how often it saves and logs.
 CONTINUATION_SETTINGS = ("steps", "save_steps", "log_steps")
 
@@ -184,7 +184,7 @@ def transfer_loss(
     g (Hq,) and the maps), plus ``memory_weight`` × the memory-fidelity term Σ m ‖memory − far_output‖² / Σ m,
     m = far mass: the memory read learns to be the teacher's far-only attention whatever the gate is (a closed gate
     would otherwise starve the maps of gradient)."""
-    from .modeling_senri import gate_clamp
+    from ..model.modeling_senri import gate_clamp
 
     weight = mass + base_weight
     output = local + gate_clamp(gate)[:, None] * (memory - local)
@@ -357,7 +357,7 @@ def finish_recipe_run(cfg: Any, model: Any, base: Any, tokenizer: Any, summary: 
                       card: dict[str, Any], drive_dir: Path | None) -> dict[str, Any]:
     """What a real-model recipe run leaves, like any run: ``trained_memory/`` (senri.trained format),
     ``final/`` (the whole converted model, for 03), ``train_summary.json`` (Trainer keys), published to Drive."""
-    from .trained import save_trained_memory
+    from ..model.trained import save_trained_memory
 
     run_dir = Path(cfg.experiment.run_dir)
     save_trained_memory(model, base, run_dir / "trained_memory", cfg.model.base_model, card)
@@ -367,7 +367,7 @@ def finish_recipe_run(cfg: Any, model: Any, base: Any, tokenizer: Any, summary: 
     with atomic_write(run_dir / "train_summary.json") as f:
         json.dump(summary, f, indent=1)
     if drive_dir is not None:
-        from .training import publish_results
+        from .loop import publish_results
 
         publish_results(run_dir, drive_dir)
     return summary
@@ -382,7 +382,7 @@ def train_transfer(cfg: Any) -> dict[str, Any]:
     settings is the student, the base with full attention the teacher. State and metrics live in the run directory
     (the state mirrored to the Drive directory after each save when there is one, and resumed from there on a new
     runtime); the trained memory is written to ``{run_dir}/trained_memory`` (senri.trained format)."""
-    from .conversion import load_base_model
+    from ..model.conversion import load_base_model
 
     run_dir = Path(cfg.experiment.run_dir)
     drive_dir, mirror = drive_mirror(cfg, run_dir, "transfer_state.pt")
