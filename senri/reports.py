@@ -177,7 +177,7 @@ def ship_run(run_dir: str, grid_json: str, directory: str | None = None) -> dict
     import shutil
 
     from .model.trained import CARD_FILE, SMOLLM2_WINDOW256, load_trained_memory, read_card
-    from .training.transfer import read_metrics
+    from .training.loop import read_metrics
 
     source = Path(run_dir) / "trained_memory"
     llama, tokenizer = load_local_smollm2()

@@ -12,7 +12,7 @@ from senri.workspace import plots
 from senri.evaluation.analysis import passkey_probe, retrieval_probe, seed_outcomes, takeoff_step
 from senri.training.config import ConfigManager
 from senri.tasks.niah import build_synthetic_tokenizer
-from senri.training.loop import build_model
+from senri.training.recipes import build_model
 from senri.training.recipes import train
 from tests.conftest import tiny_model
 
