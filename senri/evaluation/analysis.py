@@ -68,7 +68,7 @@ def local_attention_map(model: SenriForCausalLM, input_ids: torch.Tensor, layer:
 def passkey_probe(tokenizer, seq_len: int, num_samples: int, seed: int, window: int, chunk_size: int,
                   template: str = "niah_words") -> dict[str, torch.Tensor]:
     """A fixed batch of passkey samples whose needle lies beyond the window (only the memory can reach it), built
-    like the training data (:class:`senri.data.PasskeyRetrievalDataset`) from a seed training never uses.
+    like the training data (:class:`senri.tasks.data.PasskeyRetrievalDataset`) from a seed training never uses.
 
     Returns ``input_ids`` (N, seq_len), ``answer_pos`` (N,) (the position whose logits predict the answer),
     ``answer`` (N,) (its first token) and ``value_pos`` (N,) (where that token sits inside the needle).

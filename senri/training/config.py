@@ -102,8 +102,8 @@ class TrainingSettings:
     seed: int = 42
     trainable: Literal["all", "memory"] = "memory"
     # lm: language-model training with transformers' Trainer; transfer: phase A of the real-model recipe
-    # (senri.transfer: layer-local attention transfer from the full-attention base, gates and memory maps only).
-    # finetune: phase B (senri.finetune: end-to-end through the memory, LoRA + memory parameters, answer-only loss,
+    # (senri.training.transfer: layer-local attention transfer from the full-attention base, gates and memory maps only).
+    # finetune: phase B (senri.training.finetune: end-to-end through the memory, LoRA + memory parameters, answer-only loss,
     # KL to the base on text, a curriculum on needle distance).
     recipe: Literal["lm", "transfer", "finetune"] = "lm"
     transfer_passkey_share: float = 0.5

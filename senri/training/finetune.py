@@ -1,6 +1,6 @@
 """Phase B of the real-model memory recipe: end-to-end fine-tuning through the memory.
 
-Phase A (:mod:`senri.transfer`) teaches each memory layer alone to imitate the teacher's far attention. Phase B
+Phase A (:mod:`senri.training.transfer`) teaches each memory layer alone to imitate the teacher's far attention. Phase B
 trains the whole converted model on the task itself: the loss is the cross-entropy of the pass key's answer tokens
 only (``logits_to_keep``: the 49K-vocabulary head runs on a handful of positions), gradients flow through every
 memory write, and a KL term to the frozen base model on plain text keeps it a language model. What trains: LoRA

@@ -284,7 +284,7 @@ def proof_seeds(cfg: ConfigManager, seeds: list[int], retrain: bool = False) -> 
 def seed_study(cfg: ConfigManager) -> dict[str, Any]:
     """Learned vs failed seeds of a multi-seed study (``eval/variants.json`` from :func:`compare_variants` or
     :func:`proof_seeds`), from saved results only → ``figures/seed_table.png`` and, per variant with a memory,
-    ``figures/dynamics_<variant>.png`` (:func:`senri.plots.training_dynamics`, failed runs dashed red).
+    ``figures/dynamics_<variant>.png`` (:func:`senri.workspace.plots.training_dynamics`, failed runs dashed red).
 
     Returns ``{"outcomes": {variant: {seed: learned}}, "takeoff": {variant: {seed: step}}, "figures": {...}}``;
     a run learned when its NIAH accuracy is >= 0.8 at every length of 8 windows or more, and its take-off step is
