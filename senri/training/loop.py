@@ -35,7 +35,7 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -108,7 +108,6 @@ class Recipe:
     time_budget_s: float | None = None
     # (run_dir, summary): write final/ and anything else the recipe leaves; None: the model and tokenizer in final/
     finish: Callable[[Path, dict[str, Any]], None] | None = None
-    summary: dict[str, Any] = field(default_factory=dict)  # added to train_summary.json
 
 
 class SenriTrainer(Trainer):
@@ -558,7 +557,6 @@ def run_recipe(cfg: ConfigManager, build: Callable[[], Recipe], arguments: dict[
         "profile": cfg.profile, "recipe": cfg.training.recipe, "run_dir": str(run_dir), **done,
         "max_steps": cfg.training.max_steps, "stopped_early": done["global_step"] < cfg.training.max_steps,
         "gates": {str(k): v.tolist() for k, v in getattr(inner, "memory_gate_values", dict)().items()},
-        **recipe.summary,
     }
     if recipe.finish is None:
         trainer.save_model(str(run_dir / "final"))  # writes on the main process only

@@ -14,7 +14,7 @@ import yaml
 from . import plots
 from ..evaluation.analysis import gate_table, local_attention_map, memory_norm_trace
 from ..model.cache import SenriCache
-from ..training.config import TRAINING_DATA_KEYS, ConfigManager
+from ..training.config import TRAINING_DATA_KEYS, ConfigManager, model_runs
 from ..model.conversion import convert_llama_to_senri, load_base_model
 from ..tasks.data import build_tokenizer
 from ..evaluation.harness import (
