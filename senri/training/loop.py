@@ -159,7 +159,8 @@ class SenriTrainer(Trainer):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         own, saved = self._trainable(), load_file(os.path.join(resume_from_checkpoint, TRAINABLE_FILE))
         if set(saved) != set(own):
-            raise ValueError(f"{resume_from_checkpoint} does not fit this model: it trains {sorted(set(saved) ^ set(own))[:4]}")
+            odd = sorted(set(saved) ^ set(own))[:4]
+            raise ValueError(f"{resume_from_checkpoint} holds other trainable parameters than this model: {odd}")
         with torch.no_grad():
             for name, value in saved.items():
                 own[name].copy_(value)
