@@ -46,7 +46,7 @@ notebooks: setup
 PROFILE ?= auto
 VARIANTS_RUN ?=
 variants: setup
-	$(PY) -c "from senri.config import ConfigManager; from senri.experiments import compare_variants; \
+	$(PY) -c "from senri.training.config import ConfigManager; from senri.workspace.experiments import compare_variants; \
 	print(compare_variants(ConfigManager('$(PROFILE)', {'experiment.run_name': '$(VARIANTS_RUN)' or None}))['table'])"
 
 # Senri vs Llama, ratios from one run; DEVICE=cuda for GPU numbers (tokens/s, peak memory).

@@ -118,7 +118,7 @@ def main() -> None:
 
         # 3. Per-token cost of streaming in pieces: 16K vs 2K tokens.
         def stream(n: int) -> None:
-            cache = SenriCache(senri.config, batch_size=1)
+            cache = SenriCache(senri.training.config, batch_size=1)
             for s in range(0, n, PIECE):
                 senri(input_ids=ids[:, s : s + PIECE], cache=cache, use_cache=True, logits_to_keep=1)
 
@@ -128,7 +128,7 @@ def main() -> None:
 
         # 4. Latency of one decoded token after 1K and after 8K tokens of context (the two timed alternately).
         def decode_after(n: int):
-            cache = SenriCache(senri.config, batch_size=1)
+            cache = SenriCache(senri.training.config, batch_size=1)
             for s in range(0, n, PIECE):
                 senri(input_ids=ids[:, s : s + PIECE], cache=cache, use_cache=True, logits_to_keep=1)
             token = ids[:, n : n + 1]

@@ -2,11 +2,11 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .cache import SenriCache, load_memory_state, save_memory_state
-from .configuration_senri import SenriConfig
-from .conversion import convert_llama_to_senri, convert_qwen2_to_senri, load_base_model, load_local_smollm2
-from .modeling_senri import SenriForCausalLM, SenriModel
-from .trained import load_trained_smollm2
+from .model.cache import SenriCache, load_memory_state, save_memory_state
+from .model.configuration_senri import SenriConfig
+from .model.conversion import convert_llama_to_senri, convert_qwen2_to_senri, load_base_model, load_local_smollm2
+from .model.modeling_senri import SenriForCausalLM, SenriModel
+from .model.trained import load_trained_smollm2
 
 AutoConfig.register("senri", SenriConfig, exist_ok=True)
 AutoModel.register(SenriConfig, SenriModel, exist_ok=True)

@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from .diagnostics import PasskeyCase, passkey_cases
-from .io import atomic_write
-from .real_model import depths_beyond_window, gates_closed
+from .evaluation.diagnostics import PasskeyCase, passkey_cases
+from .model.io import atomic_write
+from .evaluation.real_model import depths_beyond_window, gates_closed
 
 DEMO_CONTEXTS = (256, 512, 1024, 2048, 4096)
 
@@ -71,7 +71,7 @@ def state_growth(senri: Any, llama: Any, contexts: tuple[int, ...] = DEMO_CONTEX
     """Cache bytes after a prompt of each length and the time per generated token after it, Senri vs Llama."""
     from transformers import DynamicCache
 
-    from .cache import SenriCache
+    from .model.cache import SenriCache
 
     from tqdm.auto import tqdm
 
@@ -181,9 +181,9 @@ def summary_text(recall: list[dict[str, Any]], growth: list[dict[str, Any]], car
 
 
 def main(out_dir: str | Path = "runs/demo") -> dict[str, Any]:
-    from .conversion import load_local_smollm2
-    from .plots import save_figure
-    from .trained import read_card, load_trained_smollm2
+    from .model.conversion import load_local_smollm2
+    from .workspace.plots import save_figure
+    from .model.trained import read_card, load_trained_smollm2
 
     began = time.perf_counter()
     out_dir = Path(out_dir)

@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
-from .conversion import convert_llama_to_senri, load_local_smollm2
-from .diagnostics import nll_beyond, placement_ceiling
-from .io import atomic_write
-from .real_model import compare_on_cases, depths_beyond_window, fact_cases, gates_closed, nll_table, passkey_cases
+from .model.conversion import convert_llama_to_senri, load_local_smollm2
+from .evaluation.diagnostics import nll_beyond, placement_ceiling
+from .model.io import atomic_write
+from .evaluation.real_model import compare_on_cases, depths_beyond_window, fact_cases, gates_closed, nll_table, passkey_cases
 
 WINDOW, CHUNK = 256, 64
 OUT_DIR = Path("runs/reports")
@@ -40,11 +40,11 @@ PLACEMENTS = {
 
 
 def texts() -> dict[str, str]:
-    """Held-out natural text that ships with Python: never used in training (senri.transfer trains on licences of
+    """Held-out natural text that ships with Python: never used in training (senri.training.transfer trains on licences of
     the installed packages; the first entry here is those, for the sink measurement only)."""
     import pydoc_data.topics as topics
 
-    from .transfer import local_text_corpus
+    from .training.transfer import local_text_corpus
 
     return {
         "package licences (joined)": "\n\n".join(local_text_corpus()),
@@ -89,7 +89,7 @@ def stream(tokens: int, fresh_every: int) -> dict[str, Any]:
     """One stream of ``tokens`` held-out tokens in 1024-token pieces through the shipped memory, with its gates closed
     and as trained: per 4K block, the loss in the stream beside a fresh stream started at that block (at every
     ``fresh_every``-th block: 1 for all)."""
-    from .evaluation import stream_vs_fresh
+    from .evaluation.harness import stream_vs_fresh
 
     _, trained, tokenizer = _models(None)
     ids = long_prose(tokenizer, tokens).to(_device())
@@ -108,7 +108,7 @@ def stream(tokens: int, fresh_every: int) -> dict[str, Any]:
 def stream_sinks(tokens: int) -> dict[str, Any]:
     """The converted SmolLM2 (gates closed) streamed over ``tokens`` held-out tokens, per attention-sink placement
     (``sink_max_distance``; None: the sinks at their own positions): mean loss per 4K block."""
-    from .evaluation import token_nlls
+    from .evaluation.harness import token_nlls
 
     llama, tokenizer = load_local_smollm2()
     ids = long_prose(tokenizer, tokens)
@@ -128,8 +128,8 @@ def ruler(lengths: str, samples: int, tasks: str) -> dict[str, Any]:
     Hub, "all" for the six NIAH tasks and BABILong qa1-qa5, or a comma-separated list) at ``lengths`` (comma-separated
     tokens), ``samples`` per length, for the shipped memory, its gates closed and the base with full attention
     (every prompt kept whole: max_length above the longest)."""
-    from .conversion import _converted_cache_dir
-    from .lm_harness import BABILONG, RULER_NIAH, RULER_OFFLINE, harness_lm, run_tasks
+    from .model.conversion import _converted_cache_dir
+    from .evaluation.lm_harness import BABILONG, RULER_NIAH, RULER_OFFLINE, harness_lm, run_tasks
 
     llama, trained, tokenizer = _models(None)
     names = {"offline": list(RULER_OFFLINE), "all": list(RULER_NIAH) + list(BABILONG)}.get(tasks, tasks.split(","))
@@ -173,7 +173,7 @@ def _device() -> str:
 
 def _models(directory: str | None) -> tuple[Any, Any, Any]:
     """(base with full attention, the trained memory of ``directory`` (default: the shipped one), tokenizer)."""
-    from .trained import SMOLLM2_WINDOW256, load_trained_memory
+    from .model.trained import SMOLLM2_WINDOW256, load_trained_memory
 
     llama, tokenizer = load_local_smollm2()
     trained = load_trained_memory(llama, directory or SMOLLM2_WINDOW256)
@@ -231,7 +231,7 @@ CHECK_LENGTH, CHECK_CASES, CHECK_SEED = 1024, 4, 7
 def card_check(model: Any, tokenizer: Any) -> dict[str, Any]:
     """Per case, what ``model`` and its gates-closed twin find on the card's pass keys at 4x the window (the tests
     measure them again)."""
-    from .diagnostics import teacher_forced_passkey
+    from .evaluation.diagnostics import teacher_forced_passkey
 
     cases = passkey_cases(tokenizer, CHECK_LENGTH, CHECK_CASES, seed=CHECK_SEED,
                           depths=depths_beyond_window(CHECK_LENGTH, WINDOW, CHUNK))
@@ -245,8 +245,8 @@ def ship(state_path: str, memory_update: str, directory: str | None = None) -> d
     """Write a phase-A state as the shipped trained memory, with a card that records the recipe, the steps and,
     per case, what the trained model and its gates-closed twin find on 4 pass keys at 4x the window (the test
     re-measures them)."""
-    from .trained import SMOLLM2_WINDOW256, read_card, save_trained_memory
-    from .transfer import build_student
+    from .model.trained import SMOLLM2_WINDOW256, read_card, save_trained_memory
+    from .training.transfer import build_student
 
     llama, tokenizer = load_local_smollm2()
     student = build_student(llama, range(4, 24), sliding_window=WINDOW, chunk_size=CHUNK, num_sink_tokens=4,
@@ -258,7 +258,7 @@ def ship(state_path: str, memory_update: str, directory: str | None = None) -> d
             own[name].copy_(value)
     student.eval()
     check = card_check(student, tokenizer)
-    card = {"recipe": {"name": "phase A: layer-local attention transfer (senri.transfer)", "profile": "cpu-real",
+    card = {"recipe": {"name": "phase A: layer-local attention transfer (senri.training.transfer)", "profile": "cpu-real",
                        "settings": saved["settings"]}, "steps": saved["step"], "check": check}
     path = save_trained_memory(student, llama, directory or SMOLLM2_WINDOW256, "local-smollm2", card)
     return read_card(path)
@@ -271,8 +271,8 @@ def ship_run(run_dir: str, grid_json: str, directory: str | None = None) -> dict
     ``python -m senri.reports grid``)."""
     import shutil
 
-    from .trained import CARD_FILE, SMOLLM2_WINDOW256, load_trained_memory, read_card
-    from .transfer import read_metrics
+    from .model.trained import CARD_FILE, SMOLLM2_WINDOW256, load_trained_memory, read_card
+    from .training.loop import read_metrics
 
     source = Path(run_dir) / "trained_memory"
     llama, tokenizer = load_local_smollm2()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from senri.analysis import gate_table, local_attention_map, memory_norm_trace
+from senri.evaluation.analysis import gate_table, local_attention_map, memory_norm_trace
 from tests.conftest import tiny_model
 
 

@@ -25,8 +25,10 @@ import nbformat
 import psutil
 import pytest
 
-from senri.config import ConfigManager
-from senri.training import is_complete, model_runs, train
+from senri.training.config import ConfigManager
+from senri.training.config import model_runs
+from senri.training.loop import is_complete
+from senri.training.recipes import train
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 

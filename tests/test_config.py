@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from senri.config import ConfigManager, check_identity, identity_differences
+from senri.training.config import ConfigManager, check_identity, identity_differences
 
 
 def test_profile_overrides_defaults_and_overrides_win():

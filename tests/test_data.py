@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-import senri.data as data
-from senri.config import ConfigManager
-from senri.data import (
+import senri.tasks.data as data
+from senri.training.config import ConfigManager
+from senri.tasks.data import (
     LMBlockDataset, PasskeyRetrievalDataset, build_dataset, build_token_blocks, build_tokenizer, describe_text_files,
     iter_generated_texts, iter_text_files, token_blocks_path,
 )
-from senri.niah import build_synthetic_tokenizer
+from senri.tasks.niah import build_synthetic_tokenizer
 
 TOKENIZER = build_synthetic_tokenizer()
 DOCS = ["the river was old .", "a small child found the candle near the bridge ."] * 20

@@ -7,12 +7,12 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from senri import SenriConfig, load_local_smollm2
-from senri.diagnostics import (
+from senri.evaluation.diagnostics import (
     memory_state_bytes, passkey_cases, placement_ceiling, placement_layer_types, retrieval_head_scan,
     teacher_forced_passkey,
 )
-from senri.niah import PASSKEY_FILLER
-from senri.real_model import depths_beyond_window, fact_cases
+from senri.tasks.niah import PASSKEY_FILLER
+from senri.evaluation.real_model import depths_beyond_window, fact_cases
 
 
 @pytest.fixture(scope="module")

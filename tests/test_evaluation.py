@@ -10,13 +10,13 @@ import torch.nn.functional as F
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-import senri.evaluation as evaluation
+import senri.evaluation.harness as evaluation
 from senri import convert_llama_to_senri
-from senri.evaluation import (
+from senri.evaluation.harness import (
     REVERSAL_PAIRS, baseline_perplexity, load_records, niah_accuracy_table, perplexity, position_ppl, reversal_curse,
     run_niah, save_records, token_nlls,
 )
-from senri.niah import build_synthetic_tokenizer
+from senri.tasks.niah import build_synthetic_tokenizer
 from tests.conftest import tiny_model
 
 TOKENIZER = build_synthetic_tokenizer()

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from senri.config import ConfigManager
-from senri.evaluation import load_records
-from senri.experiments import compare_variants, variant_runs
-from senri.plots import variant_accuracy
+from senri.training.config import ConfigManager
+from senri.evaluation.harness import load_records
+from senri.workspace.experiments import compare_variants, variant_runs
+from senri.workspace.plots import variant_accuracy
 
 VARIANTS = {"single": {}, "routed": {"memory_type": "routed", "top_k_memories": 2},
             "banks": {"memory_type": "multi", "num_memories": 2, "num_memory_banks": 2, "segments_per_bank": 2}}

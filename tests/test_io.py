@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from senri.io import atomic_write
+from senri.model.io import atomic_write
 
 
 def test_atomic_write_replaces_on_success_and_keeps_the_old_file_on_error(tmp_path):

@@ -12,8 +12,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from senri.conversion import STREAM_CONTEXT
-from senri.lm_harness import harness_lm, ruler_sample_indices, run_tasks
+from senri.model.conversion import STREAM_CONTEXT
+from senri.evaluation.lm_harness import harness_lm, ruler_sample_indices, run_tasks
 from tests.conftest import tiny_model
 
 CHOICE_TASK = """task: senri_local_choice

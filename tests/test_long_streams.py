@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from senri import SenriCache, SenriConfig
-from senri.modeling_senri import (
+from senri.model.modeling_senri import (
     SenriRotaryEmbedding, explicit_local_attention, flex_local_attention, local_attention, sink_shift,
 )
 from tests.conftest import tiny_config, tiny_model
@@ -140,7 +140,7 @@ def test_stream_vs_fresh_compares_the_same_tokens_with_and_without_the_earlier_s
     """The long-stream check (``python -m senri.reports stream``): per block, the stream's loss and a fresh stream's
     over the same tokens. A model that sees no further back than 60 tokens (window only, no sinks, 3 layers × 20
     tokens) gives the two equal beyond a block's first 60 tokens; the first block is the same stream."""
-    from senri.evaluation import stream_vs_fresh, token_nlls
+    from senri.evaluation.harness import stream_vs_fresh, token_nlls
 
     model = tiny_model(memory_gate_init=0.0)
     ids = torch.randint(0, 97, (1, 300), generator=torch.Generator().manual_seed(13))

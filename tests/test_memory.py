@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from senri.memory import alibi_decay, empty_memory, memory_attention, memory_states, reference_memory_attention
+from senri.model.memory import alibi_decay, empty_memory, memory_attention, memory_states, reference_memory_attention
 
 
 def _inputs(T: int, seed: int = 0, B: int = 2, Hq: int = 4, H: int = 2, D: int = 8):
@@ -43,7 +43,7 @@ def _reference(q, k, v, C, window_chunks, update, intra=False, decay=None, sinks
 @pytest.fixture(autouse=True)
 def _float64(monkeypatch):
     # The reference runs in float64 so that differences are the algorithm's, not rounding's.
-    monkeypatch.setattr("senri.memory.MEMORY_DTYPE", torch.float64)
+    monkeypatch.setattr("senri.model.memory.MEMORY_DTYPE", torch.float64)
 
 
 @pytest.mark.parametrize("update", ["linear", "delta"])
@@ -158,7 +158,7 @@ def test_the_chunk_loops_backward_takes_each_chunk_without_a_full_size_gradient_
 
 
 def test_the_slotted_loop_takes_its_chunks_by_split_not_by_a_slice_per_chunk():
-    from senri.memory import MemoryLayout, slotted_memory_attention
+    from senri.model.memory import MemoryLayout, slotted_memory_attention
 
     T, C, W = 48, 4, 2
     q, k, v = _inputs(T)

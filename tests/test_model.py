@@ -110,7 +110,7 @@ def test_exact_coverage_every_earlier_token_through_exactly_one_path(sinks):
     x = torch.randn(1, T, config.hidden_size, requires_grad=True)
     cos, sin = model.model.rotary_emb(x, torch.arange(T)[None])
     sink_tables = model.model.sink_tables(x, 0, T, None)
-    from senri.cache import LayerState
+    from senri.model.cache import LayerState
 
     for t in (3, 19, 20, 23, 24, 44):
         # Gradient of query t's output w.r.t. each input token, through the local path and the memory path alone.
@@ -292,7 +292,7 @@ def test_million_token_stream_under_autocast_stays_finite_with_float32_memory(dt
 def test_local_attention_equals_a_naive_masked_softmax(q_start, T, window_chunks, earlier, sinks):
     """Block-sliding window (+ the first ``sinks`` tokens of the stream) ≡ one softmax over all keys with a mask;
     the keys given may start ``earlier`` chunks before the first query's window (as a cache holds them)."""
-    from senri.modeling_senri import explicit_local_attention, local_attention
+    from senri.model.modeling_senri import explicit_local_attention, local_attention
 
     C = 4
     k_start = max(0, (q_start // C - window_chunks - earlier) * C)
@@ -334,7 +334,7 @@ def test_local_attention_equals_a_naive_masked_softmax(q_start, T, window_chunks
     # The FlexAttention path (CUDA's; eager here) applies the same rule through its block mask.
     import warnings
 
-    from senri.modeling_senri import flex_local_attention
+    from senri.model.modeling_senri import flex_local_attention
 
     if T > 1:
         with warnings.catch_warnings():
@@ -345,7 +345,7 @@ def test_local_attention_equals_a_naive_masked_softmax(q_start, T, window_chunks
 
 
 def test_a_flex_attention_that_fails_falls_back_to_the_one_sdpa_call(monkeypatch):
-    import senri.modeling_senri as modeling
+    import senri.model.modeling_senri as modeling
 
     g = torch.Generator().manual_seed(7)
     q, k, v = torch.randn(1, 4, 30, 8, generator=g), torch.randn(1, 2, 30, 8, generator=g), torch.randn(1, 2, 30, 8, generator=g)
@@ -362,7 +362,7 @@ def test_a_flex_attention_that_fails_falls_back_to_the_one_sdpa_call(monkeypatch
 
 
 def test_gate_clamp_passes_gradient_at_zero_and_only_inward_outside():
-    from senri.modeling_senri import gate_clamp
+    from senri.model.modeling_senri import gate_clamp
 
     x = torch.tensor([0.0, 0.5, 1.0, -0.2, -0.2, 1.3, 1.3], requires_grad=True)
     grad = torch.tensor([1.0, 1.0, -1.0, -1.0, 1.0, 1.0, -1.0])
@@ -390,7 +390,7 @@ def test_decoding_rotates_only_new_keys_and_a_restored_state_recomputes_the_wind
     from disk) gives the same logits."""
     from dataclasses import replace
 
-    from senri.modeling_senri import rope
+    from senri.model.modeling_senri import rope
 
     model = tiny_model()
     ids = torch.randint(0, 97, (2, 60), generator=torch.Generator().manual_seed(3))
@@ -454,7 +454,7 @@ def test_compiled_flex_attention_matches_sdpa_and_does_not_recompile_per_offset_
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    import senri.modeling_senri as modeling
+    import senri.model.modeling_senri as modeling
 
     pytest.importorskip("torch.nn.attention.flex_attention")
     monkeypatch.setattr(modeling, "_FLEX", {})

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from senri.niah import TEMPLATES, build_niah_prompt, build_synthetic_tokenizer, generate_haystack_text, make_needle
+from senri.tasks.niah import TEMPLATES, build_niah_prompt, build_synthetic_tokenizer, generate_haystack_text, make_needle
 
 TOKENIZER = build_synthetic_tokenizer()
 HAYSTACK = TOKENIZER(generate_haystack_text(400, seed=0), add_special_tokens=False)["input_ids"]

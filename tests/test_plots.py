@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from senri import plots
+from senri.workspace import plots
 
 
 def test_all_figures_render_and_save(tmp_path):

@@ -8,11 +8,12 @@ import json
 import pytest
 import torch
 
-from senri import plots
-from senri.analysis import passkey_probe, retrieval_probe, seed_outcomes, takeoff_step
-from senri.config import ConfigManager
-from senri.niah import build_synthetic_tokenizer
-from senri.training import build_model, train
+from senri.workspace import plots
+from senri.evaluation.analysis import passkey_probe, retrieval_probe, seed_outcomes, takeoff_step
+from senri.training.config import ConfigManager
+from senri.tasks.niah import build_synthetic_tokenizer
+from senri.training.recipes import build_model
+from senri.training.recipes import train
 from tests.conftest import tiny_model
 
 WINDOW, CHUNK = 16, 4
@@ -96,7 +97,7 @@ def test_a_passkey_run_logs_retrieval_gates_per_head_and_memory_norms(tmp_path):
 
 
 def test_proof_seeds_trains_senri_and_its_twin_per_seed_and_the_study_draws_them(tmp_path):
-    from senri.experiments import proof_seeds, seed_study
+    from senri.workspace.experiments import proof_seeds, seed_study
 
     torch.set_num_threads(1)
     cfg = ConfigManager("cpu-proof", overrides={

@@ -11,9 +11,9 @@ import torch
 
 from senri import SenriForCausalLM, load_local_smollm2
 from senri.demo import recall_table
-from senri.diagnostics import teacher_forced_passkey
-from senri.real_model import depths_beyond_window, gates_closed, passkey_cases
-from senri.trained import SMOLLM2_WINDOW256, load_trained_memory, load_trained_smollm2, read_card
+from senri.evaluation.diagnostics import teacher_forced_passkey
+from senri.evaluation.real_model import depths_beyond_window, gates_closed, passkey_cases
+from senri.model.trained import SMOLLM2_WINDOW256, load_trained_memory, load_trained_smollm2, read_card
 
 pytestmark = pytest.mark.slow
 

@@ -14,13 +14,15 @@ import time
 from pathlib import Path
 
 import pytest
-from transformers import TrainerCallback
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 
-from senri.config import ConfigManager
-from senri.training import (
-    COMPLETE_MARKER, GATE_GROUP, build_model, find_resume_checkpoint, is_complete, make_optimizer_param_groups,
-    mark_complete, mirror_checkpoint, model_runs, prune_checkpoints, train,
+from senri.training.config import ConfigManager, model_runs
+from senri.training.loop import (
+    COMPLETE_MARKER, GATE_GROUP, find_resume_checkpoint, is_complete, make_optimizer_param_groups, mark_complete,
+    mirror_checkpoint, prune_checkpoints,
 )
+from senri.training.recipes import build_model, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parent.parent
@@ -145,15 +147,43 @@ def test_pruning_keeps_the_newest_complete_checkpoints(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-20", "checkpoint-30"]
 
 
+@pytest.fixture(scope="module")
+def tiny_base(smollm2, tmp_path_factory) -> Path:
+    """A 4-layer random Llama with SmolLM2's tokenizer, saved as a base checkpoint for the real-model recipes."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(smollm2[1]), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    directory = tmp_path_factory.mktemp("tiny-base")
+    LlamaForCausalLM(config).save_pretrained(directory)
+    smollm2[1].save_pretrained(directory)
+    return directory
+
+
+def _recipe_overrides(recipe: str, base: Path) -> tuple[str, dict]:
+    """(profile, overrides): each recipe on a tiny model; phase A and B start from ``base``."""
+    if recipe == "lm":
+        return "cpu-smoke", SMALL
+    model = {"base_model": str(base), "sliding_window": 32, "chunk_size": 8, "num_sink_tokens": 2, "logging_steps": 1,
+             "layer_types": ["sliding_attention", "memory", "memory", "sliding_attention"]}
+    if recipe == "transfer":
+        return "cpu-real", {**model, "seq_len": 96, "per_device_batch_size": 1, "transfer_passkey_share": 0.5}
+    return "real-finetune", {**model, "finetune_init": None, "per_device_batch_size": 2, "finetune_eval_steps": 5,
+                             "finetune_curriculum": [[0.0, 96], [0.5, 128]]}
+
+
 @pytest.mark.slow
-def test_run_killed_after_a_checkpoint_resumes_to_the_same_losses(tmp_path):
-    # 20 steps over 2.5 epochs; checkpoint-10 lies in the second epoch; the run is killed at step 13, so its log
-    # lines 11-12 must be dropped on resume. The uninterrupted run trains in this process meanwhile.
+@pytest.mark.parametrize("recipe", ["lm", "transfer", "finetune"])
+def test_run_killed_after_a_checkpoint_resumes_to_the_same_losses(recipe, tiny_base, tmp_path):
+    # 20 steps (the language model's over 2.5 epochs); checkpoint-10 (in the LM's second epoch); the run is killed at
+    # step 13, so its log lines 11-12 must be dropped on resume. The uninterrupted run trains in this process
+    # meanwhile. Every recipe goes through the one loop.
+    profile, settings = _recipe_overrides(recipe, tiny_base)
     straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
-    command = [sys.executable, str(ENTRY), json.dumps(_overrides(killed_dir, max_steps=20, save_steps=10))]
+    overrides = lambda run_dir: {**_overrides(run_dir, max_steps=20, save_steps=10), **settings}  # noqa: E731
+    command = [sys.executable, str(ENTRY), json.dumps(overrides(killed_dir)), profile]
     killed = subprocess.Popen(command, cwd=REPO, env={**_env(), "SENRI_TEST_PAUSE_AT_STEP": "13"},
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    train(ConfigManager("cpu-smoke", overrides=_overrides(straight_dir, max_steps=20, save_steps=10)))
+    train(ConfigManager(profile, overrides=overrides(straight_dir)))
     deadline = time.time() + 240
     while not (killed_dir / "paused-13").exists():
         assert killed.poll() is None, killed.stderr.read().decode()[-3000:]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from senri import SenriCache, SenriConfig, SenriForCausalLM, load_memory_state, save_memory_state
-from senri.memory import (
+from senri.model.memory import (
     MemoryLayout,
     alibi_decay,
     empty_memory,
@@ -182,7 +182,7 @@ def _slotted(q, k, v, layout, C, window_chunks, update, pieces, intra=False, dec
 @pytest.fixture
 def float64_memory(monkeypatch):
     # The reference runs in float64 so that differences are the algorithm's, not rounding's.
-    monkeypatch.setattr("senri.memory.MEMORY_DTYPE", torch.float64)
+    monkeypatch.setattr("senri.model.memory.MEMORY_DTYPE", torch.float64)
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
@@ -506,7 +506,7 @@ def test_memory_only_presets_stream_like_one_pass_with_variants():
 def test_japanese_tokenizer_error_is_clear_without_the_hub(monkeypatch):
     from transformers import AutoTokenizer
 
-    from senri.configuration_senri import load_japanese_tokenizer
+    from senri.model.configuration_senri import load_japanese_tokenizer
 
     def offline(*args, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co'")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from senri.config import ConfigManager
-from senri.workspace import check_parameters, mount_drive, open_run, parse_overrides
+from senri.training.config import ConfigManager
+from senri.workspace.notebook import check_parameters, mount_drive, open_run, parse_overrides
 
 
 def _parameter_cells(*sources: str) -> dict:

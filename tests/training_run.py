@@ -1,6 +1,6 @@
-"""Subprocess entry point of tests/test_training.py: ``python tests/training_run.py '<overrides as JSON>'``.
+"""Subprocess entry point of tests/test_training.py: ``python tests/training_run.py '<overrides as JSON>' [PROFILE]``.
 
-Trains the ``cpu-smoke`` profile with those overrides (also under ``torch.distributed.run``). With the environment
+Trains the profile (default ``cpu-smoke``) with those overrides (also under ``torch.distributed.run``). With the environment
 variable ``SENRI_TEST_PAUSE_AT_STEP=N`` the process stops after optimizer step N, writes ``{run_dir}/paused-N``
 and sleeps, so that the test can SIGKILL it at a known point; the command itself is the same as the rerun's.
 """
@@ -15,8 +15,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from senri.config import ConfigManager
-from senri.training import train
+from senri.training.config import ConfigManager
+from senri.training.recipes import train
 
 
 class PauseAt(TrainerCallback):
@@ -34,4 +34,5 @@ if __name__ == "__main__":
     overrides = json.loads(sys.argv[1])
     pause = os.environ.get("SENRI_TEST_PAUSE_AT_STEP")
     callbacks = [PauseAt(int(pause), overrides["run_dir"])] if pause else []
-    train(ConfigManager("cpu-smoke", overrides=overrides), callbacks=callbacks)
+    profile = sys.argv[2] if len(sys.argv) > 2 else "cpu-smoke"
+    train(ConfigManager(profile, overrides=overrides), callbacks=callbacks)

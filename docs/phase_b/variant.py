@@ -1,8 +1,8 @@
 """One phase-B variant on the device: calibrate the step time under the real (concurrent) load, size max_steps to
-the time budget, then train through senri.training.train (profile real-finetune) and evaluate the grid."""
+the time budget, then train through senri.training.recipes.train (profile real-finetune) and evaluate the grid."""
 import json, os, sys, time
 import torch
-from senri.config import ConfigManager
+from senri.training.config import ConfigManager
 
 name, budget = sys.argv[1], float(sys.argv[2])
 VARIANTS = {
@@ -15,8 +15,8 @@ if os.environ.get("SMOKE"):
     overrides.update({"training.finetune_curriculum": [[0.0, 384], [0.5, 448]], "training.per_device_batch_size": 1,
                       "training.finetune_eval_steps": 2, "training.save_steps": 2, "training.logging_steps": 1})
 cfg = ConfigManager("real-finetune", overrides)
-from senri.conversion import load_base_model
-from senri.finetune import add_lora, initial_model, passkey_sample, answer_loss, settings_from_config
+from senri.model.conversion import load_base_model
+from senri.training.finetune import add_lora, initial_model, passkey_sample, answer_loss, settings_from_config
 import random
 settings = settings_from_config(cfg)
 dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -43,6 +43,6 @@ del pm, base
 if dev == "cuda": torch.cuda.empty_cache()
 cfg = ConfigManager("real-finetune", {**overrides, "training.max_steps": steps, "training.finetune_time_budget_s": budget,
                                       "training.finetune_eval_steps": max(2, steps // 6) if not os.environ.get("SMOKE") else 2})
-from senri.training import train
+from senri.training.recipes import train
 summary = train(cfg)
 print(json.dumps({"variant": name, "summary": summary}), flush=True)

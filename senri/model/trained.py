@@ -22,9 +22,10 @@ from safetensors.torch import load_file, save_file
 from .conversion import convert_llama_to_senri, load_base_model
 from .io import atomic_write
 from .modeling_senri import SenriForCausalLM
-from .transfer import TRANSFER_PARAMETER_SUFFIXES
 
-TRAINED_DIR = Path(__file__).resolve().parent / "trained"
+# The parameters training changes in a converted model (phase A: gates and memory q/k maps; phase B adds LoRA).
+TRANSFER_PARAMETER_SUFFIXES = ("memory_gate", "memory_query_map", "memory_key_map")
+TRAINED_DIR = Path(__file__).resolve().parent.parent / "trained"
 SMOLLM2_WINDOW256 = TRAINED_DIR / "smollm2-window256"
 PARAMETERS_FILE = "memory_parameters.safetensors"
 LORA_FILE = "lora_parameters.safetensors"
@@ -68,8 +69,6 @@ def save_trained_memory(model: Any, base: Any, directory: str | Path, base_model
     if hasattr(model, "peft_config"):
         from peft import get_peft_model_state_dict
 
-        from .finetune import lora_config_of
-
         lora = lora_config_of(model)
         # save_embedding_layers=False: the adapters never touch the embeddings, and peft's "auto" check would load
         # the base model's config as a SenriConfig (transformers then warns of a llama/senri type mismatch).
@@ -94,6 +93,13 @@ def save_trained_memory(model: Any, base: Any, directory: str | Path, base_model
     with atomic_write(directory / CARD_FILE) as f:
         json.dump(full_card, f, indent=1)
     return directory
+
+
+def lora_config_of(peft_model: Any) -> dict[str, Any]:
+    """The LoRA settings a card records (enough to rebuild the adapter before loading its weights)."""
+    config = peft_model.peft_config["default"]
+    return {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules),
+            "layers_to_transform": list(config.layers_to_transform), "layers_pattern": config.layers_pattern}
 
 
 def read_card(directory: str | Path = SMOLLM2_WINDOW256) -> dict[str, Any]:

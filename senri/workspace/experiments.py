@@ -12,12 +12,12 @@ import torch
 import yaml
 
 from . import plots
-from .analysis import gate_table, local_attention_map, memory_norm_trace
-from .cache import SenriCache
-from .config import TRAINING_DATA_KEYS, ConfigManager
-from .conversion import convert_llama_to_senri, load_base_model
-from .data import build_tokenizer
-from .evaluation import (
+from ..evaluation.analysis import gate_table, local_attention_map, memory_norm_trace
+from ..model.cache import SenriCache
+from ..training.config import TRAINING_DATA_KEYS, ConfigManager, model_runs
+from ..model.conversion import convert_llama_to_senri, load_base_model
+from ..tasks.data import build_tokenizer
+from ..evaluation.harness import (
     baseline_perplexity,
     load_records,
     niah_accuracy_table,
@@ -26,10 +26,10 @@ from .evaluation import (
     run_niah,
     save_records,
 )
-from .configuration_senri import SenriConfig
-from .modeling_senri import SenriForCausalLM
-from .niah import generate_haystack_text
-from .training import model_runs, train
+from ..model.configuration_senri import SenriConfig
+from ..model.modeling_senri import SenriForCausalLM
+from ..tasks.niah import generate_haystack_text
+from ..training.recipes import train
 
 
 def eval_dir(cfg: ConfigManager) -> Path:
@@ -284,13 +284,13 @@ def proof_seeds(cfg: ConfigManager, seeds: list[int], retrain: bool = False) -> 
 def seed_study(cfg: ConfigManager) -> dict[str, Any]:
     """Learned vs failed seeds of a multi-seed study (``eval/variants.json`` from :func:`compare_variants` or
     :func:`proof_seeds`), from saved results only → ``figures/seed_table.png`` and, per variant with a memory,
-    ``figures/dynamics_<variant>.png`` (:func:`senri.plots.training_dynamics`, failed runs dashed red).
+    ``figures/dynamics_<variant>.png`` (:func:`senri.workspace.plots.training_dynamics`, failed runs dashed red).
 
     Returns ``{"outcomes": {variant: {seed: learned}}, "takeoff": {variant: {seed: step}}, "figures": {...}}``;
     a run learned when its NIAH accuracy is >= 0.8 at every length of 8 windows or more, and its take-off step is
     the first logged step at which it retrieves half of the held-out needles beyond the window.
     """
-    from .analysis import seed_outcomes, takeoff_step
+    from ..evaluation.analysis import seed_outcomes, takeoff_step
 
     variants = load_records(eval_dir(cfg) / "variants.json")
     window = cfg.model.sliding_window

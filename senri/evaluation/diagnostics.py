@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from .conversion import convert_llama_to_senri
-from .memory import MEMORY_DTYPE
-from .niah import PASSKEY_FILLER, make_needle
+from ..model.conversion import convert_llama_to_senri
+from ..model.memory import MEMORY_DTYPE
+from ..tasks.niah import PASSKEY_FILLER, make_needle
 
 # Where the needle may sit: a fraction of the haystack, chosen by the caller so that it lies beyond the window.
 DEFAULT_DEPTHS = (0.1, 0.4)

@@ -7,15 +7,13 @@ student's window no longer holds: that is exactly what the memory must supply. O
 train (the gates and the ``memory_qk_map`` maps), and each layer learns alone, so a step costs one teacher forward
 plus one attention layer per memory layer: cheap enough for a CPU.
 
-Training is resumable: the trainable parameters, the optimizer and the step are saved atomically every
-``save_steps``; a restart continues from the last save with the same data (a case depends only on its index).
+The loop is the one every recipe runs (:mod:`senri.training.loop`): checkpoints hold the trainable parameters, and
+a restart continues from the last one with the same data (a case depends only on its index).
 """
 
 from __future__ import annotations
 
-import json
 import random
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,15 +22,15 @@ from typing import Any
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from .cache import LayerState
-from .conversion import convert_llama_to_senri
-from .diagnostics import passkey_cases
-from .io import atomic_write
-from .modeling_senri import SenriForCausalLM, window_start_of
+from ..evaluation.diagnostics import passkey_cases
+from ..model.cache import LayerState
+from ..model.conversion import convert_llama_to_senri, load_base_model
+from ..model.modeling_senri import SenriForCausalLM, window_start_of
+from ..model.trained import TRANSFER_PARAMETER_SUFFIXES, save_trained_memory
+from .loop import Recipe, fit, training_arguments
 
-TRANSFER_PARAMETER_SUFFIXES = ("memory_gate", "memory_query_map", "memory_key_map")
-# Settings a resumed run may change: how long it goes on and how often it saves and logs.
-CONTINUATION_SETTINGS = ("steps", "save_steps", "log_steps")
+# Trainer's arguments of phase A beside the configuration's: Adam at constant learning rates, no clipping.
+TRANSFER_ARGUMENTS = {"lr_scheduler_type": "constant", "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 0.0}
 
 
 @dataclass
@@ -182,7 +180,7 @@ def transfer_loss(
     g (Hq,) and the maps), plus ``memory_weight`` × the memory-fidelity term Σ m ‖memory − far_output‖² / Σ m,
     m = far mass: the memory read learns to be the teacher's far-only attention whatever the gate is (a closed gate
     would otherwise starve the maps of gradient)."""
-    from .modeling_senri import gate_clamp
+    from ..model.modeling_senri import gate_clamp
 
     weight = mass + base_weight
     output = local + gate_clamp(gate)[:, None] * (memory - local)
@@ -199,15 +197,23 @@ def build_student(base: Any, memory_layers: Sequence[int], **senri_settings: Any
     return convert_llama_to_senri(base, layer_types=layer_types, **settings)
 
 
-def run_transfer(
-    base: Any, student: SenriForCausalLM, tokenizer: Any, corpus_ids: Sequence[int], settings: TransferSettings,
-    out_dir: str | Path, progress: Callable[[dict[str, Any]], None] | None = None,
-    on_save: Callable[[Path], None] | None = None,
-) -> dict[str, Any]:
-    """Train ``student``'s transfer parameters for ``settings.steps`` steps, resuming from ``out_dir`` if a save
-    is there. Writes ``transfer_state.pt`` (trainable parameters, optimizer, step) and ``metrics.jsonl``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+class TransferSequences(torch.utils.data.Dataset):
+    """Phase A's data: sample ``i`` is :func:`training_sequence` ``i`` ((T,) token ids), ``length`` of them."""
+
+    def __init__(self, tokenizer: Any, corpus_ids: Sequence[int], settings: TransferSettings, length: int):
+        self.tokenizer, self.corpus_ids, self.settings, self.length = tokenizer, corpus_ids, settings, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": torch.tensor(training_sequence(index, self.tokenizer, self.corpus_ids, self.settings))}
+
+
+def make_transfer_recipe(base: Any, student: SenriForCausalLM, tokenizer: Any, corpus_ids: Sequence[int],
+                         settings: TransferSettings, samples_per_step: int = 1) -> Recipe:
+    """Phase A as a recipe: only ``student``'s transfer parameters train; each step's loss is the mean over memory
+    layers of :func:`transfer_loss` against the frozen ``base``'s targets (logged per layer as ``layer_loss/L``)."""
     for p in student.parameters():
         p.requires_grad_(False)
     params = transfer_parameters(student)
@@ -215,93 +221,33 @@ def run_transfer(
         raise ValueError("the student has no transfer parameters: build it with memory layers and memory_qk_map=True")
     for p in params.values():
         p.requires_grad_(True)
-    gates = [p for n, p in params.items() if n.endswith("memory_gate")]
-    maps = [p for n, p in params.items() if not n.endswith("memory_gate")]
-    optimizer = torch.optim.Adam([
-        {"params": maps, "lr": settings.learning_rate}, {"params": gates, "lr": settings.gate_learning_rate},
-    ])
-    state_path, metrics_path = out_dir / "transfer_state.pt", out_dir / "metrics.jsonl"
-    step = resume(state_path, metrics_path, settings, CONTINUATION_SETTINGS, "transfer", params, optimizer)
-    config = student.config
-    layers = config.memory_layers
-    teacher = base.eval()
-    device = next(student.parameters()).device
-    student.train()
-    began = time.perf_counter()
-    while step < settings.steps:
-        ids = torch.tensor([training_sequence(step, tokenizer, corpus_ids, settings)], device=device)
-        targets = teacher_targets(teacher, ids, layers, config.sliding_window, config.chunk_size,
-                                  config.num_sink_tokens)
-        optimizer.zero_grad(set_to_none=True)
+    teacher, config = base.eval(), student.config
+
+    def loss(model: SenriForCausalLM, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        targets = teacher_targets(teacher, batch["input_ids"], config.memory_layers, config.sliding_window,
+                                  config.chunk_size, config.num_sink_tokens)
         losses = {}
-        for layer in layers:
-            hidden, target, mass, far_output = targets[layer]
-            local, memory = student_paths(student, layer, hidden)
-            loss = transfer_loss(local, memory, student.model.layers[layer].self_attn.memory_gate, target, mass,
-                                 far_output, settings.base_weight, settings.memory_weight)
-            loss.backward()  # layer by layer: only one layer's graph is alive at a time
-            losses[layer] = float(loss.detach())
-        optimizer.step()
-        step += 1
-        if step % settings.log_steps == 0 or step == settings.steps:
-            gate_means = {layer: float(student.model.layers[layer].self_attn.memory_gate.detach().clamp(0, 1).mean())
-                          for layer in layers}
-            record = {"step": step, "loss": sum(losses.values()) / len(losses), "layer_loss": losses,
-                      "gate_mean": gate_means, "seconds": time.perf_counter() - began,
-                      **{f"gate/{layer}/mean": value for layer, value in gate_means.items()}}
-            with open(metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-            if progress:
-                progress(record)
-        if step % settings.save_steps == 0 or step == settings.steps:
-            state = {"parameters": {n: p.detach().clone() for n, p in params.items()},
-                     "optimizer": optimizer.state_dict(), "step": step, "settings": _jsonable(asdict(settings))}
-            with atomic_write(state_path, "wb") as f:
-                torch.save(state, f)
-            if on_save:
-                on_save(state_path)
-    student.eval()
-    return {"steps": step, "seconds": time.perf_counter() - began}
+        for layer, (hidden, target, mass, far_output) in targets.items():
+            local, memory = student_paths(model, layer, hidden)
+            losses[layer] = transfer_loss(local, memory, model.model.layers[layer].self_attn.memory_gate, target,
+                                          mass, far_output, settings.base_weight, settings.memory_weight)
+        return sum(losses.values()) / len(losses), {f"layer_loss/{k}": float(v.detach()) for k, v in losses.items()}
+
+    data = TransferSequences(tokenizer, corpus_ids, settings, settings.steps * samples_per_step)
+    return Recipe(student, data, loss, gate_lr_multiplier=settings.gate_learning_rate / settings.learning_rate,
+                  sequential=True, trainable_only=True)
 
 
-def resume(state_path: Path, metrics_path: Path, settings: Any, continuation: Sequence[str], what: str,
-           params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any = None) -> int:
-    """Restore a saved run (trainable parameters, optimizer, scheduler) and return its step (0 without a save).
-
-    A save made with other settings (those in ``continuation`` may change) raises naming each; the records of
-    ``metrics_path`` after the saved step are dropped (the resumed run logs them again)."""
-    if not state_path.exists():
-        return 0
-    saved = torch.load(state_path, weights_only=True)
-    now = _jsonable(asdict(settings))
-    differ = [f"{k}: saved {saved['settings'].get(k)!r}, now {v!r}" for k, v in now.items()
-              if k not in continuation and saved["settings"].get(k) != v]
-    if differ:
-        raise ValueError(f"{state_path} was made with other {what} settings ({'; '.join(differ)}); "
-                         "use another out_dir to start a new run")
-    with torch.no_grad():
-        for name, value in saved["parameters"].items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(saved["optimizer"])
-    if scheduler is not None:
-        scheduler.load_state_dict(saved["scheduler"])
-    step = saved["step"]
-    if metrics_path.exists():
-        kept = [line for line in metrics_path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
-        with atomic_write(metrics_path) as f:
-            f.write("".join(line + "\n" for line in kept))
-    return step
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value))
-
-
-__all__ = [
-    "TransferSettings", "TRANSFER_PARAMETER_SUFFIXES", "transfer_parameters", "text_corpus_ids", "training_sequence", "text_sample",
-    "teacher_targets", "student_layer_output", "transfer_loss", "build_student", "run_transfer",
-]
+def run_transfer(base: Any, student: SenriForCausalLM, tokenizer: Any, corpus_ids: Sequence[int],
+                 settings: TransferSettings, out_dir: str | Path, drive_dir: Path | None = None) -> dict[str, Any]:
+    """Train ``student``'s transfer parameters for ``settings.steps`` steps (one sequence each) through the loop,
+    resuming from the newest checkpoint in ``out_dir``; writes ``checkpoint-N/`` and ``metrics.jsonl`` there."""
+    args = training_arguments(Path(out_dir), max_steps=settings.steps, per_device_train_batch_size=1,
+                              learning_rate=settings.learning_rate, save_steps=settings.save_steps,
+                              logging_steps=settings.log_steps, seed=settings.seed, data_seed=settings.seed,
+                              **TRANSFER_ARGUMENTS)
+    done = fit(make_transfer_recipe(base, student, tokenizer, corpus_ids, settings), args, drive_dir)
+    return {"steps": done["global_step"], "seconds": done["train_runtime"]}
 
 
 def local_text_corpus(max_files: int = 60) -> list[str]:
@@ -325,79 +271,37 @@ def settings_from_config(cfg: Any) -> TransferSettings:
     )
 
 
-def drive_mirror(cfg: Any, run_dir: Path, state_file: str) -> tuple[Path | None, Callable[[Path], None]]:
-    """Drive handling of the real-model recipes: restore ``state_file`` from the Drive directory into ``run_dir`` on
-    a new runtime, and return (the Drive directory or None, an ``on_save`` hook that copies the state there after
-    each save; a failed copy is a warning, the next save tries again)."""
-    import shutil
-
-    drive_dir = cfg.resolve_drive_dir()
-    drive_state = None if drive_dir is None else Path(drive_dir) / state_file
-    if drive_state is not None and drive_state.exists() and not (run_dir / state_file).exists():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(drive_state, run_dir / state_file)  # a new runtime resumes from Drive
-
-    def mirror(state_path: Path) -> None:
-        if drive_state is None:
-            return
-        try:
-            drive_state.parent.mkdir(parents=True, exist_ok=True)
-            tmp = drive_state.with_suffix(".tmp")
-            shutil.copy2(state_path, tmp)
-            tmp.replace(drive_state)
-        except OSError as error:  # a full or dropped Drive must not stop training
-            print(f"warning: copying {state_file} to {drive_state} failed ({error}); retrying at the next save")
-
-    return (None if drive_dir is None else Path(drive_dir)), mirror
+def recipe_finish(model: Any, base: Any, tokenizer: Any, base_model: str,
+                  card: dict[str, Any]) -> Callable[[Path, dict[str, Any]], None]:
+    """What a real-model recipe leaves besides the loop's results: ``trained_memory/`` (senri.model.trained format,
+    its card ``card`` with the steps and the summary) and ``final/``, the whole converted model (LoRA merged)."""
+    def finish(run_dir: Path, summary: dict[str, Any]) -> None:
+        save_trained_memory(model, base, run_dir / "trained_memory", base_model,
+                            {**card, "steps": summary["global_step"], "summary": summary})
+        final = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+        final.save_pretrained(run_dir / "final")
+        tokenizer.save_pretrained(run_dir / "final")
+    return finish
 
 
-def finish_recipe_run(cfg: Any, model: Any, base: Any, tokenizer: Any, summary: dict[str, Any],
-                      card: dict[str, Any], drive_dir: Path | None) -> dict[str, Any]:
-    """What a real-model recipe run leaves, like any run: ``trained_memory/`` (senri.trained format),
-    ``final/`` (the whole converted model, for 03), ``train_summary.json`` (Trainer keys), published to Drive."""
-    from .trained import save_trained_memory
-
-    run_dir = Path(cfg.experiment.run_dir)
-    save_trained_memory(model, base, run_dir / "trained_memory", cfg.model.base_model, card)
-    final = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-    final.save_pretrained(run_dir / "final")
-    tokenizer.save_pretrained(run_dir / "final")
-    with atomic_write(run_dir / "train_summary.json") as f:
-        json.dump(summary, f, indent=1)
-    if drive_dir is not None:
-        from .training import publish_results
-
-        publish_results(run_dir, drive_dir)
-    return summary
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def train_transfer(cfg: Any) -> dict[str, Any]:
-    """Run phase A for ``cfg`` (``training.recipe: transfer``): the base model converted with the profile's Senri
-    settings is the student, the base with full attention the teacher. State and metrics live in the run directory
-    (the state mirrored to the Drive directory after each save when there is one, and resumed from there on a new
-    runtime); the trained memory is written to ``{run_dir}/trained_memory`` (senri.trained format)."""
-    from .conversion import load_base_model
-
-    run_dir = Path(cfg.experiment.run_dir)
-    drive_dir, mirror = drive_mirror(cfg, run_dir, "transfer_state.pt")
+def transfer_recipe(cfg: Any) -> Recipe:
+    """Phase A for ``cfg`` (``training.recipe: transfer``): the base model converted with the profile's Senri settings
+    is the student, the base with full attention the teacher; the trained memory is written to
+    ``{run_dir}/trained_memory`` when the run ends."""
     base, tokenizer = load_base_model(cfg.model.base_model)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    base = base.to(device)
-    student = convert_llama_to_senri(base, **cfg.senri_config_kwargs()).to(device)
+    base = base.to("cuda" if torch.cuda.is_available() else "cpu")
+    student = convert_llama_to_senri(base, **cfg.senri_config_kwargs())
     settings = settings_from_config(cfg)
-    corpus = text_corpus_ids(tokenizer, local_text_corpus())
-    result = run_transfer(base, student, tokenizer, corpus, settings, run_dir, on_save=mirror)
-    records = read_metrics(run_dir / "metrics.jsonl")
-    summary = {"recipe": "transfer", "global_step": result["steps"], "max_steps": settings.steps,
-               "final_loss": records[-1]["loss"] if records else None, "train_runtime": result["seconds"],
-               "gates": {str(k): [round(float(x), 4) for x in v] for k, v in student.memory_gate_values().items()}}
-    return finish_recipe_run(cfg, student, base, tokenizer, summary, {"recipe": asdict(settings), "summary": summary},
-                             drive_dir)
+    t = cfg.training
+    recipe = make_transfer_recipe(base, student, tokenizer, text_corpus_ids(tokenizer, local_text_corpus()), settings,
+                                  t.per_device_batch_size * t.gradient_accumulation_steps)
+    recipe.finish = recipe_finish(student, base, tokenizer, cfg.model.base_model, {"recipe": asdict(settings)})
+    return recipe
 
 
-__all__ += ["local_text_corpus", "settings_from_config", "drive_mirror", "finish_recipe_run", "read_metrics",
-            "train_transfer"]
+__all__ = [
+    "TransferSettings", "TRANSFER_ARGUMENTS", "transfer_parameters", "text_corpus_ids", "training_sequence",
+    "text_sample", "teacher_targets", "student_layer_output", "transfer_loss", "build_student", "TransferSequences",
+    "make_transfer_recipe", "run_transfer", "local_text_corpus", "settings_from_config", "recipe_finish",
+    "transfer_recipe",
+]

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .io import atomic_write
-from .niah import build_niah_prompt, haystack_text_for, make_needle
+from ..model.io import atomic_write
+from ..tasks.niah import build_niah_prompt, haystack_text_for, make_needle
 
 # Fictional "A is B" facts written for Senri (no model has seen them): (subject, relation, object).
 REVERSAL_PAIRS: tuple[tuple[str, str, str], ...] = (
@@ -57,7 +57,7 @@ REVERSAL_PAIRS: tuple[tuple[str, str, str], ...] = (
 
 
 def _is_senri(model: Any) -> bool:
-    from .modeling_senri import SenriForCausalLM
+    from ..model.modeling_senri import SenriForCausalLM
 
     return isinstance(model, SenriForCausalLM)
 
@@ -65,7 +65,7 @@ def _is_senri(model: Any) -> bool:
 def new_cache(model: Any, batch_size: int = 1):
     """An empty cache for ``model``: a SenriCache for Senri (a memory reset), a DynamicCache otherwise."""
     if _is_senri(model):
-        from .cache import SenriCache
+        from ..model.cache import SenriCache
 
         return SenriCache(model.config, batch_size=batch_size)
     from transformers import DynamicCache

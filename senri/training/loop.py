@@ -1,20 +1,24 @@
-"""Training on top of transformers' Trainer: model building, gate learning rates, metrics, checkpoints, resume.
+"""The one training loop: transformers' Trainer, with what every Senri recipe needs around it.
 
-    from senri.config import ConfigManager
-    from senri.training import train
+    from senri.training.config import ConfigManager
+    from senri.training.recipes import train
     summary = train(ConfigManager("cpu-smoke", overrides={"run_dir": "runs/x", "max_steps": 30}))
 
-Trainer runs the loop (mixed precision with GradScaler, accumulation, DDP, checkpoint save/load, logging); this
-module adds what Senri needs around it:
+A recipe (:class:`Recipe`: a model, a dataset and its collator, a loss) is run by :func:`run_recipe`; Trainer runs the
+loop (mixed precision with GradScaler, accumulation, DDP, the learning-rate schedule, checkpoint save/load, RNG
+states, skipping the batches already seen on resume, logging); this module adds, for every recipe:
 
 * memory gates learn at ``learning_rate × gate_lr_multiplier`` with no weight decay (published reproductions
   failed with gates stuck near their initial value), and their values and the memory norms are logged;
 * every checkpoint gets a manifest (``SENRI_COMPLETE``: each file and its size) once all processes have written
   it; only a checkpoint whose manifest matches its files is resumed from, so a save, copy or deletion cut short
-  by a kill is never mistaken for a checkpoint;
+  by a kill is never mistaken for a checkpoint; a recipe that trains a few parameters of a frozen model
+  (``Recipe.trainable_only``) checkpoints those parameters only;
 * the last ``save_total_limit`` complete checkpoints are kept, locally and on Google Drive, where each is copied
   under a temporary name and renamed once complete; a copy that fails (quota, a dropped mount) is a warning, and
   the next save copies its newer checkpoint instead: training goes on;
+* ``metrics.jsonl`` has one line per logged step (the loss, the recipe's own terms, gates, evaluations);
+* a time budget stops a run at the end of a step, saved: running it again continues;
 * a finished run's ``final/`` model, ``metrics.jsonl``, ``config.yaml`` and ``train_summary.json`` are copied to
   the run's Drive directory too (``cfg.home_dir()``), the summary last: a fresh runtime evaluates from there;
 * a run restarted with the same configuration resumes from the newest complete checkpoint, local or on Drive,
@@ -30,58 +34,34 @@ import os
 import re
 import shutil
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+from safetensors.torch import load_file, save_file
+from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator, set_seed
 
-from .cache import SenriCache
+from ..evaluation.harness import load_records, save_records
+from ..model.cache import SenriCache
+from ..model.io import atomic_write
+from ..model.modeling_senri import SenriForCausalLM
 from .config import ConfigManager, check_identity
-from .configuration_senri import SenriConfig
-from .conversion import convert_llama_to_senri, load_base_model
-from .data import build_dataset, build_tokenizer
-from .evaluation import load_records, save_records
-from .io import atomic_write
-from .modeling_senri import SenriForCausalLM
 
-# Parameters of the memory path: the per-head gates, and whatever else the model names "memory".
+# Parameters of the memory path: the per-head gates.
 GATE_PARAMETER_SUFFIXES = ("memory_gate",)
-MEMORY_PARAMETER_FRAGMENTS = ("memory",)
 GATE_GROUP = "memory_gates"  # name of the optimizer param group holding the gates
 COMPLETE_MARKER = "SENRI_COMPLETE"
+TRAINABLE_FILE = "trainable.safetensors"  # a trainable_only checkpoint's parameters
 # A finished run's results besides final/, copied to Drive in this order: train_summary.json (finished) comes last.
 RESULT_FILES = ("config.yaml", "metrics.jsonl", "train_summary.json")
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-_LAYER_ATTENTION = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.")
 
 
-# --- model --------------------------------------------------------------------------------------------------------
+# --- optimizer ----------------------------------------------------------------------------------------------------
 def is_gate_parameter(name: str) -> bool:
     return name.endswith(GATE_PARAMETER_SUFFIXES)
-
-
-def build_model(cfg: ConfigManager) -> tuple[SenriForCausalLM, Any]:
-    """(model, tokenizer) as the configuration describes: converted from ``base_model`` or random from scratch.
-
-    With ``training.trainable: memory`` only the memory path learns: parameters named ``*memory*`` (the gates)
-    and the attention projections of memory layers (they produce the q, k, v the memory reads and writes).
-    """
-    tokenizer = build_tokenizer(cfg)
-    if cfg.model.init == "scratch":
-        torch.manual_seed(cfg.training.seed)
-        model = SenriForCausalLM(cfg.to_senri_config(vocab_size=len(tokenizer)))
-    else:
-        # load_base_model: the offline GGUF for "local-smollm2", LlamaForCausalLM.from_pretrained otherwise (fp32).
-        model = convert_llama_to_senri(load_base_model(cfg.model.base_model)[0], **cfg.senri_config_kwargs())
-    if cfg.training.trainable == "memory":
-        memory_layers = set(model.config.memory_layers)
-        for name, param in model.named_parameters():
-            layer = _LAYER_ATTENTION.search(name)
-            param.requires_grad = any(f in name for f in MEMORY_PARAMETER_FRAGMENTS) or (
-                layer is not None and int(layer.group(1)) in memory_layers
-            )
-    return model, tokenizer
 
 
 def make_optimizer_param_groups(model: torch.nn.Module, lr: float, weight_decay: float,
@@ -108,11 +88,34 @@ def make_optimizer_param_groups(model: torch.nn.Module, lr: float, weight_decay:
     ]
 
 
-class SenriTrainer(Trainer):
-    """Trainer whose optimizer (``args.optim``, AdamW by default) uses :func:`make_optimizer_param_groups`."""
+# --- recipes ------------------------------------------------------------------------------------------------------
+@dataclass
+class Recipe:
+    """What a recipe gives the loop: the model to train (its ``requires_grad`` flags say what trains), the data and
+    the loss. ``loss(model, batch)`` returns (loss, {name: float} logged beside it); None: the model's own loss."""
 
-    def __init__(self, *args: Any, gate_lr_multiplier: float = 1.0, **kwargs: Any):
-        self.gate_lr_multiplier = gate_lr_multiplier
+    model: Any
+    train_dataset: Any
+    loss: Callable[[Any, dict[str, Any]], tuple[torch.Tensor, dict[str, float]]] | None = None
+    collator: Callable = default_data_collator
+    tokenizer: Any = None
+    gate_lr_multiplier: float = 1.0
+    sequential: bool = False      # batches in the dataset's order (a sample depends on its step), not shuffled
+    trainable_only: bool = False  # checkpoints hold the trainable parameters only (the rest is frozen)
+    probe: torch.Tensor | None = None  # (1, T): memory norms are logged after reading it
+    evaluate: Callable[[Any], dict[str, float]] | None = None  # logged at every eval_steps-th step and the last
+    eval_steps: int | None = None  # None: at every logged step
+    time_budget_s: float | None = None
+    # (run_dir, summary): write final/ and anything else the recipe leaves; None: the model and tokenizer in final/
+    finish: Callable[[Path, dict[str, Any]], None] | None = None
+
+
+class SenriTrainer(Trainer):
+    """Trainer running a :class:`Recipe`: its param groups (:func:`make_optimizer_param_groups`), its loss (and the
+    terms it logs), its sample order, and checkpoints of the trainable parameters only where it asks."""
+
+    def __init__(self, *args: Any, recipe: Recipe, **kwargs: Any):
+        self.recipe, self.step_logs = recipe, {}
         super().__init__(*args, **kwargs)
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
@@ -120,9 +123,47 @@ class SenriTrainer(Trainer):
             opt_model = self.model if model is None else model
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
             groups = make_optimizer_param_groups(opt_model, self.args.learning_rate, self.args.weight_decay,
-                                                 self.gate_lr_multiplier)
+                                                 self.recipe.gate_lr_multiplier)
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.recipe.loss is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss, self.step_logs = self.recipe.loss(model, inputs)
+        return (loss, None) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # the recipe's own terms, of the step just logged
+            logs.update(self.step_logs)
+        super().log(logs, start_time)
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.recipe.sequential:
+            return torch.utils.data.SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+        return super()._get_train_sampler(train_dataset)
+
+    def _trainable(self) -> dict[str, torch.nn.Parameter]:
+        return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not self.recipe.trainable_only:
+            return super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            os.makedirs(output_dir, exist_ok=True)
+            save_file({n: p.detach().contiguous().cpu() for n, p in self._trainable().items()},
+                      os.path.join(output_dir, TRAINABLE_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        if not self.recipe.trainable_only:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        own, saved = self._trainable(), load_file(os.path.join(resume_from_checkpoint, TRAINABLE_FILE))
+        if set(saved) != set(own):
+            odd = sorted(set(saved) ^ set(own))[:4]
+            raise ValueError(f"{resume_from_checkpoint} holds other trainable parameters than this model: {odd}")
+        with torch.no_grad():
+            for name, value in saved.items():
+                own[name].copy_(value)
 
 
 # --- checkpoints --------------------------------------------------------------------------------------------------
@@ -274,7 +315,6 @@ def _checkpoint_step(checkpoint: Path | None) -> int:
     return int(_CHECKPOINT.match(checkpoint.name).group(1)) if checkpoint else 0
 
 
-# --- callbacks ----------------------------------------------------------------------------------------------------
 def _wait_for_everyone() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -312,12 +352,13 @@ class CheckpointCallback(TrainerCallback):
 
 
 class MetricsCallback(TrainerCallback):
-    """Appends one JSON object per logged step to ``metrics.jsonl``: loss, learning rates, grad norm, gate values
-    (mean/min/max per memory layer) and ‖M‖ per memory layer after reading ``probe`` into a fresh cache."""
+    """Appends one JSON object per logged step to ``metrics.jsonl``: loss and the recipe's own terms, learning
+    rates, grad norm, gate values (mean/min/max per memory layer), ‖M‖ per memory layer after reading ``probe``
+    into a fresh cache, and ``evaluate(model)`` at every ``eval_steps``-th step and the last."""
 
     def __init__(self, path: Path, probe: torch.Tensor | None = None,
-                 extra: Callable[[SenriForCausalLM], dict[str, float]] | None = None):
-        self.path, self.probe, self.extra = path, probe, extra  # extra(model): more metrics (retrieval probe)
+                 evaluate: Callable[[Any], dict[str, float]] | None = None, eval_steps: int | None = None):
+        self.path, self.probe, self.evaluate, self.eval_steps = path, probe, evaluate, eval_steps
 
     def restore(self, checkpoint: Path | None) -> None:
         """Start the file as it was when ``checkpoint`` was saved (empty for a new run), so it has each step once."""
@@ -343,29 +384,43 @@ class MetricsCallback(TrainerCallback):
         with atomic_write(self.path) as f:
             f.write("".join(line + "\n" for line in kept))
 
+    def _evaluates(self, state) -> bool:  # every eval_steps-th step and the last; without eval_steps, every log
+        return self.evaluate is not None and (self.eval_steps is None or state.global_step >= state.max_steps
+                                              or state.global_step % self.eval_steps == 0)
+
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= state.max_steps:
+        if state.global_step >= state.max_steps or (self.eval_steps and state.global_step % self.eval_steps == 0):
             control.should_log = True  # the file always ends with the last step, whatever logging_steps is
         return control
 
     def on_log(self, args, state, control, logs=None, model=None, optimizer=None, **kwargs):
         if not state.is_world_process_zero or not logs or "loss" not in logs:
             return control
-        record = {"step": state.global_step, "epoch": state.epoch, "loss": float(logs["loss"])}
-        for key in ("learning_rate", "grad_norm"):
-            if key in logs:
-                record[key] = float(logs[key])
+        record = {"step": state.global_step, **{k: v for k, v in logs.items() if k != "step"}}
         for group in getattr(optimizer, "param_groups", []):
             if group.get("name") == GATE_GROUP:
                 record["gate_learning_rate"] = float(group["lr"])
-        if isinstance(model, SenriForCausalLM):
-            record.update(gate_stats(model))
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model's Senri
+        if isinstance(inner, SenriForCausalLM):
+            record.update(gate_stats(inner))
             if self.probe is not None:
-                record.update(memory_norms(model, self.probe))
-            if self.extra is not None:
-                record.update(self.extra(model))
+                record.update(memory_norms(inner, self.probe))
+        if self._evaluates(state):
+            record.update(self.evaluate(model))
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        return control
+
+
+class TimeBudgetCallback(TrainerCallback):
+    """Stops training at the end of the step that exceeds ``seconds`` of this session, and saves it."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.began = seconds, time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.perf_counter() - self.began > self.seconds:
+            control.should_training_stop = control.should_save = control.should_log = True
         return control
 
 
@@ -390,73 +445,14 @@ def memory_norms(model: SenriForCausalLM, probe: torch.Tensor) -> dict[str, floa
     return {f"memory_norm/{layer}": norm for layer, norm in cache.memory_norms().items()}
 
 
-def retrieval_metrics(cfg: ConfigManager, tokenizer: Any,
-                      samples: int = 32) -> Callable[[SenriForCausalLM], dict[str, float]] | None:
-    """On the passkey task: a function logging, per step, retrieval of needles beyond the window by the model and by
-    its memory alone (:func:`senri.analysis.retrieval_probe` on ``samples`` fixed held-out samples); None for other
-    datasets."""
-    if cfg.experiment.dataset != "passkey" or not samples or tokenizer is None:
-        return None
-    from .analysis import passkey_probe, retrieval_probe
-    from .niah import VALUE_WORDS
-
-    probe = passkey_probe(tokenizer, cfg.training.seq_len, samples, cfg.training.seed, cfg.model.sliding_window,
-                          cfg.model.chunk_size, template=cfg.experiment.niah_templates[0])
-    words = [tokenizer(" " + w, add_special_tokens=False)["input_ids"] for w in VALUE_WORDS]
-    candidates = torch.tensor(sorted({ids[0] for ids in words if len(ids) == 1}))
-    return lambda model: retrieval_probe(model, probe, candidates if len(candidates) else None)
-
-
-# --- training -----------------------------------------------------------------------------------------------------
-def model_runs(cfg: ConfigManager) -> dict[str, ConfigManager]:
-    """The models a run trains, each in ``{run_dir}/{name}`` (and ``{drive_dir}/{name}``): ``senri`` and, with
-    ``experiment.train_twin``, a ``swa_only`` twin of identical size and training budget whose layers are all
-    sliding-window attention."""
-    run_dir, drive_dir = Path(cfg.experiment.run_dir), cfg.resolve_drive_dir()
-
-    def run(name: str, **extra: Any) -> ConfigManager:
-        overrides = {**cfg._overrides, "experiment.run_dir": str(run_dir / name), **extra}
-        if drive_dir is not None:  # one Drive directory per model, so the two never resume from each other
-            overrides["experiment.drive_dir"] = str(drive_dir / name)
-        return ConfigManager(cfg.requested_profile, overrides, cfg.config_dir)
-
-    runs = {"senri": run("senri")}
-    if cfg.experiment.train_twin:
-        layers = cfg.model.layer_types or SenriConfig.default_layer_types(
-            cfg.model.num_hidden_layers, cfg.model.num_memory_layers, cfg.model.first_memory_layer,
-            cfg.model.memory_layer_interval,
-        )
-        runs["swa_only"] = run("swa_only", **{"model.layer_types": ["sliding_attention"] * len(layers)})
-    return runs
-
-
-def training_arguments(cfg: ConfigManager, run_dir: Path) -> TrainingArguments:
-    """Trainer's arguments from the ``training`` section (precision from ``cfg.resolve_precision()``)."""
-    t = cfg.training
-    precision = cfg.resolve_precision()
+# --- the loop -----------------------------------------------------------------------------------------------------
+def training_arguments(run_dir: Path, **fields: Any) -> TrainingArguments:
+    """Trainer's arguments for a run in ``run_dir``: Senri's defaults (checkpoints every ``save_steps`` rotated by
+    :class:`CheckpointCallback`, CPU when there is no GPU, gloo for DDP on CPU), then ``fields``."""
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return TrainingArguments(
-        output_dir=str(run_dir),
-        max_steps=t.max_steps,
-        per_device_train_batch_size=t.per_device_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        learning_rate=t.learning_rate,
-        weight_decay=t.weight_decay,
-        warmup_steps=t.warmup_steps,
-        lr_scheduler_type=t.lr_scheduler,
-        max_grad_norm=t.max_grad_norm,
-        fp16=precision == "fp16",  # Trainer scales the loss (GradScaler); the model keeps M and z in float32
-        bf16=precision == "bf16",
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=None,  # CheckpointCallback keeps the last training.save_total_limit complete ones
-        logging_steps=t.logging_steps,
-        seed=t.seed,
-        data_seed=t.seed,
-        report_to="none",
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-        use_cpu=not torch.cuda.is_available(),
+    defaults = dict(
+        output_dir=str(run_dir), save_strategy="steps", save_total_limit=None, report_to="none",
+        dataloader_num_workers=0, remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
         ddp_backend="gloo" if distributed and not torch.cuda.is_available() else None,
         # Every Senri parameter takes part in every forward today (gates too, even with an empty memory); True
         # keeps DDP working for variants that skip a path, for one extra autograd-graph walk per step.
@@ -464,90 +460,114 @@ def training_arguments(cfg: ConfigManager, run_dir: Path) -> TrainingArguments:
         # Progress bars in a terminal or a notebook; one printed line per log in a headless run.
         disable_tqdm=not (sys.stdout.isatty() or "ipykernel" in sys.modules),
     )
+    return TrainingArguments(**{**defaults, **fields})
 
 
-def _read_losses(path: Path) -> list[list[float]]:
-    if not path.exists():
+def config_arguments(cfg: ConfigManager) -> dict[str, Any]:
+    """Trainer's arguments from the ``training`` section (precision from ``cfg.resolve_precision()``)."""
+    t = cfg.training
+    precision = cfg.resolve_precision()
+    return dict(
+        max_steps=t.max_steps, per_device_train_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, lr_scheduler_type=t.lr_scheduler,
+        max_grad_norm=t.max_grad_norm, save_steps=t.save_steps, logging_steps=t.logging_steps, seed=t.seed,
+        data_seed=t.seed,
+        fp16=precision == "fp16",  # Trainer scales the loss (GradScaler); the model keeps M and z in float32
+        bf16=precision == "bf16",
+    )
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` (none if it is missing)."""
+    if not Path(path).exists():
         return []
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-    return [[r["step"], r["loss"]] for r in records]
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def train(cfg: ConfigManager, model: SenriForCausalLM | None = None, tokenizer: Any = None,
-          train_dataset: Any = None, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
-    """Train (or resume) the run described by ``cfg``; return a summary, also written to ``train_summary.json``.
+def fit(recipe: Recipe, args: TrainingArguments, drive_dir: Path | None = None, keep: int = 2,
+        callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
+    """Train ``recipe`` to ``args.max_steps`` in ``args.output_dir``, resuming from its newest complete checkpoint
+    (local or on Drive); returns the trainer, the step reached, where it resumed from and its loss and runtime."""
+    run_dir = Path(args.output_dir)
+    with args.main_process_first(local=False, desc="resume checkpoint"):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        resume = find_resume_checkpoint(run_dir, drive_dir)
+    metrics = MetricsCallback(run_dir / "metrics.jsonl", recipe.probe, recipe.evaluate, recipe.eval_steps)
+    if args.process_index == 0:
+        metrics.restore(resume)
+    extra = [TimeBudgetCallback(recipe.time_budget_s)] if recipe.time_budget_s is not None else []
+    trainer = SenriTrainer(
+        model=recipe.model, args=args, train_dataset=recipe.train_dataset, data_collator=recipe.collator,
+        callbacks=[metrics, CheckpointCallback(drive_dir, keep, metrics.path), *extra, *(callbacks or [])],
+        recipe=recipe,
+    )
+    began = time.perf_counter()
+    if resume is not None and _checkpoint_step(resume) >= args.max_steps:
+        # Cut off after its last checkpoint, before its final save: finish it without training further
+        # (Trainer, resumed at max_steps, would take one more step each time).
+        trainer._load_from_checkpoint(str(resume))
+        step, loss = _checkpoint_step(resume), None
+    else:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        step, loss = trainer.state.global_step, result.training_loss
+    recipe.model.eval()
+    return {"trainer": trainer, "global_step": step, "resumed_from": str(resume) if resume else None,
+            "train_loss": loss, "train_runtime": time.perf_counter() - began}
+
+
+def run_recipe(cfg: ConfigManager, build: Callable[[], Recipe], arguments: dict[str, Any] | None = None,
+               callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
+    """Train (or resume) the run described by ``cfg`` with the recipe ``build()`` makes; return a summary, also
+    written to ``train_summary.json``.
 
     Writes ``{run_dir}/config.yaml``, ``metrics.jsonl``, ``checkpoint-N/`` (mirrored to Drive when
-    ``cfg.resolve_drive_dir()`` gives a directory), ``final/`` (model and tokenizer) and ``train_summary.json``;
-    with Drive, the results are copied there when training ends (:func:`publish_results`). A run whose saved
-    ``config.yaml`` (local or on Drive) has other identity settings raises naming them. A finished run, here or on
-    Drive, is returned as it is. Works unchanged under ``torchrun --nproc_per_node N`` (gloo on CPU).
-    ``training.recipe: transfer`` runs phase A of the real-model recipe instead (:func:`senri.transfer.train_transfer`),
-    ``finetune`` its phase B (:func:`senri.finetune.train_finetune`).
+    ``cfg.resolve_drive_dir()`` gives a directory), ``final/`` and ``train_summary.json``; with Drive, the results
+    are copied there when training ends (:func:`publish_results`). A run whose saved ``config.yaml`` (local or on
+    Drive) has other identity settings raises naming them. A finished run, here or on Drive, is returned as it is.
+    ``arguments`` override Trainer's arguments from the configuration. Works unchanged under ``torchrun
+    --nproc_per_node N`` (gloo on CPU).
     """
-    if cfg.training.recipe == "transfer":
-        from .transfer import train_transfer
-
-        return train_transfer(cfg)
-    if cfg.training.recipe == "finetune":
-        from .finetune import train_finetune
-
-        return train_finetune(cfg)
     run_dir = Path(cfg.experiment.run_dir)
-    args = training_arguments(cfg, run_dir)  # sets up the process group under torchrun
+    args = training_arguments(run_dir, **{**config_arguments(cfg), **(arguments or {})})  # the process group
     drive_dir = cfg.resolve_drive_dir()
     with args.main_process_first(local=False, desc="resume checkpoint and data"):
         # The main process restores a Drive copy and builds the token cache; the others then find them ready.
         for where in (run_dir, drive_dir):
             if where is not None:
                 check_identity(cfg, where / "config.yaml")
-        # A run that already reached max_steps is finished: running it again returns its summary (transformers'
-        # Trainer, resumed at max_steps, would take one more step each time); one finished on another runtime is
-        # read from Drive, and one whose copy to Drive failed is copied now.
+        # A run that already reached max_steps is finished: running it again returns its summary; one finished on
+        # another runtime is read from Drive, and one whose copy to Drive failed is copied now.
         for where in (run_dir, drive_dir):
             done = _finished_summary(where, cfg.training.max_steps) if where is not None else None
             if done is not None:
                 if where == run_dir and drive_dir is not None and args.process_index == 0:
                     publish_results(run_dir, drive_dir)
                 return done
-        run_dir.mkdir(parents=True, exist_ok=True)
-        resume = find_resume_checkpoint(run_dir, drive_dir)
-        finished = resume is not None and _checkpoint_step(resume) >= cfg.training.max_steps
-        if model is None:
-            model, tokenizer = build_model(cfg)
-        if train_dataset is None:
-            train_dataset = build_dataset(cfg, tokenizer)
-    probe = torch.as_tensor(train_dataset[0]["input_ids"])[None]  # (1, T): memory norms are read on this sample
-    metrics = MetricsCallback(run_dir / "metrics.jsonl", probe, retrieval_metrics(cfg, tokenizer))
+        set_seed(cfg.training.seed)  # what a recipe initialises at random (LoRA's A) is the same on every runtime
+        recipe = build()
     if args.process_index == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / "config.yaml")  # the run's identity, on Drive too before the first step
         if drive_dir is not None:
             publish_results(run_dir, drive_dir, files=("config.yaml",), model=False)
-        metrics.restore(resume)
-    trainer = SenriTrainer(
-        model=model, args=args, train_dataset=train_dataset, data_collator=default_data_collator,
-        callbacks=[metrics, CheckpointCallback(drive_dir, cfg.training.save_total_limit, metrics.path),
-                   *(callbacks or [])],
-        gate_lr_multiplier=cfg.training.gate_lr_multiplier,
-    )
-    if finished:  # cut off after its last checkpoint, before its final save: finish it without training further
-        model.load_state_dict(SenriForCausalLM.from_pretrained(resume).state_dict())
-        global_step, train_loss, runtime = _checkpoint_step(resume), None, None
-    else:
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        global_step, train_loss = trainer.state.global_step, result.training_loss
-        runtime = result.metrics.get("train_runtime")
-    trainer.save_model(str(run_dir / "final"))  # writes on the main process only
+    done = fit(recipe, args, drive_dir, cfg.training.save_total_limit, callbacks)
+    trainer, model = done.pop("trainer"), recipe.model
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     summary: dict[str, Any] = {
-        "profile": cfg.profile, "run_dir": str(run_dir), "global_step": global_step,
-        "resumed_from": str(resume) if resume else None, "train_loss": train_loss, "train_runtime": runtime,
-        "gates": {str(k): v.tolist() for k, v in getattr(model, "memory_gate_values", dict)().items()},
+        "profile": cfg.profile, "recipe": cfg.training.recipe, "run_dir": str(run_dir), **done,
+        "max_steps": cfg.training.max_steps, "stopped_early": done["global_step"] < cfg.training.max_steps,
+        "gates": {str(k): v.tolist() for k, v in getattr(inner, "memory_gate_values", dict)().items()},
     }
+    if recipe.finish is None:
+        trainer.save_model(str(run_dir / "final"))  # writes on the main process only
     if trainer.is_world_process_zero():
-        losses = _read_losses(metrics.path)
+        losses = [[r["step"], r["loss"]] for r in read_metrics(run_dir / "metrics.jsonl")]
         summary.update(final_loss=losses[-1][1] if losses else None, losses=losses)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(run_dir / "final"))
+        if recipe.finish is not None:
+            recipe.finish(run_dir, summary)
+        elif recipe.tokenizer is not None:
+            recipe.tokenizer.save_pretrained(str(run_dir / "final"))
         save_records(run_dir / "train_summary.json", summary)
         if drive_dir is not None:
             publish_results(run_dir, drive_dir)
@@ -556,9 +576,8 @@ def train(cfg: ConfigManager, model: SenriForCausalLM | None = None, tokenizer: 
 
 
 __all__ = [
-    "build_model", "make_optimizer_param_groups", "SenriTrainer", "training_arguments", "train", "model_runs",
-    "find_resume_checkpoint", "mirror_checkpoint", "prune_checkpoints", "mark_complete", "is_complete",
-    "publish_results", "drive_warning", "RESULT_FILES",
-    "gate_stats", "memory_norms", "COMPLETE_MARKER", "GATE_GROUP", "GATE_PARAMETER_SUFFIXES",
-    "MEMORY_PARAMETER_FRAGMENTS",
+    "Recipe", "SenriTrainer", "make_optimizer_param_groups", "training_arguments", "config_arguments", "fit",
+    "run_recipe", "read_metrics", "find_resume_checkpoint", "mirror_checkpoint", "prune_checkpoints",
+    "mark_complete", "is_complete", "publish_results", "drive_warning", "RESULT_FILES", "gate_stats",
+    "memory_norms", "COMPLETE_MARKER", "GATE_GROUP", "GATE_PARAMETER_SUFFIXES", "TRAINABLE_FILE",
 ]

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from .io import atomic_write
+from ..model.io import atomic_write
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -63,7 +63,7 @@ def gate_curves(records: Sequence[Mapping]) -> Figure:
 
 def gate_values(table: Mapping[str, Sequence[float]]) -> Figure:
     """Memory weight per query head (columns) for each memory layer (rows), a heat map annotated with the values
-    (from ``senri.analysis.gate_table``)."""
+    (from ``senri.evaluation.analysis.gate_table``)."""
     layers = list(table)
     heads = max((len(v) for v in table.values()), default=0)
     grid = [[float(v) for v in table[layer]] + [float("nan")] * (heads - len(table[layer])) for layer in layers]
@@ -77,7 +77,7 @@ def gate_values(table: Mapping[str, Sequence[float]]) -> Figure:
 
 
 def memory_norms(trace: Sequence[Mapping[str, float]]) -> Figure:
-    """‖M‖ per memory layer against tokens streamed (from ``senri.analysis.memory_norm_trace``)."""
+    """‖M‖ per memory layer against tokens streamed (from ``senri.evaluation.analysis.memory_norm_trace``)."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
     layers = sorted({k for r in trace for k in r if k.startswith("layer_")})
     for layer in layers:
@@ -89,7 +89,7 @@ def memory_norms(trace: Sequence[Mapping[str, float]]) -> Figure:
 
 
 def attention_map(weights, title: str = "Local attention") -> Figure:
-    """A (T, T) attention-weight matrix (from ``senri.analysis.local_attention_map``)."""
+    """A (T, T) attention-weight matrix (from ``senri.evaluation.analysis.local_attention_map``)."""
     fig, ax = plt.subplots(figsize=(4.5, 4))
     image = ax.imshow(weights, cmap="viridis", aspect="auto")
     ax.set(xlabel="key position", ylabel="query position", title=title)
@@ -222,7 +222,7 @@ __all__ = [
 
 
 def retrieval_heads(scan: Any, title: str = "Attention from the question onto the needle") -> Figure:
-    """Heatmap of a retrieval-head scan (layers × heads, :func:`senri.diagnostics.retrieval_head_scan`)."""
+    """Heatmap of a retrieval-head scan (layers × heads, :func:`senri.evaluation.diagnostics.retrieval_head_scan`)."""
     values = scan.detach().cpu().numpy() if hasattr(scan, "detach") else scan
     fig, ax = plt.subplots(figsize=(4.5, 0.22 * len(values) + 1.2))
     sns.heatmap(values, ax=ax, vmin=0, vmax=1, cmap="viridis", cbar_kws={"label": "attention mass"})
@@ -231,7 +231,7 @@ def retrieval_heads(scan: Any, title: str = "Attention from the question onto th
 
 
 def model_comparison(records: Sequence[Mapping], title: str = "Base vs gates closed vs trained memory") -> Figure:
-    """Accuracy per case set (x) and model (bars) from :func:`senri.real_model.compare_on_cases` records."""
+    """Accuracy per case set (x) and model (bars) from :func:`senri.evaluation.real_model.compare_on_cases` records."""
     case_sets = list(dict.fromkeys(r["cases"] for r in records))
     models = list(dict.fromkeys(r["model"] for r in records))
     fig, ax = plt.subplots(figsize=(1.6 * len(case_sets) + 2.5, 3.4))

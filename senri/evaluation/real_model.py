@@ -1,6 +1,6 @@
 """The real-model yardstick: base (full attention) vs converted with gates closed vs trained memory, same cases.
 
-* pass-key retrieval (the classic filler, :func:`senri.diagnostics.passkey_cases`) with the needle beyond the
+* pass-key retrieval (the classic filler, :func:`senri.evaluation.diagnostics.passkey_cases`) with the needle beyond the
   window, scored by teacher forcing (every key token must be the argmax: what greedy decoding would produce);
 * a natural-text needle ("a fact stated once") in natural text that training never saw;
 * NLL on held-out natural text inside and beyond the window.

@@ -1,6 +1,6 @@
 """Phase B of the real-model memory recipe: end-to-end fine-tuning through the memory.
 
-Phase A (:mod:`senri.transfer`) teaches each memory layer alone to imitate the teacher's far attention. Phase B
+Phase A (:mod:`senri.training.transfer`) teaches each memory layer alone to imitate the teacher's far attention. Phase B
 trains the whole converted model on the task itself: the loss is the cross-entropy of the pass key's answer tokens
 only (``logits_to_keep``: the 49K-vocabulary head runs on a handful of positions), gradients flow through every
 memory write, and a KL term to the frozen base model on plain text keeps it a language model. What trains: LoRA
@@ -8,17 +8,14 @@ adapters (through ``peft``) on q/k/v/o of the layers from the first memory layer
 (memory q/k maps, and the gates at their own learning rate). A curriculum on needle distance starts with needles one
 or two windows back (short sequences) and ends with many windows back.
 
-Training is resumable exactly like phase A: trainable parameters, optimizer, scheduler and step are saved atomically
-every ``save_steps``; a sample depends only on (seed, step, row), so a restart sees the same data.
+The loop is the one every recipe runs (:mod:`senri.training.loop`), which resumes it exactly: a sample depends only on
+(seed, step, row), so a restart sees the same data.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import random
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,16 +23,21 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .diagnostics import filler_sentences, passkey_cases, teacher_forced_scores
-from .io import atomic_write
-from .modeling_senri import SenriForCausalLM
-from .niah import make_needle
-from .real_model import depths_beyond_window, gates_closed
-from .transfer import TRANSFER_PARAMETER_SUFFIXES, _jsonable, resume, text_sample
+from ..evaluation.diagnostics import filler_sentences, passkey_cases, teacher_forced_scores
+from ..evaluation.real_model import depths_beyond_window, gates_closed
+from ..model.conversion import convert_llama_to_senri, load_base_model
+from ..model.modeling_senri import SenriForCausalLM
+from ..model.trained import (
+    CARD_SETTINGS, SMOLLM2_WINDOW256, TRAINED_DIR, TRANSFER_PARAMETER_SUFFIXES, load_trained_memory, read_card,
+)
+from ..tasks.niah import make_needle
+from .loop import Recipe, fit, read_metrics, training_arguments
+from .transfer import local_text_corpus, recipe_finish, text_corpus_ids, text_sample
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-# Settings a resumed run may change: how often it saves, logs and evaluates, and how long it may run.
-CONTINUATION_SETTINGS = ("save_steps", "log_steps", "eval_steps", "time_budget_s")
+# Trainer's arguments of phase B beside the configuration's: AdamW without decay, linear warm-up, cosine to 10 %.
+FINETUNE_ARGUMENTS = {"weight_decay": 0.0, "lr_scheduler_type": "cosine_with_min_lr",
+                      "lr_scheduler_kwargs": {"min_lr_rate": 0.1}}
 
 
 @dataclass
@@ -128,13 +130,6 @@ def add_lora(model: SenriForCausalLM, settings: FinetuneSettings) -> Any:
     return peft_model
 
 
-def lora_config_of(peft_model: Any) -> dict[str, Any]:
-    """The LoRA settings a card records (enough to rebuild the adapter before loading its weights)."""
-    config = peft_model.peft_config["default"]
-    return {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules),
-            "layers_to_transform": list(config.layers_to_transform), "layers_pattern": config.layers_pattern}
-
-
 def answer_loss(model: Any, ids: torch.Tensor, answer_lengths: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of each row's answer, its last ``answer_lengths[b]`` tokens of ``ids`` (B, T), given
     everything before them; the vocabulary head runs on the last ``max(answer_lengths)`` positions only."""
@@ -166,115 +161,74 @@ def memory_on_off(model: Any, cases: Sequence[Any]) -> dict[str, float]:
     return {"memory_on_accuracy": sum(on) / len(on), "memory_off_accuracy": sum(off) / len(off)}
 
 
-def _schedule(settings: FinetuneSettings) -> Callable[[int], float]:
-    def factor(step: int) -> float:  # linear warm-up, cosine decay to 10 %
-        if step < settings.warmup_steps:
-            return (step + 1) / settings.warmup_steps
-        progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return factor
+class FinetuneSamples(torch.utils.data.Dataset):
+    """Phase B's data: sample ``i`` is row ``i % samples_per_step`` of step ``i // samples_per_step``: a pass-key
+    sequence at the curriculum's length for that step, and a stretch of plain text for the KL term, drawn by (seed,
+    step, row) only."""
+
+    def __init__(self, tokenizer: Any, corpus_ids: Sequence[int], settings: FinetuneSettings, min_distance: int,
+                 samples_per_step: int):
+        self.tokenizer, self.corpus_ids, self.settings = tokenizer, corpus_ids, settings
+        self.min_distance, self.samples_per_step = min_distance, samples_per_step
+
+    def __len__(self) -> int:
+        return self.settings.steps * self.samples_per_step
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        step, row = divmod(index, self.samples_per_step)
+        rng = random.Random(f"finetune-{self.settings.seed}-{step}-{row}")
+        ids, answer = passkey_sample(self.tokenizer, seq_len_at(step, self.settings), self.min_distance, rng)
+        text = text_sample(self.corpus_ids, self.settings.kl_seq_len, rng) if self.corpus_ids else []
+        return {"input_ids": ids, "answer_length": answer, "text_ids": text}
 
 
-def run_finetune(
-    base: Any, peft_model: Any, tokenizer: Any, corpus_ids: Sequence[int], settings: FinetuneSettings,
-    out_dir: str | Path, progress: Callable[[dict[str, Any]], None] | None = None,
-    on_save: Callable[[Path], None] | None = None,
-) -> dict[str, Any]:
-    """Train ``peft_model`` (from :func:`add_lora`) for ``settings.steps`` steps, resuming from ``out_dir``.
+def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """A step's rows (one length): ids (B, T), answer lengths (B,), and the first row's text (1, L) for the KL."""
+    return {"input_ids": torch.tensor([s["input_ids"] for s in samples]),
+            "answer_lengths": torch.tensor([s["answer_length"] for s in samples]),
+            "text_ids": torch.tensor([samples[0]["text_ids"]], dtype=torch.long)}
 
-    Writes ``finetune_state.pt`` (trainable parameters, optimizer, scheduler, step) and ``metrics.jsonl`` (loss,
-    answer loss, KL, gate means, sequence length, memory-on / gates-closed accuracy at each evaluation)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    inner = peft_model.get_base_model()
-    config = inner.config
-    window = config.sliding_window
-    if window is None or not config.memory_layers:
+
+def make_finetune_recipe(base: Any, peft_model: Any, tokenizer: Any, corpus_ids: Sequence[int],
+                         settings: FinetuneSettings, samples_per_step: int | None = None) -> Recipe:
+    """Phase B as a recipe for ``peft_model`` (from :func:`add_lora`): the answer loss plus ``kl_weight`` × the KL to
+    the frozen ``base`` (both logged), memory-on vs gates-closed accuracy every ``eval_steps``, the time budget."""
+    config = peft_model.get_base_model().config
+    if config.sliding_window is None or not config.memory_layers:
         raise ValueError("phase B needs a converted model with a sliding window and memory layers")
-    params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
-    gates = [p for n, p in params.items() if n.endswith("memory_gate")]
-    others = [p for n, p in params.items() if not n.endswith("memory_gate")]
-    optimizer = torch.optim.AdamW([{"params": others, "lr": settings.learning_rate, "weight_decay": 0.0},
-                                   {"params": gates, "lr": settings.gate_learning_rate, "weight_decay": 0.0}])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings))
-    state_path, metrics_path = out_dir / "finetune_state.pt", out_dir / "metrics.jsonl"
-    step = resume(state_path, metrics_path, settings, CONTINUATION_SETTINGS, "fine-tuning", params, optimizer, scheduler)
-    device = next(peft_model.parameters()).device
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else torch.autocast("cpu", enabled=False))
-    min_distance = window + config.chunk_size
     eval_cases = passkey_cases(tokenizer, settings.eval_length, settings.eval_cases, seed=settings.seed + 1,
-                               depths=depths_beyond_window(settings.eval_length, window, config.chunk_size))
-    base = base.eval()
-    peft_model.train()
-    began = time.perf_counter()
+                               depths=depths_beyond_window(settings.eval_length, config.sliding_window,
+                                                           config.chunk_size))
+    teacher = base.eval()
 
-    def save() -> None:
-        state = {"parameters": {n: p.detach().clone() for n, p in params.items()}, "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "step": step, "settings": _jsonable(asdict(settings))}
-        with atomic_write(state_path, "wb") as f:
-            torch.save(state, f)
-        if on_save:
-            on_save(state_path)
+    def loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        task = answer_loss(model, batch["input_ids"], batch["answer_lengths"])
+        logs = {"answer_loss": float(task.detach()), "seq_len": batch["input_ids"].shape[1]}
+        if settings.kl_weight == 0 or not batch["text_ids"].numel():
+            return task, logs
+        kl = kl_to_base(model, teacher, batch["text_ids"], settings.kl_tokens)
+        return task + settings.kl_weight * kl, {**logs, "kl": float(kl.detach())}
 
-    stopped_early = False
-    while step < settings.steps:
-        rng = random.Random(f"finetune-{settings.seed}-{step}")
-        length = seq_len_at(step, settings)
-        samples = [passkey_sample(tokenizer, length, min_distance, rng) for _ in range(settings.batch_size)]
-        ids = torch.tensor([sample for sample, _ in samples], device=device)
-        answer_lengths = torch.tensor([n for _, n in samples], device=device)
-        optimizer.zero_grad(set_to_none=True)
-        with autocast:
-            task = answer_loss(peft_model, ids, answer_lengths)
-            loss = task
-            kl = None
-            if settings.kl_weight > 0 and corpus_ids:
-                text = torch.tensor([text_sample(corpus_ids, settings.kl_seq_len, rng)], device=device)
-                kl = kl_to_base(peft_model, base, text, settings.kl_tokens)
-                loss = task + settings.kl_weight * kl
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), settings.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        record: dict[str, Any] | None = None
-        evaluate = step % settings.eval_steps == 0 or step == settings.steps
-        if step % settings.log_steps == 0 or evaluate:  # every record has the losses (02 reads them)
-            gate_means = {layer: float(inner.model.layers[layer].self_attn.memory_gate.detach().clamp(0, 1).mean())
-                          for layer in config.memory_layers}
-            record = {"step": step, "loss": float(loss.detach()), "answer_loss": float(task.detach()),
-                      "kl": None if kl is None else float(kl.detach()), "grad_norm": float(grad_norm),
-                      "seq_len": length, "seconds": time.perf_counter() - began,
-                      **{f"gate/{layer}/mean": value for layer, value in gate_means.items()}}
-        if evaluate:
-            record.update(memory_on_off(peft_model, eval_cases))
-        if record is not None:
-            with open(metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-            if progress:
-                progress(record)
-        over_budget = settings.time_budget_s is not None and time.perf_counter() - began > settings.time_budget_s
-        if step % settings.save_steps == 0 or step == settings.steps or over_budget:
-            save()
-        if over_budget:
-            stopped_early = step < settings.steps
-            break
-    peft_model.eval()
-    return {"steps": step, "seconds": time.perf_counter() - began, "stopped_early": stopped_early}
+    data = FinetuneSamples(tokenizer, corpus_ids, settings, config.sliding_window + config.chunk_size,
+                           samples_per_step or settings.batch_size)
+    return Recipe(peft_model, data, loss, collate, gate_lr_multiplier=settings.gate_learning_rate / settings.learning_rate,
+                  sequential=True, trainable_only=True, evaluate=lambda model: memory_on_off(model, eval_cases),
+                  eval_steps=settings.eval_steps, time_budget_s=settings.time_budget_s)
 
 
-def load_finetune_state(peft_model: Any, state_path: str | Path) -> int:
-    """Load a ``finetune_state.pt``'s trained parameters into ``peft_model`` (same LoRA layout); returns its step."""
-    saved = torch.load(state_path, weights_only=True)
-    own = dict(peft_model.named_parameters())
-    missing = [name for name in saved["parameters"] if name not in own]
-    if missing:
-        raise ValueError(f"{state_path} does not fit this model: {missing[:4]} are not its parameters")
-    with torch.no_grad():
-        for name, value in saved["parameters"].items():
-            own[name].copy_(value)
-    return saved["step"]
+def run_finetune(base: Any, peft_model: Any, tokenizer: Any, corpus_ids: Sequence[int], settings: FinetuneSettings,
+                 out_dir: str | Path, drive_dir: Path | None = None) -> dict[str, Any]:
+    """Train ``peft_model`` (from :func:`add_lora`) for ``settings.steps`` steps through the loop, resuming from the
+    newest checkpoint in ``out_dir``; writes ``checkpoint-N/`` and ``metrics.jsonl`` (loss, answer loss, KL, gates,
+    sequence length, memory-on / gates-closed accuracy at each evaluation) there."""
+    args = training_arguments(
+        Path(out_dir), max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate, warmup_steps=settings.warmup_steps, max_grad_norm=settings.max_grad_norm,
+        save_steps=settings.save_steps, logging_steps=settings.log_steps, seed=settings.seed, data_seed=settings.seed,
+        bf16=torch.cuda.is_available(), **FINETUNE_ARGUMENTS)
+    done = fit(make_finetune_recipe(base, peft_model, tokenizer, corpus_ids, settings), args, drive_dir)
+    return {"steps": done["global_step"], "seconds": done["train_runtime"],
+            "stopped_early": done["global_step"] < settings.steps}
 
 
 def settings_from_config(cfg: Any) -> FinetuneSettings:
@@ -303,8 +257,6 @@ def settings_from_config(cfg: Any) -> FinetuneSettings:
 def init_directory(init: str) -> Path:
     """``training.finetune_init`` as a directory: "shipped" (the package's trained memory), the name of a directory
     under ``senri/trained/``, or a path."""
-    from .trained import SMOLLM2_WINDOW256, TRAINED_DIR
-
     if init == "shipped":
         return SMOLLM2_WINDOW256
     if "/" not in init and (TRAINED_DIR / init).is_dir():
@@ -315,9 +267,6 @@ def init_directory(init: str) -> Path:
 def initial_model(cfg: Any, base: Any) -> SenriForCausalLM:
     """Phase B's starting point: ``training.finetune_init`` (a trained memory directory, e.g. phase A's
     ``trained_memory``; "shipped" for the package's) whose settings must be the profile's, or the plain conversion."""
-    from .conversion import convert_llama_to_senri
-    from .trained import CARD_SETTINGS, load_trained_memory, read_card
-
     init = cfg.training.finetune_init
     fresh = convert_llama_to_senri(base, **cfg.senri_config_kwargs())
     if init is None:
@@ -331,40 +280,31 @@ def initial_model(cfg: Any, base: Any) -> SenriForCausalLM:
     return load_trained_memory(base, directory)
 
 
-def train_finetune(cfg: Any) -> dict[str, Any]:
-    """Run phase B for ``cfg`` (``training.recipe: finetune``), resumable and mirrored to Drive like phase A; writes
-    ``metrics.jsonl``, ``finetune_state.pt``, ``trained_memory/`` (memory parameters and LoRA), ``final/`` (LoRA
-    merged) and ``train_summary.json`` in the run directory."""
-    from .conversion import load_base_model
-    from .transfer import drive_mirror, finish_recipe_run, local_text_corpus, read_metrics, text_corpus_ids
-
-    run_dir = Path(cfg.experiment.run_dir)
+def finetune_recipe(cfg: Any) -> Recipe:
+    """Phase B for ``cfg`` (``training.recipe: finetune``) from ``training.finetune_init``; when the run ends it writes
+    ``trained_memory/`` (memory parameters and LoRA) and ``final/`` (LoRA merged)."""
     settings = settings_from_config(cfg)
-    drive_dir, mirror = drive_mirror(cfg, run_dir, "finetune_state.pt")
     base, tokenizer = load_base_model(cfg.model.base_model)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    base = base.to(device)
-    init_card = None
-    if cfg.training.finetune_init is not None:
-        from .trained import read_card
+    base = base.to("cuda" if torch.cuda.is_available() else "cpu")
+    init = cfg.training.finetune_init
+    init_card = None if init is None else read_card(init_directory(init))
+    peft_model = add_lora(initial_model(cfg, base), settings)
+    t = cfg.training
+    recipe = make_finetune_recipe(base, peft_model, tokenizer, text_corpus_ids(tokenizer, local_text_corpus()),
+                                  settings, t.per_device_batch_size * t.gradient_accumulation_steps)
+    card = {"recipe": {"name": "phase B: end-to-end fine-tuning through the memory (senri.training.finetune)",
+                       "settings": asdict(settings), "init": init_card}}
+    finish = recipe_finish(peft_model, base, tokenizer, cfg.model.base_model, card)
 
-        init_card = read_card(init_directory(cfg.training.finetune_init))
-    peft_model = add_lora(initial_model(cfg, base).to(device), settings)
-    corpus = text_corpus_ids(tokenizer, local_text_corpus())
-    result = run_finetune(base, peft_model, tokenizer, corpus, settings, run_dir, on_save=mirror)
-    records = read_metrics(run_dir / "metrics.jsonl")
-    evals = [r for r in records if "memory_on_accuracy" in r]
-    inner = peft_model.get_base_model()
-    summary = {"recipe": "finetune", "global_step": result["steps"], "max_steps": settings.steps,
-               "stopped_early": result["stopped_early"],
-               "final_loss": next((r["loss"] for r in reversed(records) if "loss" in r), None),
-               "train_runtime": result["seconds"], "last_eval": evals[-1] if evals else None,
-               "gates": {str(k): [round(float(x), 4) for x in v] for k, v in inner.memory_gate_values().items()}}
-    card = {"recipe": {"name": "phase B: end-to-end fine-tuning through the memory (senri.finetune)",
-                       "settings": asdict(settings), "init": init_card}, "steps": result["steps"], "summary": summary}
-    return finish_recipe_run(cfg, peft_model, base, tokenizer, summary, card, drive_dir)
+    def finish_with_evaluation(run_dir: Path, summary: dict[str, Any]) -> None:
+        evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if "memory_on_accuracy" in r]
+        summary["last_eval"] = evals[-1] if evals else None
+        finish(run_dir, summary)
+
+    recipe.finish = finish_with_evaluation
+    return recipe
 
 
-__all__ = ["FinetuneSettings", "LORA_TARGETS", "seq_len_at", "passkey_sample", "text_sample", "add_lora",
-           "lora_config_of", "answer_loss", "kl_to_base", "memory_on_off", "run_finetune", "load_finetune_state",
-           "settings_from_config", "initial_model", "train_finetune"]
+__all__ = ["FinetuneSettings", "LORA_TARGETS", "FINETUNE_ARGUMENTS", "seq_len_at", "passkey_sample", "add_lora",
+           "answer_loss", "kl_to_base", "memory_on_off", "FinetuneSamples", "collate", "make_finetune_recipe",
+           "run_finetune", "settings_from_config", "init_directory", "initial_model", "finetune_recipe"]

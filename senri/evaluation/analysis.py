@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from .cache import SenriCache
-from .memory import MEMORY_DTYPE, memory_states, phi
-from .modeling_senri import SenriForCausalLM, rope
+from ..model.cache import SenriCache
+from ..model.memory import MEMORY_DTYPE, memory_states, phi
+from ..model.modeling_senri import SenriForCausalLM, rope
 
 
 @torch.inference_mode()
@@ -68,12 +68,12 @@ def local_attention_map(model: SenriForCausalLM, input_ids: torch.Tensor, layer:
 def passkey_probe(tokenizer, seq_len: int, num_samples: int, seed: int, window: int, chunk_size: int,
                   template: str = "niah_words") -> dict[str, torch.Tensor]:
     """A fixed batch of passkey samples whose needle lies beyond the window (only the memory can reach it), built
-    like the training data (:class:`senri.data.PasskeyRetrievalDataset`) from a seed training never uses.
+    like the training data (:class:`senri.tasks.data.PasskeyRetrievalDataset`) from a seed training never uses.
 
     Returns ``input_ids`` (N, seq_len), ``answer_pos`` (N,) (the position whose logits predict the answer),
     ``answer`` (N,) (its first token) and ``value_pos`` (N,) (where that token sits inside the needle).
     """
-    from .data import PasskeyRetrievalDataset
+    from ..tasks.data import PasskeyRetrievalDataset
 
     data = PasskeyRetrievalDataset(tokenizer, seq_len, num_samples, seed + 20_011, window, chunk_size,
                                    template=template, beyond_window=1.0)

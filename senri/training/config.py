@@ -27,11 +27,11 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
-from .configuration_senri import LAYER_TYPES
-from .io import atomic_write
+from ..model.configuration_senri import LAYER_TYPES, SenriConfig
+from ..model.io import atomic_write
 
 PROFILES = ("cpu-smoke", "cpu-proof", "cpu-real", "real-finetune", "t4", "a100")
-DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
+DEFAULT_CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
 # What ``auto`` picks on a GPU, first match wins: (profile, minimum compute capability, minimum memory in GiB).
 # a100 trains batches of 8 x 2048 tokens in bf16, meant for an 80 GB A100 or an H100; every other GPU (T4, L4,
 # V100, a 40 GB A100) gets t4's batch of 1 x 2048 with 8 accumulation steps in fp16.
@@ -102,8 +102,8 @@ class TrainingSettings:
     seed: int = 42
     trainable: Literal["all", "memory"] = "memory"
     # lm: language-model training with transformers' Trainer; transfer: phase A of the real-model recipe
-    # (senri.transfer: layer-local attention transfer from the full-attention base, gates and memory maps only).
-    # finetune: phase B (senri.finetune: end-to-end through the memory, LoRA + memory parameters, answer-only loss,
+    # (senri.training.transfer: layer-local attention transfer from the full-attention base, gates and memory maps only).
+    # finetune: phase B (senri.training.finetune: end-to-end through the memory, LoRA + memory parameters, answer-only loss,
     # KL to the base on text, a curriculum on needle distance).
     recipe: Literal["lm", "transfer", "finetune"] = "lm"
     transfer_passkey_share: float = 0.5
@@ -428,8 +428,6 @@ class ConfigManager:
 
     def to_senri_config(self, vocab_size: int | None = None, **extra: Any):
         """A SenriConfig for a model trained from scratch with this configuration."""
-        from .configuration_senri import SenriConfig
-
         fields = self.senri_config_kwargs()
         if vocab_size is not None:
             fields["vocab_size"] = vocab_size
@@ -477,6 +475,28 @@ def check_identity(cfg: ConfigManager, saved_path: str | os.PathLike) -> None:
         )
 
 
+
+def model_runs(cfg: ConfigManager) -> dict[str, ConfigManager]:
+    """The models a run trains, each in ``{run_dir}/{name}`` (and ``{drive_dir}/{name}``): ``senri`` and, with
+    ``experiment.train_twin``, a ``swa_only`` twin of identical size and training budget whose layers are all
+    sliding-window attention."""
+    run_dir, drive_dir = Path(cfg.experiment.run_dir), cfg.resolve_drive_dir()
+
+    def run(name: str, **extra: Any) -> ConfigManager:
+        overrides = {**cfg._overrides, "experiment.run_dir": str(run_dir / name), **extra}
+        if drive_dir is not None:  # one Drive directory per model, so the two never resume from each other
+            overrides["experiment.drive_dir"] = str(drive_dir / name)
+        return ConfigManager(cfg.requested_profile, overrides, cfg.config_dir)
+
+    runs = {"senri": run("senri")}
+    if cfg.experiment.train_twin:
+        layers = cfg.model.layer_types or SenriConfig.default_layer_types(
+            cfg.model.num_hidden_layers, cfg.model.num_memory_layers, cfg.model.first_memory_layer,
+            cfg.model.memory_layer_interval,
+        )
+        runs["swa_only"] = run("swa_only", **{"model.layer_types": ["sliding_attention"] * len(layers)})
+    return runs
+
 __all__ = ["ConfigManager", "ModelSettings", "TrainingSettings", "ExperimentSettings", "PROFILES", "GPU_PROFILES",
            "CONTINUATION_KEYS", "TRAINING_DATA_KEYS", "detect_profile", "drive_root", "identity_differences",
-           "check_identity"]
+           "check_identity", "model_runs"]

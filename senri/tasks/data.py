@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .io import atomic_write
+from ..model.io import atomic_write
 from .niah import TEMPLATES, build_niah_prompt, build_synthetic_tokenizer, generate_haystack_text, make_needle
 
 DATASETS = ("pg19", "text_files", "generated", "passkey")
@@ -232,7 +232,7 @@ def build_tokenizer(cfg: Any) -> Any:
     if cfg.model.tokenizer != "base":
         raise ValueError(f"model.tokenizer = {cfg.model.tokenizer!r} is unknown; valid values are {list(TOKENIZERS)}")
     if cfg.model.base_model == "local-smollm2":
-        from .conversion import load_local_smollm2
+        from ..model.conversion import load_local_smollm2
 
         return load_local_smollm2()[1]
     from transformers import AutoTokenizer

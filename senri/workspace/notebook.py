@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from .config import SECTIONS, ConfigManager, check_identity, drive_root
+from ..training.config import SECTIONS, ConfigManager, check_identity, drive_root, model_runs
 
 NOTEBOOK_PARAMETERS = ("profile", "run_name", "overrides")
 
@@ -104,8 +104,6 @@ def open_run(profile: str = "auto", run_name: str | None = None,
         merged["experiment.run_name"] = run_name
     mount_drive()
     cfg = ConfigManager(profile, merged)
-    from .training import model_runs  # transformers is imported only once the parameters are known to be valid
-
     for run_cfg in model_runs(cfg).values():
         for where in {Path(run_cfg.experiment.run_dir), run_cfg.home_dir()}:
             check_identity(run_cfg, where / "config.yaml")

@@ -1,0 +1,1 @@
+"""What the model reads: needle-in-a-haystack prompts, tokenizers and training datasets."""

@@ -1,0 +1,1 @@
+"""Training: run configuration, the one loop (transformers' Trainer) and the recipes it runs."""

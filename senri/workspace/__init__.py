@@ -1,0 +1,1 @@
+"""The workspace: notebook helpers, experiments over several runs, and plots."""
