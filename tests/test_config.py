@@ -14,8 +14,26 @@ def test_profile_overrides_defaults_and_overrides_win():
     cfg = ConfigManager("cpu-smoke", overrides={"max_steps": 7, "experiment.run_dir": "runs/x", "model": {"chunk_size": 4}})
     assert cfg.profile == "cpu-smoke" and cfg.training.max_steps == 7 and cfg.experiment.run_dir == "runs/x"
     assert cfg.model.chunk_size == 4 and cfg.model.sliding_window == 32  # profile value kept
-    assert ConfigManager("t4").training.precision == "fp16" and ConfigManager("a100").training.precision == "bf16"
-    assert ConfigManager("t4").model.sliding_window == 1024  # file default
+    assert ConfigManager("cpu-real").model.sliding_window == 256 and ConfigManager("cpu-smoke").model.sliding_window == 32
+
+
+def test_the_gpu_profiles_train_the_shipped_recipe_sized_for_a_colab_session():
+    """t4 and a100 run phase B (the recipe of the shipped memory) on its model and window, from its phase-A init;
+    precision by capability; the T4's run stops and publishes within two hours."""
+    from senri.model.trained import SMOLLM2_WINDOW256, read_card
+
+    card = read_card(SMOLLM2_WINDOW256)
+    shipped = ConfigManager("real-finetune")
+    for name in ("t4", "a100"):
+        cfg = ConfigManager(name)
+        assert cfg.training.recipe == "finetune" and "phase B" in card["recipe"]["name"]
+        assert cfg.as_dict()["model"] == shipped.as_dict()["model"]  # the shipped memory's model and window
+        assert cfg.model.sliding_window == card["recipe"]["init"]["settings"]["sliding_window"]
+        assert cfg.training.finetune_init == shipped.training.finetune_init
+        assert cfg.training.learning_rate == card["recipe"]["settings"]["learning_rate"]
+        assert cfg.training.precision == "auto"
+    assert ConfigManager("t4").training.finetune_time_budget_s <= 2 * 3600
+    assert ConfigManager("a100").training.max_steps > ConfigManager("t4").training.max_steps
 
 
 def test_auto_picks_by_compute_capability_and_memory(monkeypatch):
@@ -34,8 +52,9 @@ def test_auto_picks_by_compute_capability_and_memory(monkeypatch):
     for (capability, gib), profile in expected.items():  # A100 80/40 GB, H100, L4, V100
         gpu.update(capability=capability, gib=gib)
         assert ConfigManager("auto").profile == profile, (capability, gib)
-    # The batch that a 40 GB A100 gets is t4's: 1 sequence per step with accumulation, not a100's 8.
-    assert ConfigManager("t4").training.per_device_batch_size == 1 < ConfigManager("a100").training.per_device_batch_size
+    # A 40 GB A100 gets t4's run, in bfloat16 (capability 8.0); a T4 float16.
+    gpu.update(capability=(8, 0), gib=40)
+    assert ConfigManager("auto").profile == "t4" and ConfigManager("auto").resolve_precision() == "bf16"
 
 
 @pytest.mark.parametrize(

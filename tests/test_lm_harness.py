@@ -127,3 +127,13 @@ def test_lm_eval_command_line_loads_a_saved_senri_model_with_its_code(tmp_path, 
 
 def test_ruler_samples_are_taken_from_every_length():
     assert ruler_sample_indices([4096, 8192], 3) == [0, 1, 2, 500, 501, 502]
+
+
+def test_ruler_builds_its_haystacks_offline_with_the_tokenizer_given(tmp_path, smollm2):
+    """RULER's niah_single_1 generates its samples locally, sized by the tokenizer ``run_tasks`` hands it; the model
+    answers them through lm-eval's generate_until (a 1K-token prompt: 64 windows of the tiny model)."""
+    _, tokenizer = smollm2
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    model = _senri(tokenizer)
+    scores = run_tasks(harness_lm(model, tokenizer), ["niah_single_1"], tmp_path / "tokenizer", [1024], samples=1)
+    assert set(scores) == {"niah_single_1"} and 0.0 <= scores["niah_single_1"]["1024"] <= 1.0

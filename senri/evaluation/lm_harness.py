@@ -61,11 +61,10 @@ def run_tasks(
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=None if include_path is None else str(include_path))
-
     def evaluate(names: list[str], metadata: dict[str, Any], **selection: Any) -> dict[str, dict[str, float]]:
-        output = simple_evaluate(model=lm, tasks=names, task_manager=manager, metadata=metadata, log_samples=False,
-                                 **selection)
+        # The tasks read their metadata from the task manager (simple_evaluate's own is used only without one).
+        manager = TaskManager(include_path=None if include_path is None else str(include_path), metadata=metadata)
+        output = simple_evaluate(model=lm, tasks=names, task_manager=manager, log_samples=False, **selection)
         return {task: {key.split(",")[0]: float(value) for key, value in results.items()
                        if isinstance(value, (int, float)) and "_stderr" not in key and value != -1}
                 for task, results in output["results"].items()}

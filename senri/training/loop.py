@@ -115,8 +115,9 @@ class SenriTrainer(Trainer):
     terms it logs), its sample order, and checkpoints of the trainable parameters only where it asks."""
 
     def __init__(self, *args: Any, recipe: Recipe, **kwargs: Any):
-        self.recipe, self.step_logs = recipe, {}
+        self.recipe, self.step_logs, self.skipped_steps = recipe, {}, 0
         super().__init__(*args, **kwargs)
+        self.add_callback(_SkippedSteps(self))
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
@@ -136,6 +137,8 @@ class SenriTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # the recipe's own terms, of the step just logged
             logs.update(self.step_logs)
+            if self.accelerator.scaler is not None:  # float16: steps the loss scaler skipped (inf/NaN gradients)
+                logs["skipped_steps"] = self.skipped_steps
         super().log(logs, start_time)
 
     def _get_train_sampler(self, train_dataset=None):
@@ -164,6 +167,17 @@ class SenriTrainer(Trainer):
         with torch.no_grad():
             for name, value in saved.items():
                 own[name].copy_(value)
+
+
+class _SkippedSteps(TrainerCallback):
+    """Counts the optimizer steps float16's loss scaler skipped (since the run's start or resume)."""
+
+    def __init__(self, trainer: SenriTrainer):
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer.skipped_steps += int(self.trainer.accelerator.optimizer_step_was_skipped)
+        return control
 
 
 # --- checkpoints --------------------------------------------------------------------------------------------------
