@@ -8,7 +8,7 @@ RUN_NAME ?= demo
 RUN_DIR := runs/$(RUN_NAME)
 NOTEBOOKS := 01_model_test 02_training 03_evaluation 04_analysis
 
-.PHONY: setup test demo notebooks bench variants clean
+.PHONY: setup test demo notebooks bench variants device-check clean
 
 setup: $(STAMP)
 
@@ -53,6 +53,11 @@ variants: setup
 DEVICE ?= cpu
 bench: setup
 	$(PY) bench/bench_senri.py --device $(DEVICE)
+
+# The one GPU check (bench, short t4/a100 runs, a few grid cases) → runs/device-check/device_check.json;
+# DEVICE=cpu runs it at toy sizes (CI does, through make test).
+device-check: setup
+	$(PY) bench/device_check.py --device $(if $(filter command line environment,$(origin DEVICE)),$(DEVICE),auto)
 
 clean:
 	rm -rf runs .pytest_cache
