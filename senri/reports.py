@@ -128,18 +128,19 @@ def ruler(lengths: str, samples: int, tasks: str) -> dict[str, Any]:
     Hub, "all" for the six NIAH tasks and BABILong qa1-qa5, or a comma-separated list) at ``lengths`` (comma-separated
     tokens), ``samples`` per length, for the shipped memory, its gates closed and the base with full attention
     (every prompt kept whole: max_length above the longest)."""
-    from .model.conversion import _converted_cache_dir
     from .evaluation.lm_harness import BABILONG, RULER_NIAH, RULER_OFFLINE, harness_lm, run_tasks
 
     llama, trained, tokenizer = _models(None)
     names = {"offline": list(RULER_OFFLINE), "all": list(RULER_NIAH) + list(BABILONG)}.get(tasks, tasks.split(","))
     sizes = [int(n) for n in lengths.split(",")]
     longest = max(sizes) + 512
+    tokenizer_dir = OUT_DIR / "tokenizer"  # RULER sizes its haystacks with it
+    tokenizer.save_pretrained(tokenizer_dir)
     records = []
     for model_name, model in (("trained", trained), ("gates closed", trained), ("base", llama)):
         with gates_closed(trained) if model_name == "gates closed" else contextlib.nullcontext():
             lm = harness_lm(model, tokenizer, max_length=longest)
-            for task, scores in run_tasks(lm, names, _converted_cache_dir(), sizes, samples).items():
+            for task, scores in run_tasks(lm, names, tokenizer_dir, sizes, samples).items():
                 records.append({"model": model_name, "task": task, "samples": samples, "scores": scores})
                 print(records[-1], flush=True)
     return {"lengths": sizes, "samples": samples, "records": records}
