@@ -274,9 +274,10 @@ def grouped_local_attention(
     window's W/m groups and its own group) are one contiguous, overlapping stretch of that layout. ``unfold`` makes
     them a view (no copy of the windows), batch and heads are folded into SDPA's head axis (kv head b·H + h serves
     query heads b·Hq + h·G.., as enable_gqa maps them), and a boolean mask (N, 1, R, span) keeps, per query, its
-    window's keys up to itself and the sinks of the block's first group that lie before its window. Gradients of
-    the views add up in ``unfold``'s backward (the per-chunk slices they replace each allocated a full-size
-    gradient).
+    window's keys up to itself and the sinks of the block's first group that lie before its window. Per-chunk sinks
+    (B, H, chunks, S, D) lead each group with m copies, [m·S sinks | R keys], copy j holding those of the block's
+    j-th query chunk, and the mask gives each query its own chunk's copy. Gradients of the views add up in
+    ``unfold``'s backward (the per-chunk slices they replace each allocated a full-size gradient).
     """
     B, Hq, T, D = q.shape
     H, C, W = k.shape[1], chunk_size, window_chunks
