@@ -66,7 +66,8 @@ def run_tasks(
         manager = TaskManager(include_path=None if include_path is None else str(include_path), metadata=metadata)
         output = simple_evaluate(model=lm, tasks=names, task_manager=manager, log_samples=False, **selection)
         return {task: {key.split(",")[0]: float(value) for key, value in results.items()
-                       if isinstance(value, (int, float)) and "_stderr" not in key and value != -1}
+                       if isinstance(value, (int, float)) and "_stderr" not in key and value != -1
+                       and key != "sample_len"}  # lm-eval's count of samples, not a score
                 for task, results in output["results"].items()}
 
     ruler = [task for task in tasks if task.startswith("niah_")]
