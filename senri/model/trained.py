@@ -109,8 +109,11 @@ def read_card(directory: str | Path = SMOLLM2_WINDOW256) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def load_trained_memory(base: Any, directory: str | Path, check_base: bool = True) -> SenriForCausalLM:
-    """Convert ``base`` with the card's settings and load the shipped parameters; every mismatch is an error."""
+def load_trained_memory(base: Any, directory: str | Path, check_base: bool = True, merge_lora: bool = True) -> Any:
+    """Convert ``base`` with the card's settings and load the shipped parameters; every mismatch is an error.
+
+    The card's LoRA adapters are merged into q/k/v/o (a plain SenriForCausalLM); with ``merge_lora=False`` the
+    result is the peft model with the adapters loaded and unmerged, for a recipe that goes on training them."""
     directory = Path(directory)
     card = read_card(directory)
     if check_base and card["base_fingerprint"] != base_fingerprint(base):
@@ -129,13 +132,15 @@ def load_trained_memory(base: Any, directory: str | Path, check_base: bool = Tru
         for name, tensor in tensors.items():
             own[name].copy_(tensor)
     if card.get("lora"):
-        model = _merge_lora(model, card["lora"], directory / LORA_FILE)
+        model = _load_lora(model, card["lora"], directory / LORA_FILE)
+        if merge_lora:
+            model = model.merge_and_unload()
     return model.eval()
 
 
-def _merge_lora(model: SenriForCausalLM, lora: dict[str, Any], path: Path) -> SenriForCausalLM:
-    """Rebuild the card's LoRA adapters with peft, load them (every adapter weight must be present and used) and
-    merge them into the base weights."""
+def _load_lora(model: SenriForCausalLM, lora: dict[str, Any], path: Path) -> Any:
+    """Rebuild the card's LoRA adapters with peft around ``model`` and load them (every adapter weight must be
+    present and used)."""
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
     if not path.exists():
@@ -150,7 +155,7 @@ def _merge_lora(model: SenriForCausalLM, lora: dict[str, Any], path: Path) -> Se
     if odd:
         raise ValueError(f"the LoRA adapters in {path} do not match the card's LoRA settings: {odd[:4]}")
     set_peft_model_state_dict(peft_model, tensors)
-    return peft_model.merge_and_unload()
+    return peft_model
 
 
 def load_trained_smollm2(directory: str | Path = SMOLLM2_WINDOW256):

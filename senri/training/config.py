@@ -30,7 +30,7 @@ import yaml
 from ..model.configuration_senri import LAYER_TYPES, SenriConfig
 from ..model.io import atomic_write
 
-PROFILES = ("cpu-smoke", "cpu-proof", "cpu-real", "real-finetune", "t4", "a100")
+PROFILES = ("cpu-smoke", "cpu-proof", "cpu-real", "real-finetune", "cpu-text", "gpu-text", "t4", "a100")
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
 # What ``auto`` picks on a GPU, first match wins: (profile, minimum compute capability, minimum memory in GiB).
 # a100 trains batches of 8 x 2048 tokens in bf16, meant for an 80 GB A100 or an H100; every other GPU (T4, L4,
@@ -104,8 +104,9 @@ class TrainingSettings:
     # lm: language-model training with transformers' Trainer; transfer: phase A of the real-model recipe
     # (senri.training.transfer: layer-local attention transfer from the full-attention base, gates and memory maps only).
     # finetune: phase B (senri.training.finetune: end-to-end through the memory, LoRA + memory parameters, answer-only loss,
-    # KL to the base on text, a curriculum on needle distance).
-    recipe: Literal["lm", "transfer", "finetune"] = "lm"
+    # KL to the base on text, a curriculum on needle distance). text: the text-memory recipe (senri.training.textmemory:
+    # phase B's adapters trained further on facts in natural prose and a weighted distillation beyond the window).
+    recipe: Literal["lm", "transfer", "finetune", "text"] = "lm"
     transfer_passkey_share: float = 0.5
     transfer_base_weight: float = 0.01
     finetune_init: str | None = None  # a trained memory directory to start from (phase A's); "shipped": the package's
@@ -114,6 +115,13 @@ class TrainingSettings:
     finetune_kl_weight: float = 0.5
     finetune_eval_steps: int = 50
     finetune_time_budget_s: float | None = None
+    text_sources: list[str] = field(default_factory=lambda: ["licences", "package-docs", "python-docs", "docstrings",
+                                                             "gutenberg"])
+    text_passkey_share: float = 0.25
+    text_distractors: int = 2
+    text_distill_weight: float = 1.0
+    text_distill_floor: float = 0.1
+    text_teacher_cache: str | None = None
 
 
 @dataclass
@@ -155,8 +163,8 @@ POSITIVE = {
     "real_model_niah_samples", "num_memories", "top_k_memories", "num_memory_banks", "segments_per_bank", "alibi_scale",
     "variant_max_steps", "finetune_lora_rank", "finetune_eval_steps", "finetune_time_budget_s",
 }
-NON_NEGATIVE = {"finetune_kl_weight", "num_sink_tokens", "num_memory_layers", "first_memory_layer", "weight_decay", "warmup_steps", "max_grad_norm", "seed"}
-FRACTIONS = {"transfer_passkey_share", "memory_gate_init", "niah_ratio", "needle_beyond_window"}
+NON_NEGATIVE = {"text_distractors", "text_distill_weight", "text_distill_floor", "finetune_kl_weight", "num_sink_tokens", "num_memory_layers", "first_memory_layer", "weight_decay", "warmup_steps", "max_grad_norm", "seed"}
+FRACTIONS = {"text_passkey_share", "transfer_passkey_share", "memory_gate_init", "niah_ratio", "needle_beyond_window"}
 
 
 def detect_profile() -> str:

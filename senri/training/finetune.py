@@ -130,11 +130,14 @@ def add_lora(model: SenriForCausalLM, settings: FinetuneSettings) -> Any:
     return peft_model
 
 
-def answer_loss(model: Any, ids: torch.Tensor, answer_lengths: torch.Tensor) -> torch.Tensor:
+def answer_loss(model: Any, ids: torch.Tensor, answer_lengths: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean cross-entropy of each row's answer, its last ``answer_lengths[b]`` tokens of ``ids`` (B, T), given
-    everything before them; the vocabulary head runs on the last ``max(answer_lengths)`` positions only."""
+    everything before them; the vocabulary head runs on the last ``max(answer_lengths)`` positions only. Rows of
+    several lengths are left-padded, with ``attention_mask`` (B, T) marking the real tokens."""
     keep = int(answer_lengths.max())
-    logits = model(input_ids=ids[:, :-1], logits_to_keep=keep).logits.float()
+    mask = None if attention_mask is None else attention_mask[:, :-1]
+    logits = model(input_ids=ids[:, :-1], attention_mask=mask, logits_to_keep=keep).logits.float()
     labels = ids[:, -keep:].clone()
     labels[torch.arange(keep, device=ids.device)[None] < keep - answer_lengths[:, None]] = -100
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)

@@ -15,6 +15,7 @@ from ..tasks.data import build_dataset, build_tokenizer
 from .config import ConfigManager
 from .finetune import FINETUNE_ARGUMENTS, finetune_recipe
 from .loop import Recipe, run_recipe
+from .textmemory import text_memory_recipe
 from .transfer import TRANSFER_ARGUMENTS, transfer_recipe
 
 _LAYER_ATTENTION = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.")
@@ -74,12 +75,14 @@ def language_model_recipe(cfg: ConfigManager, model: SenriForCausalLM | None = N
 def train(cfg: ConfigManager, model: SenriForCausalLM | None = None, tokenizer: Any = None,
           train_dataset: Any = None, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
     """Train (or resume) the run ``cfg`` describes with its recipe (``training.recipe``: ``lm``, ``transfer`` for
-    phase A of the real-model recipe, ``finetune`` for its phase B); returns its summary (see
+    phase A of the real-model recipe, ``finetune`` for its phase B, ``text`` for the text-memory recipe); returns its summary (see
     :func:`senri.training.loop.run_recipe`). ``model``, ``tokenizer`` and ``train_dataset`` go to ``lm``."""
     if cfg.training.recipe == "transfer":
         return run_recipe(cfg, lambda: transfer_recipe(cfg), TRANSFER_ARGUMENTS, callbacks)
     if cfg.training.recipe == "finetune":
         return run_recipe(cfg, lambda: finetune_recipe(cfg), FINETUNE_ARGUMENTS, callbacks)
+    if cfg.training.recipe == "text":
+        return run_recipe(cfg, lambda: text_memory_recipe(cfg), FINETUNE_ARGUMENTS, callbacks)
     return run_recipe(cfg, lambda: language_model_recipe(cfg, model, tokenizer, train_dataset), None, callbacks)
 
 
