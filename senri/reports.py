@@ -3,7 +3,8 @@
     python -m senri.reports sinks                       # NLL beyond 2x the window: base, no sinks, 4 sinks
     python -m senri.reports placement SEED CASES        # perfect-memory ceiling per placement (2K and 4K tokens)
     python -m senri.reports real KIND LENGTH CASES      # base / gates closed / shipped memory (KIND: passkey | fact | nll)
-    python -m senri.reports grid DIR CASES              # the same over the whole grid (DIR: a trained memory, or shipped)
+    python -m senri.reports grid DIRS CASES             # the grid: facts and pass keys 8x-64x, NLL (DIRS: trained memories, "shipped")
+    python -m senri.reports grid-at DIRS CASES LENGTHS  # the same at chosen lengths (comma-separated tokens)
     python -m senri.reports stream TOKENS EVERY         # loss per 4K block of a long stream vs fresh starts (every EVERY-th block)
     python -m senri.reports stream-sinks TOKENS         # the same stream, gates closed, per sink placement
     python -m senri.reports ruler LENGTHS SAMPLES TASKS  # lm-eval's RULER (TASKS: offline | all | a,b): trained / closed / base
@@ -21,6 +22,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -210,20 +212,106 @@ def real(kind: str, length: int, cases: int, directory: str | None = None) -> di
     return {"kind": kind, "length": length, "records": _three_way(llama, trained, tokenizer, kind, length, cases)}
 
 
-# The issue's grid: pass keys at 4x-32x the window, the natural-text needle at 8x and 16x, NLL inside the window.
-GRID = (("passkey", 1024), ("passkey", 2048), ("passkey", 4096), ("passkey", 8192), ("fact", 2048), ("fact", 4096),
-        ("nll", 2048))
+# The grid: pass keys and natural-text facts (held-out wording, entities and documents) at 8x-64x the window, and the
+# NLL of held-out prose inside the window and beyond twice the window.
+GRID_LENGTHS = (2048, 4096, 8192, 16384)
+GRID_SEED = 7
 
 
-def grid(directory: str, cases: int) -> dict[str, Any]:
-    """:func:`real` over :data:`GRID` for the trained memory in ``directory`` ("shipped": the package's), one
-    process, the models loaded once (a GPU makes it minutes)."""
-    llama, trained, tokenizer = _models(None if directory == "shipped" else directory)
-    records = []
-    for kind, length in GRID:
-        records += [dict(r, kind=kind, length=length)
-                    for r in _three_way(llama, trained, tokenizer, kind, length, cases)]
-    return {"directory": directory, "cases": cases, "records": records}
+def grid_cases(tokenizer: Any, lengths: Sequence[int], cases: int) -> dict[tuple[str, int], list[Any]]:
+    """The grid's cases per (kind, length): the classic pass key, and held-out facts (one distractor) in held-out
+    documents; needles beyond the window at every length."""
+    from .tasks.corpus import documents
+    from .tasks.facts import fact_cases as text_fact_cases
+
+    heldout = documents(split="heldout")
+    out: dict[tuple[str, int], list[Any]] = {}
+    for length in lengths:
+        depths = depths_beyond_window(length, WINDOW, CHUNK)
+        out[("passkey", length)] = passkey_cases(tokenizer, length, cases, seed=GRID_SEED, depths=depths)
+        out[("fact", length)] = text_fact_cases(tokenizer, heldout, length, cases, GRID_SEED, depths, distractors=1)
+    return out
+
+
+def grid_texts(tokenizer: Any, tokens: int = 4096) -> dict[str, torch.Tensor]:
+    """Two held-out stretches of ``tokens`` tokens for the NLL cells: a held-out Gutenberg work and held-out
+    documentation (package READMEs, one after another)."""
+    from .tasks.corpus import documents
+
+    out = {}
+    for name, sources in (("gutenberg", ["gutenberg"]), ("documentation", ["package-docs"])):
+        text = "\n\n".join(d.text for d in documents(sources, "heldout"))
+        out[name] = tokenizer(text, return_tensors="pt").input_ids[:, 2000 : 2000 + tokens]
+    return out
+
+
+def _grid_models(directories: Sequence[str]) -> Iterator[tuple[str, Any]]:
+    """(name, model) for the base with full attention, then each trained memory and its gates-closed twin."""
+    from .model.trained import SMOLLM2_WINDOW256, load_trained_memory
+
+    llama, _ = load_local_smollm2()
+    yield "base", llama.to(_device())
+    for directory in directories:
+        model = load_trained_memory(llama, SMOLLM2_WINDOW256 if directory == "shipped" else directory).to(_device())
+        yield directory, model
+        with gates_closed(model):
+            yield f"{directory} (gates closed)", model
+
+
+def grid(directories: str, cases: int, lengths: str = ",".join(map(str, GRID_LENGTHS))) -> dict[str, Any]:
+    """Every grid cell (:func:`grid_cases`, :func:`grid_texts`) for the base and for each trained memory in
+    ``directories`` (comma-separated; "shipped": the package's) with its gates as trained and closed. Each model's
+    records are written to ``runs/reports/grid-partial.json`` as they come, so a stopped run keeps what it measured.
+    The summary gives, per trained memory, the share of the NLL gap beyond 2x the window (gates closed -> base)
+    that the memory closes and its in-window perplexity relative to the base's."""
+    _, tokenizer = load_local_smollm2()
+    sizes = [int(n) for n in str(lengths).split(",")]
+    case_sets = grid_cases(tokenizer, sizes, cases)
+    stretches = grid_texts(tokenizer)
+    records: list[dict[str, Any]] = []
+    for name, model in _grid_models([d for d in directories.split(",") if d]):
+        for (kind, length), case_list in case_sets.items():
+            for r in compare_on_cases({name: model}, {f"{kind} {length}": case_list}, progress=True):
+                records.append(dict(r, kind=kind, length=length))
+        for text, ids in stretches.items():
+            for r in nll_table({name: model}, ids.to(_device()), WINDOW, CHUNK):
+                records.append(dict(r, kind="nll", text=text, length=ids.shape[1]))
+                print(records[-1], flush=True)
+        with atomic_write(OUT_DIR / "grid-partial.json") as f:
+            json.dump({"directories": directories, "cases": cases, "records": records}, f, indent=1)
+    return {"directories": directories, "cases": cases, "records": records, "summary": grid_summary(records)}
+
+
+def grid_summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per trained memory: accuracy per (kind, length) beside its gates closed and the base; the share of the NLL
+    gap beyond 2x the window that it closes, and exp(in-window NLL - the base's) (its in-window perplexity ratio)."""
+    models = sorted({r["model"] for r in records} - {"base"} - {m for m in (r["model"] for r in records)
+                                                                 if m.endswith("(gates closed)")})
+    out: dict[str, Any] = {}
+    for model in models:
+        cells = {}
+        for r in records:
+            if r["model"] == model and r["kind"] != "nll":
+                key = f"{r['kind']} {r['length']}"
+                lookup = {m["model"]: m["accuracy"] for m in records if m["kind"] == r["kind"]
+                          and m["length"] == r["length"] and "accuracy" in m}
+                cells[key] = {"trained": r["accuracy"], "gates closed": lookup.get(f"{model} (gates closed)"),
+                              "base": lookup.get("base")}
+        nll = {}
+        for r in records:
+            if r["model"] == model and r["kind"] == "nll":
+                by = {m["model"]: m for m in records if m["kind"] == "nll" and m["text"] == r["text"]}
+                closed, base = by.get(f"{model} (gates closed)"), by.get("base")
+                entry = {"trained": r["nll_beyond_2w"]}
+                if closed and base:
+                    gap = closed["nll_beyond_2w"] - base["nll_beyond_2w"]
+                    entry.update(closed=closed["nll_beyond_2w"], base=base["nll_beyond_2w"],
+                                 gap_share=(closed["nll_beyond_2w"] - r["nll_beyond_2w"]) / gap if gap else None,
+                                 in_window_ppl_ratio=float(torch.tensor(r["nll_inside_window"]
+                                                                        - base["nll_inside_window"]).exp()))
+                nll[r["text"]] = entry
+        out[model] = {"cells": cells, "nll": nll}
+    return out
 
 
 CHECK_LENGTH, CHECK_CASES, CHECK_SEED = 1024, 4, 7
@@ -312,7 +400,7 @@ def ship_run(run_dir: str, grid_json: str, directory: str | None = None) -> dict
 def main(argv: list[str]) -> Any:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     commands = {"sinks": (sinks, ()), "placement": (placement, (int, int)), "real": (real, (str, int, int)),
-                "grid": (grid, (str, int)), "stream": (stream, (int, int)), "stream-sinks": (stream_sinks, (int,)), "ruler": (ruler, (str, int, str)), "ship": (ship, (str, str)), "ship-run": (ship_run, (str, str))}
+                "grid": (grid, (str, int)), "grid-at": (grid, (str, int, str)), "stream": (stream, (int, int)), "stream-sinks": (stream_sinks, (int,)), "ruler": (ruler, (str, int, str)), "ship": (ship, (str, str)), "ship-run": (ship_run, (str, str))}
     if not argv or argv[0] not in commands:
         raise SystemExit(f"usage: python -m senri.reports {{{' | '.join(commands)}}} ... (see the module docstring)")
     function, types = commands[argv[0]]

@@ -44,7 +44,7 @@ KINDS = (
     FactKind(
         "pet",
         statements=("{Subject} is called {value}.", "{Subject} goes by the name {value}.",
-                    "{Subject} was named {value} by the children.", "{Subject} answers only to {value}."),
+                    "The children named {subject} {value}.", "{Subject} answers only to {value}."),
         questions=("What is {subject} called?", "What is the name of {subject}?", "By what name is {subject} known?"),
         subjects=tuple(f"{owner}'s {animal}" for owner in _OWNERS for animal in _ANIMALS),
         values=("Biscuit", "Pemberton", "Quillfeather", "Marzipan", "Thistle", "Bartholomew", "Juniper", "Wolfgang",

@@ -219,17 +219,22 @@ def make_finetune_recipe(base: Any, peft_model: Any, tokenizer: Any, corpus_ids:
                   eval_steps=settings.eval_steps, time_budget_s=settings.time_budget_s)
 
 
+def finetune_arguments(settings: FinetuneSettings, out_dir: str | Path) -> Any:
+    """Trainer's arguments for a phase-B-shaped run of ``settings`` (the text-memory recipe's too) in ``out_dir``."""
+    return training_arguments(
+        Path(out_dir), max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate, warmup_steps=settings.warmup_steps, max_grad_norm=settings.max_grad_norm,
+        save_steps=settings.save_steps, logging_steps=settings.log_steps, seed=settings.seed, data_seed=settings.seed,
+        bf16=torch.cuda.is_available(), **FINETUNE_ARGUMENTS)
+
+
 def run_finetune(base: Any, peft_model: Any, tokenizer: Any, corpus_ids: Sequence[int], settings: FinetuneSettings,
                  out_dir: str | Path, drive_dir: Path | None = None) -> dict[str, Any]:
     """Train ``peft_model`` (from :func:`add_lora`) for ``settings.steps`` steps through the loop, resuming from the
     newest checkpoint in ``out_dir``; writes ``checkpoint-N/`` and ``metrics.jsonl`` (loss, answer loss, KL, gates,
     sequence length, memory-on / gates-closed accuracy at each evaluation) there."""
-    args = training_arguments(
-        Path(out_dir), max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
-        learning_rate=settings.learning_rate, warmup_steps=settings.warmup_steps, max_grad_norm=settings.max_grad_norm,
-        save_steps=settings.save_steps, logging_steps=settings.log_steps, seed=settings.seed, data_seed=settings.seed,
-        bf16=torch.cuda.is_available(), **FINETUNE_ARGUMENTS)
-    done = fit(make_finetune_recipe(base, peft_model, tokenizer, corpus_ids, settings), args, drive_dir)
+    done = fit(make_finetune_recipe(base, peft_model, tokenizer, corpus_ids, settings),
+               finetune_arguments(settings, out_dir), drive_dir)
     return {"steps": done["global_step"], "seconds": done["train_runtime"],
             "stopped_early": done["global_step"] < settings.steps}
 
@@ -310,4 +315,4 @@ def finetune_recipe(cfg: Any) -> Recipe:
 
 __all__ = ["FinetuneSettings", "LORA_TARGETS", "FINETUNE_ARGUMENTS", "seq_len_at", "passkey_sample", "add_lora",
            "answer_loss", "kl_to_base", "memory_on_off", "FinetuneSamples", "collate", "make_finetune_recipe",
-           "run_finetune", "settings_from_config", "init_directory", "initial_model", "finetune_recipe"]
+           "finetune_arguments", "run_finetune", "settings_from_config", "init_directory", "initial_model", "finetune_recipe"]

@@ -116,6 +116,15 @@ def distillation_loss(model: Any, ids: torch.Tensor, start: int, teacher: dict[s
     return (teacher["weights"] * kl).sum() / teacher["weights"].sum()
 
 
+def windowed_base(base: Any, config: Any) -> Any:
+    """``base`` converted with ``config``'s window, chunk and sinks and no memory anywhere: what Senri sees with every
+    gate closed."""
+    layers = ["sliding_attention"] * base.config.num_hidden_layers
+    return convert_llama_to_senri(base, sliding_window=config.sliding_window, chunk_size=config.chunk_size,
+                                  num_sink_tokens=config.num_sink_tokens, sink_max_distance=config.sink_max_distance,
+                                  layer_types=layers).to(next(base.parameters()).device)
+
+
 # --- data --------------------------------------------------------------------------------------------------------
 def document_ids(tokenizer: Any, docs: Sequence[Document]) -> list[list[int]]:
     """Each document's tokens (documents shorter than nothing are dropped)."""
@@ -220,9 +229,7 @@ def make_text_memory_recipe(base: Any, model: Any, tokenizer: Any, settings: Tex
         "passkey": passkey_cases(tokenizer, settings.eval_length, settings.eval_cases, seed=settings.seed + 1,
                                  depths=depths),
     }
-    windowed = convert_llama_to_senri(base, sliding_window=window, chunk_size=chunk,
-                                      num_sink_tokens=config.num_sink_tokens,
-                                      sink_max_distance=config.sink_max_distance).to(next(base.parameters()).device)
+    windowed = windowed_base(base, config)
     teacher = Teacher(base, windowed, settings.distill_top_k, settings.distill_floor, settings.teacher_cache)
     start = window + chunk  # positions beyond the first window: only there can the memory matter
 
@@ -277,6 +284,6 @@ def text_memory_recipe(cfg: Any) -> Recipe:
     return recipe
 
 
-__all__ = ["TextMemorySettings", "Teacher", "top_k_kl", "distillation_loss", "document_ids", "stretch",
+__all__ = ["TextMemorySettings", "Teacher", "windowed_base", "top_k_kl", "distillation_loss", "document_ids", "stretch",
            "TextMemorySamples", "collate", "recall_on_off", "trainable_model", "make_text_memory_recipe",
            "settings_from_config", "text_memory_recipe"]
