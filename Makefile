@@ -8,7 +8,7 @@ RUN_NAME ?= demo
 RUN_DIR := runs/$(RUN_NAME)
 NOTEBOOKS := 01_model_test 02_training 03_evaluation 04_analysis
 
-.PHONY: setup test demo notebooks bench variants device-check clean
+.PHONY: setup test demo notebooks bench variants device-check text-memory-gpu clean
 
 setup: $(STAMP)
 
@@ -53,6 +53,10 @@ variants: setup
 DEVICE ?= cpu
 bench: setup
 	$(PY) bench/bench_senri.py --device $(DEVICE)
+
+# The text-memory recipe (two seeds, time-boxed) and the grid on one GPU, ~10 min → runs/text-memory-gpu/summary.json.
+text-memory-gpu: setup
+	$(PY) bench/text_memory_gpu.py
 
 # The one GPU check (bench, short t4/a100 runs, a few grid cases) → runs/device-check/device_check.json;
 # DEVICE=cpu runs it at toy sizes (CI does, through make test).

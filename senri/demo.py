@@ -39,17 +39,30 @@ def answer(model: Any, tokenizer: Any, case: PasskeyCase, max_new_tokens: int = 
     return tokenizer.decode(output[0, prompt.shape[1] :], skip_special_tokens=True).strip()
 
 
+def demo_cases(tokenizer: Any, length: int, window: int, chunk: int, cases: int, seed: int) -> list[tuple[str, Any]]:
+    """(task, case) pairs at ``length`` tokens, the needle beyond the window: the classic pass key, and a fact stated
+    once in ordinary prose (a held-out Gutenberg work, held-out wording and entities) and asked back in other words."""
+    from .tasks.corpus import documents
+    from .tasks.facts import fact_cases
+
+    depths = depths_beyond_window(length, window, chunk)
+    prose = documents(["gutenberg"], "heldout")
+    return ([("pass key", c) for c in passkey_cases(tokenizer, length, cases, seed, depths)]
+            + [("fact in prose", c) for c in fact_cases(tokenizer, prose, length, cases, seed, depths)])
+
+
 def recall_table(trained: Any, base: Any, tokenizer: Any, lengths: tuple[int, ...] = (2048, 4096), cases: int = 1,
                  seed: int = 11) -> list[dict[str, Any]]:
-    """Pass-key answers of the trained model, the same model with gates closed, and the base model (full attention)
-    on prompts of ``lengths`` tokens whose key lies beyond the window."""
+    """Answers of the trained model, the same model with gates closed, and the base model (full attention) on pass
+    keys and on facts in prose (:func:`demo_cases`), prompts of ``lengths`` tokens whose needle lies beyond the
+    window."""
     window, chunk = trained.config.sliding_window, trained.config.chunk_size
     from tqdm.auto import tqdm
 
     rows = []
-    progress = tqdm(total=3 * cases * len(lengths), desc="recall", leave=False)
+    progress = tqdm(total=6 * cases * len(lengths), desc="recall", leave=False)
     for length in lengths:
-        for case in passkey_cases(tokenizer, length, cases, seed, depths_beyond_window(length, window, chunk)):
+        for task, case in demo_cases(tokenizer, length, window, chunk, cases, seed):
             distance = case.answer_start - case.needle[1]
             runs = [("Senri, trained memory", trained, window), ("Senri, gates closed", None, window),
                     ("base, full attention", base, None)]
@@ -60,7 +73,7 @@ def recall_table(trained: Any, base: Any, tokenizer: Any, lengths: tuple[int, ..
                         text = answer(trained, tokenizer, case)
                 else:
                     text = answer(model, tokenizer, case)
-                rows.append({"model": name, "context": length, "window": model_window, "key": case.key,
+                rows.append({"task": task, "model": name, "context": length, "window": model_window, "key": case.key,
                              "key_tokens_back": distance, "answer": text, "correct": text.startswith(case.key)})
     progress.close()
     return rows
@@ -158,11 +171,13 @@ def summary_text(recall: list[dict[str, Any]], growth: list[dict[str, Any]], car
                  out_dir: Path, seconds: float) -> str:
     card_window = card["settings"]["sliding_window"]  # the window the card's measurements were made with
     lines = ["", f"Senri demo — SmolLM2-135M with a compressive memory beside a {card_window}-token window", ""]
-    lines.append(f"{'model':<24}{'context':>8}{'window':>8}{'key back':>9}  {'answer':<14}correct")
+    lines.append(f"{'task':<14}{'model':<24}{'context':>8}{'window':>8}{'tokens back':>12}  {'expected':<12}"
+                 f"{'answer':<16}correct")
     for r in recall:
         window = "full" if r["window"] is None else r["window"]
-        lines.append(f"{r['model']:<24}{r['context']:>8}{window:>8}{r['key_tokens_back']:>9}  "
-                     f"{r['answer'][:12]:<14}{'yes' if r['correct'] else 'no'}")
+        lines.append(f"{r.get('task', 'pass key'):<14}{r['model']:<24}{r['context']:>8}{window:>8}"
+                     f"{r['key_tokens_back']:>12}  {r['key'][:10]:<12}{r['answer'][:14]:<16}"
+                     f"{'yes' if r['correct'] else 'no'}")
     big = max(r["context"] for r in growth)
     at = {r["model"]: r for r in growth if r["context"] == big}
     lines += ["", f"At {big} tokens of context: Senri's state {at['Senri']['cache_mib']:.1f} MiB, "

@@ -3,11 +3,12 @@
     python -m senri.reports sinks                       # NLL beyond 2x the window: base, no sinks, 4 sinks
     python -m senri.reports placement SEED CASES        # perfect-memory ceiling per placement (2K and 4K tokens)
     python -m senri.reports real KIND LENGTH CASES      # base / gates closed / shipped memory (KIND: passkey | fact | nll)
-    python -m senri.reports grid DIRS CASES             # the grid: facts and pass keys 8x-64x, NLL (DIRS: trained memories, "shipped")
+    python -m senri.reports grid DIRS CASES             # the grid: facts and pass keys 8x-64x, NLL (DIRS: trained memories, "shipped", "DIR@memory_update=delta")
     python -m senri.reports grid-at DIRS CASES LENGTHS  # the same at chosen lengths (comma-separated tokens)
     python -m senri.reports stream TOKENS EVERY         # loss per 4K block of a long stream vs fresh starts (every EVERY-th block)
     python -m senri.reports stream-sinks TOKENS         # the same stream, gates closed, per sink placement
     python -m senri.reports ruler LENGTHS SAMPLES TASKS  # lm-eval's RULER (TASKS: offline | all | a,b): trained / closed / base
+    python -m senri.reports ruler-of LENGTHS SAMPLES TASKS DIR MODELS  # the same for a trained memory DIR, MODELS of the three
     python -m senri.reports ship STATE UPDATE           # ship a phase-A state (transfer_state.pt, memory_update UPDATE)
     python -m senri.reports ship-run RUN_DIR GRID_JSON  # ship a finished phase-B run with its grid numbers
 
@@ -125,14 +126,20 @@ def stream_sinks(tokens: int) -> dict[str, Any]:
     return {"tokens": tokens, "records": records}
 
 
-def ruler(lengths: str, samples: int, tasks: str) -> dict[str, Any]:
+def ruler(lengths: str, samples: int, tasks: str, directory: str = "shipped",
+          models: str = "trained,gates closed,base") -> dict[str, Any]:
     """lm-evaluation-harness's RULER needle tasks (``tasks``: "offline" for those whose haystacks build without the
     Hub, "all" for the six NIAH tasks and BABILong qa1-qa5, or a comma-separated list) at ``lengths`` (comma-separated
-    tokens), ``samples`` per length, for the shipped memory, its gates closed and the base with full attention
-    (every prompt kept whole: max_length above the longest)."""
+    tokens), ``samples`` per length, for the trained memory in ``directory`` (default: the shipped one), its gates
+    closed and the base with full attention (``models``: which of the three; every prompt kept whole: max_length
+    above the longest)."""
     from .evaluation.lm_harness import BABILONG, RULER_NIAH, RULER_OFFLINE, harness_lm, run_tasks
 
-    llama, trained, tokenizer = _models(None)
+    llama, trained, tokenizer = _models(None if directory == "shipped" else directory)
+    chosen = models.split(",")
+    unknown = set(chosen) - {"trained", "gates closed", "base"}
+    if unknown:
+        raise ValueError(f"models {sorted(unknown)} are not valid; valid models are ['trained', 'gates closed', 'base']")
     names = {"offline": list(RULER_OFFLINE), "all": list(RULER_NIAH) + list(BABILONG)}.get(tasks, tasks.split(","))
     sizes = [int(n) for n in lengths.split(",")]
     longest = max(sizes) + 512
@@ -140,6 +147,8 @@ def ruler(lengths: str, samples: int, tasks: str) -> dict[str, Any]:
     tokenizer.save_pretrained(tokenizer_dir)
     records = []
     for model_name, model in (("trained", trained), ("gates closed", trained), ("base", llama)):
+        if model_name not in chosen:
+            continue
         with gates_closed(trained) if model_name == "gates closed" else contextlib.nullcontext():
             lm = harness_lm(model, tokenizer, max_length=longest)
             for task, scores in run_tasks(lm, names, tokenizer_dir, sizes, samples).items():
@@ -252,7 +261,11 @@ def _grid_models(directories: Sequence[str]) -> Iterator[tuple[str, Any]]:
     llama, _ = load_local_smollm2()
     yield "base", llama.to(_device())
     for directory in directories:
-        model = load_trained_memory(llama, SMOLLM2_WINDOW256 if directory == "shipped" else directory).to(_device())
+        # "DIR@key=value,...": the trained memory read with other settings that shape no parameter (a lever).
+        path, _, spec = directory.partition("@")
+        overrides = dict(item.split("=", 1) for item in spec.split(";") if item)
+        model = load_trained_memory(llama, SMOLLM2_WINDOW256 if path == "shipped" else path,
+                                    overrides=overrides).to(_device())
         yield directory, model
         with gates_closed(model):
             yield f"{directory} (gates closed)", model
@@ -400,7 +413,7 @@ def ship_run(run_dir: str, grid_json: str, directory: str | None = None) -> dict
 def main(argv: list[str]) -> Any:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     commands = {"sinks": (sinks, ()), "placement": (placement, (int, int)), "real": (real, (str, int, int)),
-                "grid": (grid, (str, int)), "grid-at": (grid, (str, int, str)), "stream": (stream, (int, int)), "stream-sinks": (stream_sinks, (int,)), "ruler": (ruler, (str, int, str)), "ship": (ship, (str, str)), "ship-run": (ship_run, (str, str))}
+                "grid": (grid, (str, int)), "grid-at": (grid, (str, int, str)), "stream": (stream, (int, int)), "stream-sinks": (stream_sinks, (int,)), "ruler": (ruler, (str, int, str)), "ruler-of": (ruler, (str, int, str, str, str)), "ship": (ship, (str, str)), "ship-run": (ship_run, (str, str))}
     if not argv or argv[0] not in commands:
         raise SystemExit(f"usage: python -m senri.reports {{{' | '.join(commands)}}} ... (see the module docstring)")
     function, types = commands[argv[0]]

@@ -129,13 +129,13 @@ def test_injections_depend_only_on_seed_and_index(tmp_path):
 def test_injected_sample_is_the_block_with_needle_question_and_answer(tmp_path):
     blocks = generated_blocks(tmp_path, n=8)
     dataset = LMBlockDataset(blocks, TOKENIZER, niah_ratio=1.0, seed=0, templates=("niah_words",))
-    question = encode(" What is the special magic word? The special magic word is")
+    question = encode(" What is the hidden word? The hidden word is")
     for i in range(len(dataset)):
         item, block = dataset[i], blocks[i].tolist()
         ids = item["input_ids"].tolist()
         assert len(ids) == 128 and torch.equal(item["labels"], item["input_ids"])
         word = TOKENIZER.decode(ids[-1:]).strip()
-        needle, answer = encode(f" The special magic word is {word}."), encode(f" {word}")
+        needle, answer = encode(f" The hidden word is {word}."), encode(f" {word}")
         hay_len = 128 - len(needle) - len(question) - len(answer)
         # The haystack is this block's own tokens; the needle sits somewhere in it and the answer ends the sample.
         assert any(ids == block[:at] + needle + block[at:hay_len] + question + answer for at in range(hay_len + 1))
@@ -148,7 +148,7 @@ def test_retrieval_task_puts_the_needle_beyond_the_window_and_labels_only_the_an
         assert len(prompt) + len(answer) == 256
         assert where["question_start"] - where["needle_end"] >= 64 + 16
         needle_text = TOKENIZER.decode(prompt[where["needle_start"]: where["needle_end"]])
-        assert needle_text.startswith("the special magic word is") and TOKENIZER.decode(answer) in needle_text
+        assert needle_text.startswith("the hidden word is") and TOKENIZER.decode(answer) in needle_text
         item = dataset[i]
         assert (item["labels"] != -100).sum() == len(answer)
         assert item["labels"][-len(answer):].tolist() == answer == item["input_ids"][-len(answer):].tolist()

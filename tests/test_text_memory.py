@@ -248,3 +248,31 @@ def test_the_text_profiles_and_their_validation():
         ConfigManager("cpu-text", {"text_passkey_share": 1.5})
     with pytest.raises(ValueError, match="text_distractors"):
         ConfigManager("cpu-text", {"text_distractors": -1})
+
+
+def test_the_grid_summary_gives_each_memory_its_cells_beside_closed_and_base_and_the_gap_share():
+    from senri.reports import grid_summary
+
+    records = [
+        {"model": "base", "kind": "fact", "length": 2048, "accuracy": 0.6},
+        {"model": "m", "kind": "fact", "length": 2048, "accuracy": 0.5},
+        {"model": "m (gates closed)", "kind": "fact", "length": 2048, "accuracy": 0.0},
+        {"model": "base", "kind": "nll", "text": "t", "nll_inside_window": 2.0, "nll_beyond_2w": 2.5},
+        {"model": "m", "kind": "nll", "text": "t", "nll_inside_window": 2.01, "nll_beyond_2w": 2.6},
+        {"model": "m (gates closed)", "kind": "nll", "text": "t", "nll_inside_window": 2.0, "nll_beyond_2w": 2.9},
+    ]
+    summary = grid_summary(records)
+    assert set(summary) == {"m"}
+    assert summary["m"]["cells"]["fact 2048"] == {"trained": 0.5, "gates closed": 0.0, "base": 0.6}
+    nll = summary["m"]["nll"]["t"]
+    assert nll["gap_share"] == pytest.approx(0.75) and nll["in_window_ppl_ratio"] == pytest.approx(2.718281828 ** 0.01)
+
+
+def test_a_trained_memory_loads_with_a_lever_that_shapes_no_parameter(smollm2):
+    from senri.model.trained import load_trained_memory
+
+    llama, _ = smollm2
+    from senri.model.trained import SMOLLM2_WINDOW256
+
+    delta = load_trained_memory(llama, SMOLLM2_WINDOW256, overrides={"memory_update": "delta"})
+    assert delta.config.memory_update == "delta"

@@ -88,8 +88,11 @@ def test_demo_core_compares_memory_gates_closed_and_base_on_a_short_case(shipped
     model, tokenizer = shipped
     llama, _ = load_local_smollm2()
     rows = recall_table(model, llama, tokenizer, lengths=(1024,), cases=1)
-    assert [r["model"] for r in rows] == ["Senri, trained memory", "Senri, gates closed", "base, full attention"]
-    by_model = {r["model"]: r for r in rows}
+    models = ["Senri, trained memory", "Senri, gates closed", "base, full attention"]
+    assert [(r["task"], r["model"]) for r in rows] == [(t, m) for t in ("pass key", "fact in prose") for m in models]
+    facts = [r for r in rows if r["task"] == "fact in prose"]
+    assert all(r["key_tokens_back"] > 256 + 64 for r in facts) and not facts[1]["correct"]  # beyond the closed window
+    by_model = {r["model"]: r for r in rows if r["task"] == "pass key"}
     assert all(r["key_tokens_back"] > 256 + 64 for r in rows)  # the key is beyond the window
     assert by_model["base, full attention"]["correct"]  # the ceiling finds it,
     assert not by_model["Senri, gates closed"]["correct"]  # the window alone cannot,
@@ -108,7 +111,7 @@ def test_the_demo_headline_reads_the_cards_measured_grid(tmp_path):
     growth = [{"model": m, "context": c, "cache_mib": 1.0, "ms_per_token": 1.0}
               for m in ("Senri", "Llama KV cache") for c in (256, 4096)]
     headline_figure(card, growth, 256).savefig(tmp_path / "headline.png")
-    rows = [{"model": "Senri, trained memory", "context": 2048, "window": 256, "key_tokens_back": 1500,
-             "answer": "12345.", "correct": True}]
+    rows = [{"task": "pass key", "model": "Senri, trained memory", "context": 2048, "window": 256,
+             "key_tokens_back": 1500, "key": "12345", "answer": "12345.", "correct": True}]
     text = summary_text(rows, growth, card, tmp_path, 1.0)
     assert "8×: 20/20" in text and "Senri, gates closed" in text

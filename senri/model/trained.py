@@ -109,17 +109,20 @@ def read_card(directory: str | Path = SMOLLM2_WINDOW256) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def load_trained_memory(base: Any, directory: str | Path, check_base: bool = True, merge_lora: bool = True) -> Any:
+def load_trained_memory(base: Any, directory: str | Path, check_base: bool = True, merge_lora: bool = True,
+                        overrides: dict[str, Any] | None = None) -> Any:
     """Convert ``base`` with the card's settings and load the shipped parameters; every mismatch is an error.
 
     The card's LoRA adapters are merged into q/k/v/o (a plain SenriForCausalLM); with ``merge_lora=False`` the
-    result is the peft model with the adapters loaded and unmerged, for a recipe that goes on training them."""
+    result is the peft model with the adapters loaded and unmerged, for a recipe that goes on training them.
+    ``overrides`` change settings of the card that shape no parameter (e.g. ``memory_update``: the same trained
+    parameters read and written by the delta rule), for measuring a lever without training."""
     directory = Path(directory)
     card = read_card(directory)
     if check_base and card["base_fingerprint"] != base_fingerprint(base):
         raise ValueError(f"the trained memory in {directory} was made for another base checkpoint "
                          f"({card['base_model']}): its weight fingerprint differs")
-    model = convert_llama_to_senri(base, **card["settings"])
+    model = convert_llama_to_senri(base, **{**card["settings"], **(overrides or {})})
     tensors = load_file(str(directory / PARAMETERS_FILE))
     own = dict(model.named_parameters())
     problems = [f"{name}: not a parameter of the converted model" for name in tensors if name not in own]

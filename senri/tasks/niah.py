@@ -2,7 +2,8 @@
 
 Templates (written for Senri): ``passkey`` (the classic pass-key retrieval of the passkey papers: a 5-digit key in
 the repeated filler ``PASSKEY_FILLER``), ``passkey_sentences`` (the same needle in a haystack of random sentences,
-harder and not comparable with published tables), and RULER-style single needles
+harder and not comparable with published tables), and single needles in the manner of RULER (in Senri's own words,
+"The hidden word is …", so that lm-eval's RULER, worded "special magic", stays held out)
 ``niah_words`` / ``niah_numbers`` / ``niah_uuids`` plus ``multikey`` (distractor needles with other keys),
 ``multivalue`` (one key, several values, all must be recalled) and ``multiquery`` (several keys asked).
 A prompt is: haystack with the needle sentences inserted at a depth, then the question; the answer follows.
@@ -44,7 +45,7 @@ _SENTENCE_FORMS = (
 )
 # Every word any template or the haystack can produce (the synthetic tokenizer's vocabulary).
 _TEMPLATE_WORDS = (
-    "the pass key is remember it what special magic word number uuid for are all numbers and of a in "
+    "the pass key is remember it what hidden word number uuid for are all numbers and of a in "
     "morning nobody so stayed near was"
 ).split()
 _PUNCTUATION = (".", ",", "?", ":", "-")
@@ -81,24 +82,24 @@ def make_needle(template: str, rng: random.Random) -> Needle:
         kind = {"niah_words": "word", "niah_numbers": "number", "niah_uuids": "uuid"}[template]
         value = {"word": lambda: rng.choice(VALUE_WORDS), "number": lambda: _number(rng, 7),
                  "uuid": lambda: _uuid(rng)}[kind]()
-        return Needle(template, [f"The special magic {kind} is {value}."],
-                      f"What is the special magic {kind}? The special magic {kind} is", f" {value}", [value])
+        return Needle(template, [f"The hidden {kind} is {value}."],
+                      f"What is the hidden {kind}? The hidden {kind} is", f" {value}", [value])
     if template in ("multikey", "multivalue", "multiquery"):
         keys = rng.sample(KEY_WORDS, 4)
         if template == "multivalue":
             values = [_number(rng, 7) for _ in range(3)]
-            texts = [f"The special magic number for {keys[0]} is {v}." for v in values]
-            return Needle(template, texts, f"What are all the special magic numbers for {keys[0]}? "
-                          f"The special magic numbers for {keys[0]} are", " " + " and ".join(values), values)
+            texts = [f"The hidden number for {keys[0]} is {v}." for v in values]
+            return Needle(template, texts, f"What are all the hidden numbers for {keys[0]}? "
+                          f"The hidden numbers for {keys[0]} are", " " + " and ".join(values), values)
         values = [_number(rng, 7) for _ in keys]
-        texts = [f"The special magic number for {k} is {v}." for k, v in zip(keys, values)]
+        texts = [f"The hidden number for {k} is {v}." for k, v in zip(keys, values)]
         rng.shuffle(texts)
         if template == "multikey":  # one key asked, three distractors
-            return Needle(template, texts, f"What is the special magic number for {keys[0]}? "
-                          f"The special magic number for {keys[0]} is", f" {values[0]}", [values[0]])
+            return Needle(template, texts, f"What is the hidden number for {keys[0]}? "
+                          f"The hidden number for {keys[0]} is", f" {values[0]}", [values[0]])
         asked = keys[:2]
-        return Needle(template, texts, f"What are the special magic numbers for {asked[0]} and {asked[1]}? "
-                      f"The special magic numbers for {asked[0]} and {asked[1]} are",
+        return Needle(template, texts, f"What are the hidden numbers for {asked[0]} and {asked[1]}? "
+                      f"The hidden numbers for {asked[0]} and {asked[1]} are",
                       f" {values[0]} and {values[1]}", values[:2])
     raise ValueError(f"NIAH template {template!r} is unknown; valid templates are {list(TEMPLATES)}")
 

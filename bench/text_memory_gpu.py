@@ -1,0 +1,53 @@
+"""The text-memory recipe and its grid on one GPU, in one command that fits 10 minutes (``make text-memory-gpu``).
+
+Trains the ``gpu-text`` profile (senri.training.textmemory) once per seed, each within a time budget, then runs the
+grid (``python -m senri.reports grid``) for the base, the shipped memory and every trained seed, gates as trained
+and closed. Everything lands in ``runs/text-memory-gpu/`` (each seed's run directory, ``grid.json``, ``summary.json``);
+a second call resumes unfinished runs and reuses finished ones. Settings through the environment, not flags:
+SEEDS (default "2024,2025"), TRAIN_SECONDS per seed (default 180), CASES per grid cell (default 20).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from senri.model.io import atomic_write
+from senri.reports import grid
+from senri.training.config import ConfigManager
+from senri.training.recipes import train
+
+OUT = Path("runs/text-memory-gpu")
+
+
+def main() -> dict:
+    seeds = [int(s) for s in os.environ.get("SEEDS", "2024,2025").split(",")]
+    seconds = float(os.environ.get("TRAIN_SECONDS", "180"))
+    cases = int(os.environ.get("CASES", "20"))
+    began = time.perf_counter()
+    runs = {}
+    for seed in seeds:
+        run_dir = OUT / f"seed-{seed}"
+        cfg = ConfigManager("gpu-text", {"run_dir": str(run_dir), "seed": seed, "finetune_time_budget_s": seconds,
+                                         "text_teacher_cache": str(OUT / "teacher")})
+        summary = train(cfg)
+        runs[seed] = {"run_dir": str(run_dir), "steps": summary["global_step"], "last_eval": summary.get("last_eval")}
+        print(f"seed {seed}: {summary['global_step']} steps, last evaluation {summary.get('last_eval')}", flush=True)
+    directories = ",".join(["shipped"] + [str(OUT / f"seed-{seed}" / "trained_memory") for seed in seeds])
+    result = grid(directories, cases)
+    with atomic_write(OUT / "grid.json") as f:
+        json.dump(result, f, indent=1)
+    summary = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "runs": runs,
+               "grid": result["summary"], "seconds": round(time.perf_counter() - began, 1)}
+    with atomic_write(OUT / "summary.json") as f:
+        json.dump(summary, f, indent=1)
+    print(json.dumps(summary["grid"], indent=1))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
