@@ -267,8 +267,9 @@ def _grid_models(directories: Sequence[str]) -> Iterator[tuple[str, Any]]:
         model = load_trained_memory(llama, SMOLLM2_WINDOW256 if path == "shipped" else path,
                                     overrides=overrides).to(_device())
         yield directory, model
-        with gates_closed(model):
-            yield f"{directory} (gates closed)", model
+        if not spec:  # a lever's gates closed are its memory's gates closed: measured once, without the "@"
+            with gates_closed(model):
+                yield f"{directory} (gates closed)", model
 
 
 def grid(directories: str, cases: int, lengths: str = ",".join(map(str, GRID_LENGTHS))) -> dict[str, Any]:

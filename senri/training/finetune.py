@@ -77,8 +77,10 @@ def seq_len_at(step: int, settings: FinetuneSettings) -> int:
     return length
 
 
-def passkey_sample(tokenizer: Any, length: int, min_distance: int, rng: random.Random) -> tuple[list[int], int]:
-    """A pass-key training sequence of exactly ``length`` tokens (prompt then answer) and its answer's length.
+def passkey_sample(tokenizer: Any, length: int, min_distance: int, rng: random.Random,
+                   end: bool = False) -> tuple[list[int], int]:
+    """A pass-key training sequence of exactly ``length`` tokens (prompt then answer) and its answer's length; with
+    ``end`` the answer is the key, a full stop and the end token (so that a model trained on it stops).
 
     The filler is a stretch of the classic filler's endless repetition (starting anywhere, as a window into a long
     document); the needle's last token lies at least ``min_distance`` tokens before the question, at a distance
@@ -87,6 +89,8 @@ def passkey_sample(tokenizer: Any, length: int, min_distance: int, rng: random.R
     needle = make_needle("passkey", rng)
     needle_ids, question_ids, answer_ids = (encode(" " + needle.needle_texts[0]), encode(" " + needle.question),
                                             encode(needle.answer))
+    if end:
+        answer_ids = answer_ids + encode(".") + [tokenizer.eos_token_id]
     filler_budget = length - len(needle_ids) - len(question_ids) - len(answer_ids)
     if filler_budget <= min_distance:
         raise ValueError(f"length {length} leaves no room for a needle {min_distance} tokens back")

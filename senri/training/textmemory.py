@@ -161,7 +161,7 @@ class TextMemorySamples(torch.utils.data.Dataset):
         rng = random.Random(f"text-memory-{s.seed}-{step}-{row}")
         length = seq_len_at(step, s)
         if rng.random() < s.passkey_share:
-            ids, answer = passkey_sample(self.tokenizer, length, self.min_distance, rng)
+            ids, answer = passkey_sample(self.tokenizer, length, self.min_distance, rng, end=True)
             kind = "passkey"
         else:
             case = fact_case(self.tokenizer, self.haystack, length - 8, rng, "train", s.kinds,
