@@ -367,6 +367,26 @@ def ship(state_path: str, memory_update: str, directory: str | None = None) -> d
     return read_card(path)
 
 
+SHIP_TOLERANCE = 2 / 20  # a new memory ships only if no cell drops by more than 2 of 20 cases
+
+
+def regressions(records: Sequence[dict[str, Any]], new: str, old: str = "shipped") -> list[str]:
+    """The accuracy cells (kind, length) where memory ``new`` scores more than :data:`SHIP_TOLERANCE` below memory
+    ``old``, both measured in the same grid (``records``), and the cells either one lacks."""
+    def cells(model: str) -> dict[tuple[str, int], float]:
+        return {(r["kind"], r["length"]): r["accuracy"] for r in records if r["model"] == model and "accuracy" in r}
+
+    before, after = cells(old), cells(new)
+    if not before or not after:
+        raise ValueError(f"the grid has no accuracy cells for {old if not before else new!r}; "
+                         f"models in it: {sorted({r['model'] for r in records})}")
+    problems = [f"{kind} {length}: missing for {new}" for kind, length in before if (kind, length) not in after]
+    problems += [f"{kind} {length}: {after[(kind, length)]:.2f} vs {before[(kind, length)]:.2f}"
+                 for kind, length in before if (kind, length) in after
+                 and after[(kind, length)] < before[(kind, length)] - SHIP_TOLERANCE - 1e-9]
+    return problems
+
+
 def ship_run(run_dir: str, grid_json: str, directory: str | None = None) -> dict[str, Any]:
     """Ship a finished phase-B run (``RUN_DIR/trained_memory``, e.g. ``real-finetune``): the files are copied as they
     are, the card gains the per-case check (re-measured by the tests), what the run actually did (steps, the
@@ -387,6 +407,16 @@ def ship_run(run_dir: str, grid_json: str, directory: str | None = None) -> dict
             stages.setdefault(record["seq_len"], record["step"])
     summary = json.loads((Path(run_dir) / "train_summary.json").read_text(encoding="utf-8"))
     grid_records = json.loads(Path(grid_json).read_text(encoding="utf-8"))["records"]
+    if any(r["model"] == "shipped" for r in grid_records):  # a grid of the new memory beside the shipped one
+        own = next((r["model"] for r in grid_records if r["model"] == str(source)), None)
+        problems = regressions(grid_records, own or str(source))
+        if problems:
+            raise ValueError(f"{source} does not ship: it regresses against the shipped memory by more than "
+                             f"{SHIP_TOLERANCE:.2f} in {problems}")
+        grid_records = [r for r in grid_records if r["model"] == own or r["model"] == f"{own} (gates closed)"
+                        or r["model"] == "base"]
+        grid_records = [dict(r, model="trained" if r["model"] == own else
+                             "gates closed" if r["model"].endswith("(gates closed)") else "base") for r in grid_records]
     card = read_card(source)
     card.update({
         "check": check,

@@ -276,3 +276,18 @@ def test_a_trained_memory_loads_with_a_lever_that_shapes_no_parameter(smollm2):
 
     delta = load_trained_memory(llama, SMOLLM2_WINDOW256, overrides={"memory_update": "delta"})
     assert delta.config.memory_update == "delta"
+
+
+def test_a_new_memory_ships_only_if_no_cell_regresses_by_more_than_two_of_twenty():
+    from senri.reports import regressions
+
+    def grid(new_scores):
+        old = [{"model": "shipped", "kind": "passkey", "length": n, "accuracy": 0.9} for n in (2048, 4096)]
+        return old + [{"model": "new", "kind": "passkey", "length": n, "accuracy": a}
+                      for n, a in zip((2048, 4096), new_scores)]
+
+    assert regressions(grid([0.8, 1.0]), "new") == []          # 2/20 down is allowed
+    assert regressions(grid([0.75, 1.0]), "new") == ["passkey 2048: 0.75 vs 0.90"]
+    assert regressions(grid([0.9]), "new") == ["passkey 4096: missing for new"]
+    with pytest.raises(ValueError, match="no accuracy cells for 'other'"):
+        regressions(grid([0.9, 0.9]), "other")
