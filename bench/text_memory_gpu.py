@@ -37,7 +37,7 @@ def main() -> dict:
         summary = train(cfg)
         runs[seed] = {"run_dir": str(run_dir), "steps": summary["global_step"], "last_eval": summary.get("last_eval")}
         print(f"seed {seed}: {summary['global_step']} steps, last evaluation {summary.get('last_eval')}", flush=True)
-    directories = ",".join(["shipped"] + [str(OUT / f"seed-{seed}" / "trained_memory") for seed in seeds])
+    directories = ",".join(["base", "shipped"] + [str(OUT / f"seed-{seed}" / "trained_memory") for seed in seeds])
     result = grid(directories, cases)
     with atomic_write(OUT / "grid.json") as f:
         json.dump(result, f, indent=1)

@@ -3,8 +3,9 @@
     python -m senri.reports sinks                       # NLL beyond 2x the window: base, no sinks, 4 sinks
     python -m senri.reports placement SEED CASES        # perfect-memory ceiling per placement (2K and 4K tokens)
     python -m senri.reports real KIND LENGTH CASES      # base / gates closed / shipped memory (KIND: passkey | fact | nll)
-    python -m senri.reports grid DIRS CASES             # the grid: facts and pass keys 8x-64x, NLL (DIRS: trained memories, "shipped", "DIR@memory_update=delta")
+    python -m senri.reports grid DIRS CASES             # the grid: facts and pass keys 8x-64x, NLL (DIRS: base, shipped, trained memories, DIR@memory_update=delta)
     python -m senri.reports grid-at DIRS CASES LENGTHS  # the same at chosen lengths (comma-separated tokens)
+    python -m senri.reports grid-merge A.json,B.json    # several grid runs' records together, and their summary
     python -m senri.reports stream TOKENS EVERY         # loss per 4K block of a long stream vs fresh starts (every EVERY-th block)
     python -m senri.reports stream-sinks TOKENS         # the same stream, gates closed, per sink placement
     python -m senri.reports ruler LENGTHS SAMPLES TASKS  # lm-eval's RULER (TASKS: offline | all | a,b): trained / closed / base
@@ -255,12 +256,15 @@ def grid_texts(tokenizer: Any, tokens: int = 4096) -> dict[str, torch.Tensor]:
 
 
 def _grid_models(directories: Sequence[str]) -> Iterator[tuple[str, Any]]:
-    """(name, model) for the base with full attention, then each trained memory and its gates-closed twin."""
+    """(name, model) for each entry: "base" is the base with full attention; any other is a trained memory, followed
+    by its gates-closed twin."""
     from .model.trained import SMOLLM2_WINDOW256, load_trained_memory
 
     llama, _ = load_local_smollm2()
-    yield "base", llama.to(_device())
     for directory in directories:
+        if directory == "base":
+            yield "base", llama.to(_device())
+            continue
         # "DIR@key=value,...": the trained memory read with other settings that shape no parameter (a lever).
         path, _, spec = directory.partition("@")
         overrides = dict(item.split("=", 1) for item in spec.split(";") if item)
@@ -273,9 +277,10 @@ def _grid_models(directories: Sequence[str]) -> Iterator[tuple[str, Any]]:
 
 
 def grid(directories: str, cases: int, lengths: str = ",".join(map(str, GRID_LENGTHS))) -> dict[str, Any]:
-    """Every grid cell (:func:`grid_cases`, :func:`grid_texts`) for the base and for each trained memory in
-    ``directories`` (comma-separated; "shipped": the package's) with its gates as trained and closed. Each model's
-    records are written to ``runs/reports/grid-partial.json`` as they come, so a stopped run keeps what it measured.
+    """Every grid cell (:func:`grid_cases`, :func:`grid_texts`) for each entry of ``directories`` (comma-separated:
+    "base" for the base with full attention, "shipped" for the package's memory, a trained memory's directory, with
+    its gates as trained and closed). Each model's records are written to ``runs/reports/grid-partial-*.json`` as they
+    come, so a stopped run keeps what it measured.
     The summary gives, per trained memory, the share of the NLL gap beyond 2x the window (gates closed -> base)
     that the memory closes and its in-window perplexity relative to the base's."""
     _, tokenizer = load_local_smollm2()
@@ -291,9 +296,16 @@ def grid(directories: str, cases: int, lengths: str = ",".join(map(str, GRID_LEN
             for r in nll_table({name: model}, ids.to(_device()), WINDOW, CHUNK):
                 records.append(dict(r, kind="nll", text=text, length=ids.shape[1]))
                 print(records[-1], flush=True)
-        with atomic_write(OUT_DIR / "grid-partial.json") as f:
+        with atomic_write(OUT_DIR / f"grid-partial-{directories.replace('/', '_')}-{cases}.json") as f:
             json.dump({"directories": directories, "cases": cases, "records": records}, f, indent=1)
     return {"directories": directories, "cases": cases, "records": records, "summary": grid_summary(records)}
+
+
+def grid_merge(paths: str) -> dict[str, Any]:
+    """The records of several grid runs' JSON files (comma-separated; e.g. the base and the shipped memory measured
+    once, a new memory later on the same cases) and their :func:`grid_summary`."""
+    records = [r for path in paths.split(",") for r in json.loads(Path(path).read_text(encoding="utf-8"))["records"]]
+    return {"sources": paths.split(","), "records": records, "summary": grid_summary(records)}
 
 
 def grid_summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -444,7 +456,7 @@ def ship_run(run_dir: str, grid_json: str, directory: str | None = None) -> dict
 def main(argv: list[str]) -> Any:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     commands = {"sinks": (sinks, ()), "placement": (placement, (int, int)), "real": (real, (str, int, int)),
-                "grid": (grid, (str, int)), "grid-at": (grid, (str, int, str)), "stream": (stream, (int, int)), "stream-sinks": (stream_sinks, (int,)), "ruler": (ruler, (str, int, str)), "ruler-of": (ruler, (str, int, str, str, str)), "ship": (ship, (str, str)), "ship-run": (ship_run, (str, str))}
+                "grid": (grid, (str, int)), "grid-at": (grid, (str, int, str)), "grid-merge": (grid_merge, (str,)), "stream": (stream, (int, int)), "stream-sinks": (stream_sinks, (int,)), "ruler": (ruler, (str, int, str)), "ruler-of": (ruler, (str, int, str, str, str)), "ship": (ship, (str, str)), "ship-run": (ship_run, (str, str))}
     if not argv or argv[0] not in commands:
         raise SystemExit(f"usage: python -m senri.reports {{{' | '.join(commands)}}} ... (see the module docstring)")
     function, types = commands[argv[0]]
