@@ -6,6 +6,8 @@
     python -m senri.reports grid DIRS CASES             # the grid: facts and pass keys 8x-64x, NLL (DIRS: base, shipped, trained memories, DIR@memory_update=delta)
     python -m senri.reports grid-at DIRS CASES LENGTHS  # the same at chosen lengths (comma-separated tokens)
     python -m senri.reports grid-merge A.json,B.json    # several grid runs' records together, and their summary
+    python -m senri.reports corpus                      # the prose corpus: documents and tokens per source and split
+    python -m senri.reports ceiling CASES LENGTHS       # the grid's recall cells for a perfect memory on layers 4-23
     python -m senri.reports stream TOKENS EVERY         # loss per 4K block of a long stream vs fresh starts (every EVERY-th block)
     python -m senri.reports stream-sinks TOKENS         # the same stream, gates closed, per sink placement
     python -m senri.reports ruler LENGTHS SAMPLES TASKS  # lm-eval's RULER (TASKS: offline | all | a,b): trained / closed / base
@@ -301,6 +303,39 @@ def grid(directories: str, cases: int, lengths: str = ",".join(map(str, GRID_LEN
     return {"directories": directories, "cases": cases, "records": records, "summary": grid_summary(records)}
 
 
+def corpus_table() -> list[dict[str, Any]]:
+    """Per offline source: documents and SmolLM2 tokens in the training and held-out halves of the split."""
+    from .tasks.corpus import OFFLINE_SOURCES, documents
+
+    _, tokenizer = load_local_smollm2()
+    rows = []
+    for source in OFFLINE_SOURCES:
+        row: dict[str, Any] = {"source": source}
+        for split in ("train", "heldout"):
+            docs = documents([source], split)
+            row[f"{split}_documents"] = len(docs)
+            row[f"{split}_tokens"] = sum(len(tokenizer(d.text, verbose=False).input_ids) for d in docs)
+        print(row, flush=True)
+        rows.append(row)
+    return rows
+
+
+def ceiling(cases: int, lengths: str) -> dict[str, Any]:
+    """The grid's recall cells (:func:`grid_cases`) for a perfect memory: the base with full attention on the memory
+    layers (4-23) and the window plus sinks elsewhere, i.e. what the shipped placement could reach if its memory
+    recalled exactly."""
+    from .evaluation.diagnostics import placement_layer_types
+
+    llama, tokenizer = load_local_smollm2()
+    model = convert_llama_to_senri(llama, sliding_window=WINDOW, chunk_size=CHUNK, num_sink_tokens=4,
+                                   layer_types=placement_layer_types(30, PLACEMENTS["4-23"])).eval().to(_device())
+    records = []
+    for (kind, length), case_list in grid_cases(tokenizer, [int(n) for n in lengths.split(",")], cases).items():
+        for r in compare_on_cases({"perfect memory on 4-23": model}, {f"{kind} {length}": case_list}, progress=True):
+            records.append(dict(r, kind=kind, length=length))
+    return {"cases": cases, "records": records}
+
+
 def grid_merge(paths: str) -> dict[str, Any]:
     """The records of several grid runs' JSON files (comma-separated; e.g. the base and the shipped memory measured
     once, a new memory later on the same cases) and their :func:`grid_summary`."""
@@ -456,7 +491,7 @@ def ship_run(run_dir: str, grid_json: str, directory: str | None = None) -> dict
 def main(argv: list[str]) -> Any:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     commands = {"sinks": (sinks, ()), "placement": (placement, (int, int)), "real": (real, (str, int, int)),
-                "grid": (grid, (str, int)), "grid-at": (grid, (str, int, str)), "grid-merge": (grid_merge, (str,)), "stream": (stream, (int, int)), "stream-sinks": (stream_sinks, (int,)), "ruler": (ruler, (str, int, str)), "ruler-of": (ruler, (str, int, str, str, str)), "ship": (ship, (str, str)), "ship-run": (ship_run, (str, str))}
+                "grid": (grid, (str, int)), "grid-at": (grid, (str, int, str)), "grid-merge": (grid_merge, (str,)), "ceiling": (ceiling, (int, str)), "corpus": (corpus_table, ()), "stream": (stream, (int, int)), "stream-sinks": (stream_sinks, (int,)), "ruler": (ruler, (str, int, str)), "ruler-of": (ruler, (str, int, str, str, str)), "ship": (ship, (str, str)), "ship-run": (ship_run, (str, str))}
     if not argv or argv[0] not in commands:
         raise SystemExit(f"usage: python -m senri.reports {{{' | '.join(commands)}}} ... (see the module docstring)")
     function, types = commands[argv[0]]
