@@ -499,7 +499,7 @@ def main(argv: list[str]) -> Any:
         raise SystemExit(f"{argv[0]} takes {len(types)} arguments, got {len(argv) - 1} (see the module docstring)")
     result = function(*(t(a) for t, a in zip(types, argv[1:])))
     out_dir = Path(os.environ.get("SENRI_REPORTS_DIR", OUT_DIR))
-    path = out_dir / ("-".join(argv).replace("/", "_").strip("_.") + ".json")
+    path = out_dir / ("-".join(argv).replace("/", "_").replace(",", "+").strip("_.") + ".json")
     with atomic_write(path) as f:
         json.dump(result, f, indent=1)
     print(f"written to {path}")
