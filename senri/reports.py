@@ -61,25 +61,16 @@ def texts() -> dict[str, str]:
 
 
 def long_prose(tokenizer: Any, tokens: int) -> torch.Tensor:
-    """(1, tokens) of held-out prose for long streams: the pydoc topics (113K tokens), then the docstrings of the
-    standard library's modules in file order (neither is ever trained on)."""
-    import ast
-    import sysconfig
+    """(1, tokens) of prose for long streams: the pydoc topics (113K tokens), then the docstrings of the standard
+    library's modules in file order. The shipped memory never trained on either; the text recipe trains on their
+    training halves (:mod:`senri.tasks.corpus`), so a memory from it is measured on held-out documents instead."""
+    from .tasks.corpus import stdlib_docstrings
 
     parts = [texts()["pydoc topics"]]
     held = len(tokenizer(parts[0]).input_ids)
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for path in sorted(stdlib.rglob("*.py")):
+    for _, docs in stdlib_docstrings():
         if held >= tokens:
             break
-        if {"test", "tests", "site-packages", "idle_test"} & set(path.relative_to(stdlib).parts):
-            continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef))]
-        docs = [doc for doc in (ast.get_docstring(n) for n in nodes) if doc and len(doc) > 200]
         parts += docs
         held += sum(len(tokenizer(doc).input_ids) for doc in docs)
     ids = tokenizer("\n\n".join(parts), return_tensors="pt").input_ids

