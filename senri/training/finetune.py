@@ -306,17 +306,22 @@ def finetune_recipe(cfg: Any) -> Recipe:
                                   settings, t.per_device_batch_size * t.gradient_accumulation_steps)
     card = {"recipe": {"name": "phase B: end-to-end fine-tuning through the memory (senri.training.finetune)",
                        "settings": asdict(settings), "init": init_card}}
-    finish = recipe_finish(peft_model, base, tokenizer, cfg.model.base_model, card)
+    recipe.finish = finish_with_last_evaluation(recipe_finish(peft_model, base, tokenizer, cfg.model.base_model, card),
+                                                "memory_on_accuracy")
+    return recipe
 
+
+def finish_with_last_evaluation(finish: Any, marker: str) -> Any:
+    """``finish`` (run_dir, summary) that first puts the run's last evaluation (the last ``metrics.jsonl`` record
+    holding ``marker``) into the summary as ``last_eval``."""
     def finish_with_evaluation(run_dir: Path, summary: dict[str, Any]) -> None:
-        evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if "memory_on_accuracy" in r]
+        evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if marker in r]
         summary["last_eval"] = evals[-1] if evals else None
         finish(run_dir, summary)
 
-    recipe.finish = finish_with_evaluation
-    return recipe
+    return finish_with_evaluation
 
 
 __all__ = ["FinetuneSettings", "LORA_TARGETS", "FINETUNE_ARGUMENTS", "seq_len_at", "passkey_sample", "add_lora",
            "answer_loss", "kl_to_base", "memory_on_off", "FinetuneSamples", "collate", "make_finetune_recipe",
-           "finetune_arguments", "run_finetune", "settings_from_config", "init_directory", "initial_model", "finetune_recipe"]
+           "finetune_arguments", "run_finetune", "settings_from_config", "init_directory", "initial_model", "finetune_recipe", "finish_with_last_evaluation"]

@@ -39,9 +39,11 @@ from ..model.io import atomic_write
 from ..model.trained import TRANSFER_PARAMETER_SUFFIXES, load_trained_memory, read_card
 from ..tasks.corpus import OFFLINE_SOURCES, Document, iter_documents
 from ..tasks.facts import KIND_NAMES, Haystack, fact_case, fact_cases
-from .finetune import FinetuneSettings, add_lora, answer_loss, init_directory, passkey_sample, seq_len_at
+from .finetune import (
+    FinetuneSettings, add_lora, answer_loss, finish_with_last_evaluation, init_directory, passkey_sample, seq_len_at,
+)
 from .finetune import settings_from_config as finetune_settings
-from .loop import Recipe, read_metrics
+from .loop import Recipe
 from .transfer import recipe_finish
 
 
@@ -273,14 +275,8 @@ def text_memory_recipe(cfg: Any) -> Recipe:
                                      t.per_device_batch_size * t.gradient_accumulation_steps)
     card = {"recipe": {"name": "text memory: natural-text recall + weighted distillation (senri.training.textmemory)",
                        "settings": asdict(settings), "init": None if init is None else read_card(init_directory(init))}}
-    finish = recipe_finish(model, base, tokenizer, cfg.model.base_model, card)
-
-    def finish_with_evaluation(run_dir: Path, summary: dict[str, Any]) -> None:
-        evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if "fact_on" in r]
-        summary["last_eval"] = evals[-1] if evals else None
-        finish(run_dir, summary)
-
-    recipe.finish = finish_with_evaluation
+    recipe.finish = finish_with_last_evaluation(recipe_finish(model, base, tokenizer, cfg.model.base_model, card),
+                                                "fact_on")
     return recipe
 
 
