@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..evaluation.diagnostics import passkey_cases, teacher_forced_scores
 from ..evaluation.real_model import depths_beyond_window, gates_closed
