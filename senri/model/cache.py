@@ -151,6 +151,9 @@ class SenriCacheLayer(CacheLayerMixin):
     """
 
     is_compileable = False
+    # A memory write cannot be undone, so `crop` cannot put the layer back as it was: generate refuses assisted and
+    # prompt-lookup decoding for it (transformers >= 5.25 asks the layers; older ones read `_is_stateful`).
+    is_croppable = False
     supports_early_init = False
 
     def __init__(self, layer_type: str):
