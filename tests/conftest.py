@@ -25,6 +25,16 @@ def tiny_model(seed: int = 0, **overrides) -> SenriForCausalLM:
     return SenriForCausalLM(tiny_config(**overrides)).eval()
 
 
+def tiny_llama(vocab: int, seed: int = 0):
+    """A 4-layer random transformers Llama (the base the fine-tuning recipes convert), in eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    return LlamaForCausalLM(config).eval()
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """(LlamaForCausalLM, tokenizer): the real SmolLM2-135M-Instruct from the pip-shipped GGUF."""

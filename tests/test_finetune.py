@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from tests.conftest import tiny_llama
 
 from senri.training.config import ConfigManager
 from senri.training.loop import is_complete
@@ -26,13 +26,6 @@ WINDOW, CHUNK, SINKS = 32, 8, 2
 @pytest.fixture(scope="module")
 def tokenizer(smollm2):
     return smollm2[1]
-
-
-def _base(vocab: int, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
-    return LlamaForCausalLM(config).eval()
 
 
 def _student(base):
@@ -69,7 +62,7 @@ def test_passkey_samples_have_the_exact_length_the_answer_last_and_the_needle_be
 
 
 def test_lora_starts_as_the_model_and_only_adapters_and_memory_parameters_train(tokenizer):
-    base = _base(len(tokenizer))
+    base = tiny_llama(len(tokenizer))
     student = _student(base)
     ids = torch.randint(0, len(tokenizer), (1, 100), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -88,7 +81,7 @@ def test_lora_starts_as_the_model_and_only_adapters_and_memory_parameters_train(
 
 
 def test_answer_loss_is_the_cross_entropy_of_each_rows_answer_only(tokenizer):
-    model = _student(_base(len(tokenizer)))
+    model = _student(tiny_llama(len(tokenizer)))
     ids = torch.randint(0, len(tokenizer), (2, 80), generator=torch.Generator().manual_seed(1))
     lengths = torch.tensor([6, 3])
     logits = model(input_ids=ids).logits  # the naive way: every position's logits
@@ -98,7 +91,7 @@ def test_answer_loss_is_the_cross_entropy_of_each_rows_answer_only(tokenizer):
 
 
 def test_kl_is_zero_for_the_base_itself_and_the_naive_kl_otherwise(tokenizer):
-    base = _base(len(tokenizer))
+    base = tiny_llama(len(tokenizer))
     ids = torch.randint(0, len(tokenizer), (1, 120), generator=torch.Generator().manual_seed(2))
     assert float(kl_to_base(base, base, ids, 20)) == pytest.approx(0.0, abs=1e-6)
     student = _student(base)
@@ -114,11 +107,11 @@ def test_kl_is_zero_for_the_base_itself_and_the_naive_kl_otherwise(tokenizer):
 
 def test_finetune_resumes_exactly(tokenizer, tmp_path):
     def trained(out_dir, steps_first=None):
-        base = _base(len(tokenizer))
+        base = tiny_llama(len(tokenizer))
         model = add_lora(_student(base), _settings())
         if steps_first is not None:  # an interrupted run: a shorter time, then the same run again
             run_finetune(base, model, tokenizer, CORPUS, _settings(time_budget_s=0.0), out_dir)
-            base = _base(len(tokenizer))
+            base = tiny_llama(len(tokenizer))
             model = add_lora(_student(base), _settings())
         result = run_finetune(base, model, tokenizer, CORPUS, _settings(), out_dir)
         return result, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -135,7 +128,7 @@ def test_finetune_resumes_exactly(tokenizer, tmp_path):
 
 
 def test_a_shipped_finetune_merges_its_lora_and_refuses_broken_artifacts(tokenizer, tmp_path):
-    base = _base(len(tokenizer))
+    base = tiny_llama(len(tokenizer))
     model = add_lora(_student(base), _settings())
     run_finetune(base, model, tokenizer, CORPUS, _settings(steps=2), tmp_path / "run")
     directory = save_trained_memory(model, base, tmp_path / "art", "tiny", {"steps": 2})
@@ -168,7 +161,7 @@ def test_the_real_finetune_profile_and_its_validation():
 
 
 def test_every_metrics_record_has_the_losses_and_evaluations_log_memory_on_and_off(tokenizer, tmp_path):
-    base = _base(len(tokenizer))
+    base = tiny_llama(len(tokenizer))
     model = add_lora(_student(base), _settings())
     run_finetune(base, model, tokenizer, CORPUS, _settings(log_steps=3, eval_steps=2), tmp_path)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

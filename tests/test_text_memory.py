@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tests.conftest import tiny_llama
 
 from senri.evaluation.real_model import gates_closed
 from senri.tasks import corpus
@@ -18,6 +18,7 @@ from senri.training.config import ConfigManager
 from senri.training.finetune import add_lora, finetune_arguments
 from senri.training.loop import fit
 from senri.training.textmemory import (
+    ANSWER_ROOM,
     Teacher, TextMemorySamples, TextMemorySettings, collate, distillation_loss, document_ids, make_text_memory_recipe,
     settings_from_config, top_k_kl, windowed_base,
 )
@@ -142,15 +143,8 @@ def test_top_k_kl_is_the_exact_kl_when_k_covers_the_vocabulary_and_a_lower_bound
     torch.testing.assert_close(same, torch.zeros(7), atol=1e-6, rtol=0)
 
 
-def _base(vocab: int, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
-    return LlamaForCausalLM(config).eval()
-
-
 def test_the_teachers_weights_favour_positions_where_the_full_context_helps_and_are_cached(tmp_path):
-    base = _base(300)
+    base = tiny_llama(300)
     ids = torch.randint(0, 300, (1, 120), generator=torch.Generator().manual_seed(1))
     student = build_student(base, [1, 2], sliding_window=WINDOW, chunk_size=CHUNK, num_sink_tokens=SINKS,
                             memory_update="linear")
@@ -200,6 +194,9 @@ def test_samples_follow_the_curriculum_mix_recall_kinds_and_are_fixed_by_seed_st
     samples = [data[i] for i in range(len(data))]
     assert [len(s["text_ids"]) for s in samples[:20]] == [200] * 20 and len(samples[-1]["text_ids"]) == 256
     assert all(len(s["input_ids"]) <= 256 for s in samples)
+    # The room a fact row leaves for its answer holds the longest one (numbers: six digits).
+    answers = [" " + v for k in KINDS for v in (k.values or ("999999",))]
+    assert max(len(tokenizer(a + ".", add_special_tokens=False)["input_ids"]) + 1 for a in answers) <= ANSWER_ROOM
     kinds = {s["kind"] for s in samples}
     assert "passkey" in kinds and len(kinds - {"passkey"}) >= 3
     assert [s["input_ids"] for s in samples[:6]] == [data[i]["input_ids"] for i in range(6)]
@@ -213,13 +210,13 @@ def test_samples_follow_the_curriculum_mix_recall_kinds_and_are_fixed_by_seed_st
 
 def test_the_text_memory_recipe_resumes_exactly_and_logs_held_out_recall_on_and_off(tokenizer, tmp_path):
     def trained(out_dir, interrupted=False):
-        base = _base(len(tokenizer))
+        base = tiny_llama(len(tokenizer))
         model = add_lora(build_student(base, [1, 2], sliding_window=WINDOW, chunk_size=CHUNK, num_sink_tokens=SINKS,
                                        memory_update="linear"), _settings())
         if interrupted:
             fit(make_text_memory_recipe(base, model, tokenizer, _settings(time_budget_s=0.0)),
                 finetune_arguments(_settings(), out_dir))
-            base = _base(len(tokenizer))
+            base = tiny_llama(len(tokenizer))
             model = add_lora(build_student(base, [1, 2], sliding_window=WINDOW, chunk_size=CHUNK,
                                            num_sink_tokens=SINKS, memory_update="linear"), _settings())
         done = fit(make_text_memory_recipe(base, model, tokenizer, _settings()), finetune_arguments(_settings(), out_dir))
@@ -236,6 +233,29 @@ def test_the_text_memory_recipe_resumes_exactly_and_logs_held_out_recall_on_and_
     assert all(r["distill"] > 0 for r in records)
 
 
+def test_reading_rows_in_segments_gives_the_recipe_the_same_loss_and_gradient(tokenizer):
+    base = tiny_llama(len(tokenizer))
+    model = add_lora(build_student(base, [1, 2], sliding_window=WINDOW, chunk_size=CHUNK, num_sink_tokens=SINKS,
+                                   memory_update="linear"), _settings())
+    model.train()
+    whole = make_text_memory_recipe(base, model, tokenizer, _settings())
+    batch = collate([whole.train_dataset[i] for i in range(2)])
+    assert bool((batch["attention_mask"] == 0).any()) or batch["input_ids"].shape[1] > 64  # rows longer than a segment
+    results = {}
+    for name, segment in (("whole", 0), ("segments", 64)):
+        recipe = make_text_memory_recipe(base, model, tokenizer, _settings(segment=segment))
+        loss, logs = recipe.loss(model, batch)
+        params = [p for p in model.parameters() if p.requires_grad]
+        results[name] = (loss.detach(), logs, torch.autograd.grad(loss, params))
+    (loss_a, logs_a, grads_a), (loss_b, logs_b, grads_b) = results["whole"], results["segments"]
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
+    assert logs_b["distill"] == pytest.approx(logs_a["distill"], rel=1e-4, abs=1e-9)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-6)
+    with pytest.raises(ValueError, match="backprop must be one of full, truncated, got 'some'"):
+        make_text_memory_recipe(base, model, tokenizer, _settings(backprop="some"))
+
+
 def test_the_text_profiles_and_their_validation():
     cfg = ConfigManager("cpu-text")
     settings = settings_from_config(cfg)
@@ -243,6 +263,11 @@ def test_the_text_profiles_and_their_validation():
     assert settings.curriculum[-1][1] >= 6 * cfg.model.sliding_window and set(settings.sources) == set(OFFLINE_SOURCES)
     gpu = settings_from_config(ConfigManager("gpu-text"))
     assert gpu.curriculum[-1][1] >= 16 * 256  # the curriculum: at least 4K tokens
+    assert gpu.segment and gpu.curriculum[-1][1] > gpu.segment and gpu.backprop == "full"  # read in segments
+    with pytest.raises(ValueError, match="text_backprop"):
+        ConfigManager("gpu-text", {"text_backprop": "some"})
+    with pytest.raises(ValueError, match="text_segment"):
+        ConfigManager("gpu-text", {"text_segment": -1})
     with pytest.raises(ValueError, match="text_passkey_share"):
         ConfigManager("cpu-text", {"text_passkey_share": 1.5})
     with pytest.raises(ValueError, match="text_distractors"):

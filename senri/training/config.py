@@ -122,6 +122,11 @@ class TrainingSettings:
     text_distill_weight: float = 1.0
     text_distill_floor: float = 0.1
     text_teacher_cache: str | None = None
+    # Rows longer than text_segment tokens are read in segments, the memory carried across them, one segment's
+    # activations at a time (senri.training.streamed); 0: whole rows. text_backprop: across the segments' borders,
+    # "full" (the exact gradient, by recomputation) or "truncated" (none).
+    text_segment: int = 0
+    text_backprop: Literal["full", "truncated"] = "full"
 
 
 @dataclass
@@ -163,7 +168,7 @@ POSITIVE = {
     "real_model_niah_samples", "num_memories", "top_k_memories", "num_memory_banks", "segments_per_bank", "alibi_scale",
     "variant_max_steps", "finetune_lora_rank", "finetune_eval_steps", "finetune_time_budget_s",
 }
-NON_NEGATIVE = {"text_distractors", "text_distill_weight", "text_distill_floor", "finetune_kl_weight", "num_sink_tokens", "num_memory_layers", "first_memory_layer", "weight_decay", "warmup_steps", "max_grad_norm", "seed"}
+NON_NEGATIVE = {"text_segment", "text_distractors", "text_distill_weight", "text_distill_floor", "finetune_kl_weight", "num_sink_tokens", "num_memory_layers", "first_memory_layer", "weight_decay", "warmup_steps", "max_grad_norm", "seed"}
 FRACTIONS = {"text_passkey_share", "transfer_passkey_share", "memory_gate_init", "niah_ratio", "needle_beyond_window"}
 
 

@@ -13,7 +13,10 @@ all on the training half of the prose corpus (:mod:`senri.tasks.corpus`):
   the rest's total mass), weighted toward the positions where the full context helps: the weight of a position is
   ``distill_floor`` plus how much lower the teacher's loss is than that of the same base restricted to its window
   (gates closed). Every such token is a training signal, not only an answer's few;
-* a curriculum of sequence lengths, as phase B's (``curriculum``).
+* a curriculum of sequence lengths, as phase B's (``curriculum``). Rows longer than ``segment`` tokens are read in
+  segments with the memory state carried across them and backpropagated one segment at a time
+  (:mod:`senri.training.streamed`; ``backprop``: through the borders exactly, or truncated at them), so a row of
+  many thousand tokens fits the machine.
 
 Teacher outputs are cached on disk by the text's content (``teacher_cache``), so a resumed run or another seed
 over the same stretches does not run the teacher again. The loop is the one every recipe runs
@@ -43,6 +46,7 @@ from .finetune import (
 )
 from .finetune import settings_from_config as finetune_settings
 from .loop import Recipe
+from .streamed import BACKPROP, DistillTargets, TokenTargets, streamed_loss
 from .transfer import recipe_finish
 
 
@@ -58,6 +62,10 @@ class TextMemorySettings(FinetuneSettings):
     distill_top_k: int = 32
     teacher_cache: str | None = None  # a directory for the teacher's outputs (None: computed every time)
     kinds: tuple[str, ...] = field(default=KIND_NAMES)
+    # Rows longer than this many tokens are read in segments with the memory carried across them
+    # (senri.training.streamed): activations of one segment at a time; 0: every row at once.
+    segment: int = 0
+    backprop: str = "full"            # across segment borders: "full" (exact, by recomputation) or "truncated"
     max_streamed_documents: int = 200    # of a streamed source (pg19): books read for training
     eval_streamed_documents: int = 20    # and for the held-out evaluation
 
@@ -143,6 +151,11 @@ def stretch(doc_ids: Sequence[Sequence[int]], length: int, rng: random.Random) -
     return list(doc[start : start + length])
 
 
+# Tokens a fact row leaves for its answer, so that the whole row stays within the step's length: the value, a full
+# stop and the end token; SmolLM2 writes a six-digit code as a space and six digits, 9 tokens in all.
+ANSWER_ROOM = 10
+
+
 class TextMemorySamples(torch.utils.data.Dataset):
     """Sample ``i`` is row ``i % rows`` of step ``i // rows``: a recall sequence (a fact in a training document's
     sentences, or the classic pass key) at the curriculum's length for that step, and a stretch of a training
@@ -165,7 +178,7 @@ class TextMemorySamples(torch.utils.data.Dataset):
             ids, answer = passkey_sample(self.tokenizer, length, self.min_distance, rng, end=True)
             kind = "passkey"
         else:
-            case = fact_case(self.tokenizer, self.haystack, length - 8, rng, "train", s.kinds,
+            case = fact_case(self.tokenizer, self.haystack, length - ANSWER_ROOM, rng, "train", s.kinds,
                              rng.randint(0, s.distractors), self.min_distance, end=True)
             ids, answer, kind = case.ids, len(case.ids) - case.answer_start, case.kind
         text = stretch(self.doc_ids, length, rng) if s.distill_weight else []
@@ -220,6 +233,8 @@ def make_text_memory_recipe(base: Any, model: Any, tokenizer: Any, settings: Tex
     config = model.get_base_model().config
     if config.sliding_window is None or not config.memory_layers:
         raise ValueError("the text-memory recipe needs a converted model with a sliding window and memory layers")
+    if settings.backprop not in BACKPROP:
+        raise ValueError(f"backprop must be one of {', '.join(BACKPROP)}, got {settings.backprop!r}")
     window, chunk = config.sliding_window, config.chunk_size
     train_docs = list(iter_documents(settings.sources, "train", max_streamed=settings.max_streamed_documents))
     heldout_docs = list(iter_documents(settings.sources, "heldout", max_streamed=settings.eval_streamed_documents))
@@ -234,14 +249,27 @@ def make_text_memory_recipe(base: Any, model: Any, tokenizer: Any, settings: Tex
     teacher = Teacher(base, windowed, settings.distill_top_k, settings.distill_floor, settings.teacher_cache)
     start = window + chunk  # positions beyond the first window: only there can the memory matter
 
+    def segmented(ids: torch.Tensor) -> bool:
+        return 0 < settings.segment < ids.shape[1] - 1
+
     def loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        ids, answers = batch["input_ids"], batch["answer_lengths"]
         mask = batch["attention_mask"] if bool((batch["attention_mask"] == 0).any()) else None
-        recall = answer_loss(model, batch["input_ids"], batch["answer_lengths"], mask)
-        logs = {"recall_loss": float(recall.detach()), "seq_len": batch["input_ids"].shape[1]}
+        if segmented(ids):
+            recall = streamed_loss(model, ids[:, :-1], TokenTargets.answers(ids, answers), settings.segment,
+                                   settings.backprop, None if mask is None else mask[:, :-1])
+        else:
+            recall = answer_loss(model, ids, answers, mask)
+        logs = {"recall_loss": float(recall.detach()), "seq_len": ids.shape[1]}
         text = batch["text_ids"]
         if settings.distill_weight == 0 or text.shape[1] <= start + 1:
             return recall, logs
-        distill = distillation_loss(model, text, start, teacher(text, start))
+        targets = teacher(text, start)
+        if segmented(text):
+            distill = streamed_loss(model, text[:, :-1], DistillTargets(targets, start, top_k_kl), settings.segment,
+                                    settings.backprop)
+        else:
+            distill = distillation_loss(model, text, start, targets)
         return recall + settings.distill_weight * distill, {**logs, "distill": float(distill.detach())}
 
     haystack = Haystack(tokenizer, train_docs)
@@ -258,7 +286,7 @@ def settings_from_config(cfg: Any) -> TextMemorySettings:
     return TextMemorySettings(**asdict(finetune_settings(cfg)), sources=tuple(t.text_sources),
                               passkey_share=t.text_passkey_share, distractors=t.text_distractors,
                               distill_weight=t.text_distill_weight, distill_floor=t.text_distill_floor,
-                              teacher_cache=t.text_teacher_cache)
+                              teacher_cache=t.text_teacher_cache, segment=t.text_segment, backprop=t.text_backprop)
 
 
 def text_memory_recipe(cfg: Any) -> Recipe:
