@@ -34,7 +34,7 @@ import torch
 from .model.conversion import convert_llama_to_senri, load_local_smollm2
 from .evaluation.diagnostics import nll_beyond, placement_ceiling
 from .model.io import atomic_write
-from .evaluation.real_model import compare_on_cases, depths_beyond_window, fact_cases, gates_closed, nll_table, passkey_cases
+from .evaluation.real_model import compare_on_cases, depths_beyond_window, gates_closed, nll_table, passkey_cases
 
 WINDOW, CHUNK = 256, 64
 OUT_DIR = Path("runs/reports")
@@ -187,9 +187,9 @@ def _models(directory: str | None) -> tuple[Any, Any, Any]:
 
 
 def _three_way(llama: Any, trained: Any, tokenizer: Any, kind: str, length: int, cases: int) -> list[dict[str, Any]]:
-    haystack = texts()["pydoc topics"]
     if kind == "nll":
-        ids = tokenizer(haystack, return_tensors="pt").input_ids[:, 20000 : 20000 + length].to(_device())
+        ids = tokenizer(texts()["pydoc topics"], return_tensors="pt").input_ids[:, 20000 : 20000 + length]
+        ids = ids.to(_device())
         records = nll_table({"trained": trained, "base": llama}, ids, WINDOW, CHUNK)
         with gates_closed(trained):
             records += [dict(r, model="gates closed") for r in nll_table({"x": trained}, ids, WINDOW, CHUNK)]
@@ -197,8 +197,8 @@ def _three_way(llama: Any, trained: Any, tokenizer: Any, kind: str, length: int,
     depths = depths_beyond_window(length, WINDOW, CHUNK)
     if kind == "passkey":
         case_list = passkey_cases(tokenizer, length, cases, seed=7, depths=depths)
-    elif kind == "fact":
-        case_list = fact_cases(tokenizer, haystack, length, cases, seed=7, depths=depths)
+    elif kind == "fact":  # the grid's fact cell: held-out facts, one distractor, in held-out documents
+        case_list = grid_cases(tokenizer, [length], cases)[("fact", length)]
     else:
         raise ValueError(f"kind {kind!r} is unknown; valid kinds are ['passkey', 'fact', 'nll']")
     name = f"{kind} {length}"
@@ -225,14 +225,14 @@ def grid_cases(tokenizer: Any, lengths: Sequence[int], cases: int) -> dict[tuple
     """The grid's cases per (kind, length): the classic pass key, and held-out facts (one distractor) in held-out
     documents; needles beyond the window at every length."""
     from .tasks.corpus import documents
-    from .tasks.facts import fact_cases as text_fact_cases
+    from .tasks.facts import fact_cases
 
     heldout = documents(split="heldout")
     out: dict[tuple[str, int], list[Any]] = {}
     for length in lengths:
         depths = depths_beyond_window(length, WINDOW, CHUNK)
         out[("passkey", length)] = passkey_cases(tokenizer, length, cases, seed=GRID_SEED, depths=depths)
-        out[("fact", length)] = text_fact_cases(tokenizer, heldout, length, cases, GRID_SEED, depths, distractors=1)
+        out[("fact", length)] = fact_cases(tokenizer, heldout, length, cases, GRID_SEED, depths, distractors=1)
     return out
 
 

@@ -12,7 +12,7 @@ from senri.evaluation.diagnostics import (
     teacher_forced_passkey,
 )
 from senri.tasks.niah import PASSKEY_FILLER
-from senri.evaluation.real_model import depths_beyond_window, fact_cases
+from senri.evaluation.real_model import depths_beyond_window
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +33,6 @@ def test_passkey_cases_use_the_classic_filler_and_put_the_needle_where_asked(tok
     assert cases == passkey_cases(tokenizer, 1024, 6, seed=3, depths=depths_beyond_window(1024, 256, 64))
     assert len({c.key for c in cases}) == 6
     assert PASSKEY_FILLER.startswith("The grass is green.")
-
-
-def test_fact_cases_state_the_fact_once_in_natural_text(tokenizer):
-    haystack = " ".join(f"Sentence number {i} tells of the harbour and its many quiet boats." for i in range(300))
-    for case in fact_cases(tokenizer, haystack, 512, 4, seed=0, depths=(0.1, 0.3)):
-        prompt = tokenizer.decode(case.ids[: case.answer_start])
-        assert prompt.count(case.key) == 1 and prompt.rstrip().endswith("was")
-        assert tokenizer.decode(case.ids[case.answer_start :]).strip() == case.key
 
 
 def _tiny_llama() -> LlamaForCausalLM:

@@ -2,26 +2,20 @@
 
 * pass-key retrieval (the classic filler, :func:`senri.evaluation.diagnostics.passkey_cases`) with the needle beyond the
   window, scored by teacher forcing (every key token must be the argmax: what greedy decoding would produce);
-* a natural-text needle ("a fact stated once") in natural text that training never saw;
+* a natural-text needle ("a fact stated once") in natural text that training never saw
+  (:func:`senri.tasks.facts.fact_cases`);
 * NLL on held-out natural text inside and beyond the window.
 """
 
 from __future__ import annotations
 
 import contextlib
-import random
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
 from .diagnostics import PasskeyCase, nll_beyond, passkey_cases, teacher_forced_scores
-
-# Facts for the natural-text needle: a name no haystack mentions, asked once at the end.
-FACT_SUBJECTS = ("the lighthouse keeper's cat", "the captain's parrot", "the old mill's horse", "the baker's dog",
-                 "the professor's tortoise", "the gardener's goat")
-FACT_NAMES = ("Pemberton", "Quillfeather", "Marzipan", "Thistlewood", "Bartholomew", "Juniper", "Wolfgang",
-              "Clementine", "Montgomery", "Persephone", "Rutherford", "Evangeline")
 
 
 def depths_beyond_window(length: int, sliding_window: int, chunk_size: int, margin: int = 32) -> tuple[float, float]:
@@ -31,34 +25,6 @@ def depths_beyond_window(length: int, sliding_window: int, chunk_size: int, marg
     if usable <= 0:
         raise ValueError(f"length {length} leaves no room beyond a window of {sliding_window} + {chunk_size}")
     return 0.02, max(0.02, usable / length - 0.02)
-
-
-def fact_cases(tokenizer: Any, haystack_text: str, length: int, num_cases: int, seed: int,
-               depths: tuple[float, float]) -> list[PasskeyCase]:
-    """Natural-text needles: "The name of <subject> was <Name>." placed between two sentences of ``haystack_text``
-    at a depth drawn from ``depths``; the prompt ends "What was the name of <subject>? The name of <subject> was"
-    and the answer is " <Name>". At most ``length`` prompt tokens."""
-    encode = lambda text: list(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
-    sentences = [s.strip() + "." for s in haystack_text.replace("\n", " ").split(". ") if len(s.split()) > 3]
-    cases = []
-    for index in range(num_cases):
-        rng = random.Random(f"fact-case-{seed}-{length}-{index}")
-        subject, name = rng.choice(FACT_SUBJECTS), rng.choice(FACT_NAMES)
-        needle = encode(f" The name of {subject} was {name}.")
-        question = encode(f" What was the name of {subject}? The name of {subject} was")
-        answer = encode(f" {name}")
-        budget = length - len(needle) - len(question)
-        start, hay = rng.randrange(len(sentences)), []
-        while True:
-            sentence = encode(" " + sentences[(start + len(hay)) % len(sentences)])
-            if sum(map(len, hay)) + len(sentence) > budget:
-                break
-            hay.append(sentence)
-        at = round(rng.uniform(*depths) * len(hay))
-        before, after = [t for s in hay[:at] for t in s], [t for s in hay[at:] for t in s]
-        prompt = before + needle + after + question
-        cases.append(PasskeyCase(prompt + answer, len(prompt), (len(before), len(before) + len(needle)), name))
-    return cases
 
 
 @contextlib.contextmanager
@@ -106,4 +72,4 @@ def nll_table(models: dict[str, Any], text_ids: torch.Tensor, sliding_window: in
             for name, model in models.items() if model is not None]
 
 
-__all__ = ["depths_beyond_window", "fact_cases", "gates_closed", "compare_on_cases", "nll_table", "passkey_cases"]
+__all__ = ["depths_beyond_window", "gates_closed", "compare_on_cases", "nll_table", "passkey_cases"]
