@@ -98,6 +98,22 @@ def test_a_question_is_worded_differently_from_its_statement_and_the_answer_cont
             assert len({f.subject for f in [fact, *others]}) == 3 and len({f.value for f in [fact, *others]}) == 3
 
 
+def test_a_stretch_cut_short_by_a_long_sentence_is_drawn_again_not_refused(tokenizer):
+    from senri.tasks.corpus import Document
+
+    # Half the starting sentences are short ones followed by a sentence longer than the whole budget: a stretch from
+    # there holds one short sentence, too little to put the fact 200 tokens back.
+    long = "This sentence goes on " + "and on " * 400 + "to its end."
+    text = " ".join(f"The harbour had boat number {i} in it. {long}" for i in range(20))
+    haystack = Haystack(tokenizer, [Document("test", "long", text)])
+    for seed in range(30):
+        case = fact_case(tokenizer, haystack, 400, random.Random(seed), "train", min_distance=200)
+        assert len(case.ids) - len(tokenizer(" " + case.key)["input_ids"]) <= 400
+        assert case.answer_start - case.needle[1] >= 200
+    with pytest.raises(ValueError, match="length 100 leaves no room for a fact 200 tokens before the question"):
+        fact_case(tokenizer, haystack, 100, random.Random(0), "train", min_distance=200)
+
+
 def test_fact_cases_put_the_statement_beyond_the_window_and_training_answers_end(tokenizer):
     docs = documents(FAST_SOURCES, "train")
     haystack = Haystack(tokenizer, docs)

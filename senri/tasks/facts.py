@@ -187,6 +187,9 @@ class FactCase:
     kind: str
 
 
+MAX_HAYSTACK_DRAWS = 100  # starting sentences a fact case tries before it gives up
+
+
 class Haystack:
     """Sentences of documents, tokenised once each, read as one endless sequence from a chosen starting sentence."""
 
@@ -235,15 +238,23 @@ def fact_case(tokenizer: Any, haystack: Haystack, length: int, rng: random.Rando
     value = encode(" " + asked.value)
     answer = value + (encode(".") + [tokenizer.eos_token_id] if end else [])
     budget = length - sum(map(len, statements)) - len(question)
-    hay = haystack.take(rng.randrange(len(haystack.sentences)), budget)
-    total = sum(map(len, hay))
-    # Sentence boundaries whose distance to the question is at least min_distance.
-    ends = [0]
-    for s in hay:
-        ends.append(ends[-1] + len(s))
-    allowed = [i for i, e in enumerate(ends) if total - e >= min_distance]
-    if not allowed:
+    if budget < min_distance:
         raise ValueError(f"length {length} leaves no room for a fact {min_distance} tokens before the question")
+    # A stretch stops at the first sentence that does not fit, so one that meets a very long sentence early can be
+    # too short for min_distance: then the stretch starts at another sentence (a stretch that fits is kept as drawn).
+    for _ in range(MAX_HAYSTACK_DRAWS):
+        hay = haystack.take(rng.randrange(len(haystack.sentences)), budget)
+        total = sum(map(len, hay))
+        # Sentence boundaries whose distance to the question is at least min_distance.
+        ends = [0]
+        for s in hay:
+            ends.append(ends[-1] + len(s))
+        allowed = [i for i, e in enumerate(ends) if total - e >= min_distance]
+        if allowed:
+            break
+    else:
+        raise ValueError(f"no stretch of the haystack's sentences puts a fact {min_distance} tokens before the "
+                         f"question within {length} tokens ({MAX_HAYSTACK_DRAWS} starting sentences tried)")
     if depth is not None:
         at = min(allowed, key=lambda i: abs(ends[i] - rng.uniform(*depth) * total))
     else:
