@@ -1,0 +1,144 @@
+"""Would an exact store chosen by the memory's own recall error (as LoLA chooses) keep a needle? A diagnostic.
+
+LoLA keeps, beside a linear memory, a small exact store of the key/value pairs the memory recalls worst, and reads
+them with the window's softmax. Whether that can help a given task depends on one measurable thing: do the
+needle's tokens rank near the top of the recall errors among everything the memory writes? If they do not, a store
+of fixed size chosen this way never holds them, however it is read.
+
+:func:`recall_errors` rebuilds, for every memory layer, what the memory wrote during one forward of a prompt: the
+keys and values from the layer's own projections (captured by hooks, the memory's key map applied), and the
+memory's state before each chunk from its own update rule (:func:`senri.model.memory.memory_states`; a test holds
+the last state equal to the cache's). A written token's recall error is ``‖v − φ(k) M / (φ(k)·z + eps)‖`` with the
+state before its chunk was written, per key/value head: the selection score LoLA uses.
+:func:`needle_ranks` then says, per layer and head, where the needle's best token ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..model.cache import SenriCache
+from ..model.memory import MEMORY_DTYPE, alibi_decay, empty_memory, memory_states, phi, sink_keep_mask
+from ..model.modeling_senri import SenriForCausalLM
+
+
+def _inner(model: Any) -> SenriForCausalLM:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def memory_writes(model: Any, ids: torch.Tensor) -> dict[int, dict[str, torch.Tensor]]:
+    """Per memory layer, what the memory wrote while reading ``ids`` (1, T) in one forward: ``error`` (H, W), the
+    recall error of each of the W tokens written (positions 0..W-1, per key/value head; the attention sinks, never
+    written, are NaN), and ``M``, ``z``, the memory rebuilt after the last write."""
+    inner = _inner(model)
+    config = inner.config
+    layers = {i: inner.model.layers[i].self_attn for i in config.memory_layers}
+    if any(attn.memory_layouts[False] is not None for attn in layers.values()):
+        raise ValueError("memory_writes reads single memories (memory_type 'single'); this model's have slots")
+    captured: dict[tuple[int, str], torch.Tensor] = {}
+    hooks = []
+    for i, attn in layers.items():
+        for name in ("k_proj", "v_proj"):
+            def keep(module, args, output, key=(i, name)):  # noqa: ANN001
+                captured[key] = output.detach()
+            hooks.append(getattr(attn, name).register_forward_hook(keep))
+    cache = SenriCache(config, 1)
+    try:
+        with torch.no_grad():
+            inner(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    out = {}
+    C, S = config.chunk_size, config.num_sink_tokens
+    for i, attn in layers.items():
+        state = cache.layer_state(i)
+        written = state.written_chunks * C
+        H, D = attn.num_kv_heads, attn.head_dim
+        k = captured[(i, "k_proj")].view(1, -1, H, D).transpose(1, 2)[:, :, :written]
+        v = captured[(i, "v_proj")].view(1, -1, H, D).transpose(1, 2)[:, :, :written]
+        if config.memory_qk_map:
+            k = torch.einsum("bhtd,hde->bhte", k, attn.memory_key_map.to(k.dtype))
+        N = written // C
+        keep = sink_keep_mask(0, written, S, device=ids.device)
+        decay = alibi_decay(H, config.alibi_scale) if config.use_alibi else None
+        M, z = empty_memory(1, H, D, device=ids.device)
+        with torch.no_grad():
+            Ms, zs = memory_states(k.view(1, H, N, C, D), v.view(1, H, N, C, D), M, z, config.memory_update,
+                                   config.memory_eps, decay=decay, keep=None if keep is None else keep.view(N, C))
+            sk = phi(k.to(MEMORY_DTYPE)).view(1, H, N, C, D)
+            read = (sk @ Ms[:, :, :N]) / (sk @ zs[:, :, :N].unsqueeze(-1) + config.memory_eps)
+            error = (v.to(MEMORY_DTYPE).view(1, H, N, C, D) - read).norm(dim=-1).view(H, written)
+        if keep is not None:
+            error[:, keep == 0] = float("nan")
+        out[i] = {"error": error, "M": Ms[:, :, -1], "z": zs[:, :, -1]}
+    return out
+
+
+def recall_errors(model: Any, ids: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Per memory layer: (H, W) recall errors of the tokens the memory wrote while reading ``ids`` (:func:`memory_writes`)."""
+    return {i: w["error"] for i, w in memory_writes(model, ids).items()}
+
+
+def needle_ranks(errors: dict[int, torch.Tensor], needle: tuple[int, int]) -> dict[int, torch.Tensor]:
+    """Per layer: (H,) the rank (0 = the worst recalled, the first a store would keep) of the needle's best-ranked
+    token among the written tokens, per head; NaN where the memory wrote none of the needle's tokens."""
+    out = {}
+    for i, error in errors.items():
+        written = error.shape[1]
+        lo, hi = needle[0], min(needle[1], written)
+        if lo >= hi:
+            out[i] = torch.full((error.shape[0],), float("nan"))
+            continue
+        scores = error.nan_to_num(float("-inf"))
+        order = scores.argsort(dim=1, descending=True)
+        rank = torch.empty_like(order)
+        rank.scatter_(1, order, torch.arange(written).expand_as(order))
+        out[i] = rank[:, lo:hi].min(dim=1).values.float()
+    return out
+
+
+def _kept_by_chance(store: int, needle: int, written: int) -> float:
+    """The probability that a store of ``store`` of the ``written`` tokens, chosen at random, holds at least one of
+    the ``needle`` tokens (hypergeometric)."""
+    miss = 1.0
+    for j in range(needle):
+        miss *= max(0.0, (written - store - j) / (written - j))
+    return 1.0 - miss
+
+
+def store_selection(model: Any, cases: Sequence[Any], stores: Sequence[int] = (64, 256)) -> dict[str, Any]:
+    """Over ``cases`` (each with ``ids``, ``answer_start``, ``needle``) and every (memory layer, head): the share whose
+    store of each size, chosen by recall error, would hold a needle token, beside the share a store chosen at random
+    would (:func:`_kept_by_chance`); and the mean rank of the needle's best token, beside its mean for a random
+    ranking ((W − n) / (n + 1) for n needle tokens among W)."""
+    hits: dict[int, list[float]] = {s: [] for s in stores}
+    chance: dict[int, list[float]] = {s: [] for s in stores}
+    ranks, chance_ranks = [], []
+    for case in cases:
+        ids = torch.tensor([case.ids[: case.answer_start]])
+        errors = recall_errors(model, ids)
+        for i, rank in needle_ranks(errors, case.needle).items():
+            written = int((~errors[i][0].isnan()).sum())
+            needle = max(0, min(case.needle[1], errors[i].shape[1]) - case.needle[0])
+            if needle == 0:
+                continue
+            ranks.extend(rank.tolist())
+            chance_ranks.extend([(written - needle) / (needle + 1)] * len(rank))
+            for s in stores:
+                hits[s].extend((rank < s).float().tolist())
+                chance[s].extend([_kept_by_chance(s, needle, written)] * len(rank))
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    return {
+        "pairs": len(ranks),
+        "mean_rank": mean(ranks), "mean_rank_by_chance": mean(chance_ranks),
+        "median_rank": float(torch.tensor(ranks).median()) if ranks else None,
+        "kept": {s: mean(h) for s, h in hits.items()},
+        "kept_by_chance": {s: mean(c) for s, c in chance.items()},
+    }
+
+
+__all__ = ["memory_writes", "recall_errors", "needle_ranks", "store_selection"]

@@ -1,0 +1,61 @@
+"""The store-selection diagnostic rebuilds exactly what the memory wrote (senri.evaluation.store_selection)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from senri import SenriCache
+from senri.evaluation.store_selection import memory_writes, needle_ranks
+from tests.conftest import tiny_model
+
+
+@pytest.mark.parametrize("update", ["linear", "delta"])
+@pytest.mark.parametrize("overrides", [{}, {"num_sink_tokens": 2}, {"memory_qk_map": True}])
+def test_the_rebuilt_memory_is_the_cache_and_its_first_chunk_is_recalled_from_nothing(update, overrides):
+    model = tiny_model(memory_update=update, **overrides)
+    if overrides.get("memory_qk_map"):  # away from the identity, so that the key map matters
+        with torch.no_grad():
+            key_map = model.model.layers[1].self_attn.memory_key_map
+            key_map.add_(0.3 * torch.randn_like(key_map))
+    ids = torch.randint(0, 97, (1, 45), generator=torch.Generator().manual_seed(4))
+    writes = memory_writes(model, ids)
+    cache = SenriCache(model.config, 1)
+    with torch.no_grad():
+        model(input_ids=ids, cache=cache)
+    assert set(writes) == set(model.config.memory_layers)
+    for i, w in writes.items():
+        state = cache.layer_state(i)
+        assert w["error"].shape == (model.config.num_key_value_heads, state.written_chunks * model.config.chunk_size)
+        torch.testing.assert_close(w["M"], state.M, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(w["z"], state.z, rtol=1e-5, atol=1e-6)
+        sinks = overrides.get("num_sink_tokens", 0)
+        assert bool(w["error"][:, :sinks].isnan().all()) and not bool(w["error"][:, sinks:].isnan().any())
+        # Before the first write the memory is empty and reads nothing: the error is the value's norm.
+        with torch.no_grad():
+            hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[i]  # layer i's input
+            layer = model.model.layers[i]
+            v = layer.self_attn.v_proj(layer.input_layernorm(hidden))
+        C = model.config.chunk_size
+        norms = v.view(1, 45, -1, model.config.head_dim).transpose(1, 2)[0].norm(dim=-1)  # (H, T)
+        torch.testing.assert_close(w["error"][:, sinks:C], norms[:, sinks:C])
+        later = w["error"].shape[1]  # after it, the memory does read something
+        assert float((w["error"][:, C:] - norms[:, C:later]).abs().max()) > 1e-3
+
+
+def test_needle_ranks_name_the_needles_best_token_among_the_written():
+    error = torch.tensor([[0.1, 0.9, 0.5, float("nan"), 0.7, 0.2],
+                          [0.8, 0.1, 0.2, float("nan"), 0.3, 0.9]])
+    ranks = needle_ranks({3: error}, (1, 3))  # tokens 1 and 2
+    assert ranks[3].tolist() == [0.0, 3.0]  # head 0: token 1 is the worst recalled; head 1: token 2 ranks 4th
+    assert bool(needle_ranks({3: error}, (6, 9))[3].isnan().all())  # never written
+
+
+def test_a_random_store_holds_a_needle_token_with_the_hypergeometric_probability():
+    from math import comb
+
+    from senri.evaluation.store_selection import _kept_by_chance
+
+    for store, needle, written in ((64, 12, 1700), (256, 30, 1700), (5, 3, 10), (8, 3, 10)):
+        exact = 1 - comb(written - needle, store) / comb(written, store)
+        assert _kept_by_chance(store, needle, written) == pytest.approx(exact, rel=1e-9, abs=1e-12)
