@@ -8,7 +8,7 @@
     python -m senri.reports grid-merge A.json,B.json    # several grid runs' records together, and their summary
     python -m senri.reports corpus                      # the prose corpus: documents and tokens per source and split
     python -m senri.reports ceiling CASES LENGTHS       # the grid's recall cells for a perfect memory on layers 4-23
-    python -m senri.reports store-selection CASES LENGTHS  # would a store chosen by recall error (LoLA) hold the needle?
+    python -m senri.reports store-selection CASES LENGTHS SCORE  # would a store chosen by SCORE (recall: LoLA | attention: H2O) hold the needle?
     python -m senri.reports stream TOKENS EVERY         # loss per 4K block of a long stream vs fresh starts (every EVERY-th block)
     python -m senri.reports stream-sinks TOKENS         # the same stream, gates closed, per sink placement
     python -m senri.reports ruler LENGTHS SAMPLES TASKS  # lm-eval's RULER (TASKS: offline | all | a,b): trained / closed / base
@@ -328,10 +328,11 @@ def ceiling(cases: int, lengths: str) -> dict[str, Any]:
     return {"cases": cases, "records": records}
 
 
-def store_selection(cases: int, lengths: str, directory: str = "shipped") -> dict[str, Any]:
-    """For the grid's pass-key and fact cases: would an exact store of 64 or 256 tokens per head, chosen by the
-    memory's recall error as LoLA chooses, hold a token of the needle when the question comes
-    (:mod:`senri.evaluation.store_selection`)? Per cell, beside what a store chosen at random would hold."""
+def store_selection(cases: int, lengths: str, score: str, directory: str = "shipped") -> dict[str, Any]:
+    """For the grid's pass-key and fact cases: would an exact store of 64 or 256 tokens per head, chosen by ``score``
+    ("recall": the memory's recall error, as LoLA chooses; "attention": the attention received in the window, as
+    H2O), hold a token of the needle when the question comes (:mod:`senri.evaluation.store_selection`)? Per cell,
+    beside what a store chosen at random would hold."""
     from .evaluation.store_selection import store_selection as selection
     from .model.trained import SMOLLM2_WINDOW256, load_trained_memory
 
@@ -339,9 +340,9 @@ def store_selection(cases: int, lengths: str, directory: str = "shipped") -> dic
     model = load_trained_memory(llama, SMOLLM2_WINDOW256 if directory == "shipped" else directory).eval()
     records = []
     for (kind, length), case_list in grid_cases(tokenizer, [int(n) for n in lengths.split(",")], cases).items():
-        records.append({"kind": kind, "length": length, **selection(model, case_list)})
+        records.append({"kind": kind, "length": length, "score": score, **selection(model, case_list, score=score)})
         print(records[-1], flush=True)
-    return {"directory": directory, "cases": cases, "records": records}
+    return {"directory": directory, "cases": cases, "score": score, "records": records}
 
 
 def grid_merge(paths: str) -> dict[str, Any]:
@@ -499,7 +500,7 @@ def ship_run(run_dir: str, grid_json: str, directory: str | None = None) -> dict
 def main(argv: list[str]) -> Any:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     commands = {"sinks": (sinks, ()), "placement": (placement, (int, int)), "real": (real, (str, int, int)),
-                "grid": (grid, (str, int)), "grid-at": (grid, (str, int, str)), "grid-merge": (grid_merge, (str,)), "ceiling": (ceiling, (int, str)), "store-selection": (store_selection, (int, str)), "corpus": (corpus_table, ()), "stream": (stream, (int, int)), "stream-sinks": (stream_sinks, (int,)), "ruler": (ruler, (str, int, str)), "ruler-of": (ruler, (str, int, str, str, str)), "ship": (ship, (str, str)), "ship-run": (ship_run, (str, str))}
+                "grid": (grid, (str, int)), "grid-at": (grid, (str, int, str)), "grid-merge": (grid_merge, (str,)), "ceiling": (ceiling, (int, str)), "store-selection": (store_selection, (int, str, str)), "corpus": (corpus_table, ()), "stream": (stream, (int, int)), "stream-sinks": (stream_sinks, (int,)), "ruler": (ruler, (str, int, str)), "ruler-of": (ruler, (str, int, str, str, str)), "ship": (ship, (str, str)), "ship-run": (ship_run, (str, str))}
     if not argv or argv[0] not in commands:
         raise SystemExit(f"usage: python -m senri.reports {{{' | '.join(commands)}}} ... (see the module docstring)")
     function, types = commands[argv[0]]

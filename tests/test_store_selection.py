@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from senri import SenriCache
-from senri.evaluation.store_selection import memory_writes, needle_ranks
+from senri.evaluation.store_selection import attention_received, memory_writes, needle_ranks, store_selection
 from tests.conftest import tiny_model
 
 
@@ -59,3 +59,30 @@ def test_a_random_store_holds_a_needle_token_with_the_hypergeometric_probability
     for store, needle, written in ((64, 12, 1700), (256, 30, 1700), (5, 3, 10), (8, 3, 10)):
         exact = 1 - comb(written - needle, store) / comb(written, store)
         assert _kept_by_chance(store, needle, written) == pytest.approx(exact, rel=1e-9, abs=1e-12)
+
+
+def test_attention_received_chunk_by_chunk_is_the_one_pass_attention_summed_per_key():
+    model = tiny_model(num_sink_tokens=2)
+    ids = torch.randint(0, 97, (1, 45), generator=torch.Generator().manual_seed(5))
+    received = attention_received(model, ids)
+    with torch.no_grad():
+        weights = model(input_ids=ids, output_attentions=True).attentions[1][0].double()  # (Hq, T, T)
+    H = model.config.num_key_value_heads
+    expected = weights.sum(dim=1).view(H, -1, 45).sum(dim=1)
+    torch.testing.assert_close(received[1], expected, rtol=1e-5, atol=1e-6)
+    # Every query's weights sum to one over what it sees: the total received is the number of queries per key head.
+    assert float(received[1].sum()) == pytest.approx(45 * model.config.num_attention_heads, rel=1e-5)
+
+
+def test_store_selection_reports_both_scores_beside_chance_and_refuses_others():
+    from types import SimpleNamespace
+
+    model = tiny_model()
+    ids = torch.randint(0, 97, (60,), generator=torch.Generator().manual_seed(6)).tolist()
+    case = SimpleNamespace(ids=ids, answer_start=55, needle=(10, 14))
+    for score in ("recall", "attention"):
+        out = store_selection(model, [case], stores=(4, 16), score=score)
+        assert out["pairs"] == model.config.num_key_value_heads
+        assert 0 <= out["mean_rank"] < 32 and set(out["kept"]) == set(out["kept_by_chance"]) == {4, 16}
+    with pytest.raises(ValueError, match="score must be 'recall' or 'attention', got 'random'"):
+        store_selection(model, [case], score="random")

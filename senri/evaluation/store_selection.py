@@ -83,6 +83,27 @@ def recall_errors(model: Any, ids: torch.Tensor) -> dict[int, torch.Tensor]:
     return {i: w["error"] for i, w in memory_writes(model, ids).items()}
 
 
+def attention_received(model: Any, ids: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Per memory layer: (H, T) how much attention each token of ``ids`` (1, T) received while it was in the window
+    (or a sink), summed over the later queries and over the query heads of each key/value head: the score by which
+    H2O-style caches keep their "heavy hitters". Read one chunk per call, so that only (chunk, T) weights per layer
+    exist at once."""
+    inner = _inner(model)
+    config = inner.config
+    T, C = ids.shape[1], config.chunk_size
+    H, G = config.num_key_value_heads, config.num_attention_heads // config.num_key_value_heads
+    scores = {i: torch.zeros(config.num_attention_heads, T, dtype=torch.float64) for i in config.memory_layers}
+    cache = SenriCache(config, 1)
+    with torch.no_grad():
+        for start in range(0, T, C):
+            out = inner(input_ids=ids[:, start : start + C], cache=cache, use_cache=True, output_attentions=True,
+                        logits_to_keep=1)
+            for i in scores:
+                weights = out.attentions[i][0].double()  # (Hq, t, start + t)
+                scores[i][:, : weights.shape[-1]] += weights.sum(dim=1).cpu()
+    return {i: score.view(H, G, T).sum(dim=1) for i, score in scores.items()}
+
+
 def needle_ranks(errors: dict[int, torch.Tensor], needle: tuple[int, int]) -> dict[int, torch.Tensor]:
     """Per layer: (H,) the rank (0 = the worst recalled, the first a store would keep) of the needle's best-ranked
     token among the written tokens, per head; NaN where the memory wrote none of the needle's tokens."""
@@ -110,17 +131,24 @@ def _kept_by_chance(store: int, needle: int, written: int) -> float:
     return 1.0 - miss
 
 
-def store_selection(model: Any, cases: Sequence[Any], stores: Sequence[int] = (64, 256)) -> dict[str, Any]:
+def store_selection(model: Any, cases: Sequence[Any], stores: Sequence[int] = (64, 256),
+                    score: str = "recall") -> dict[str, Any]:
     """Over ``cases`` (each with ``ids``, ``answer_start``, ``needle``) and every (memory layer, head): the share whose
-    store of each size, chosen by recall error, would hold a needle token, beside the share a store chosen at random
+    store of each size, chosen by ``score`` ("recall": the memory's recall error, as LoLA; "attention": the attention
+    received in the window, as H2O), would hold a needle token, beside the share a store chosen at random
     would (:func:`_kept_by_chance`); and the mean rank of the needle's best token, beside its mean for a random
     ranking ((W − n) / (n + 1) for n needle tokens among W)."""
+    if score not in ("recall", "attention"):
+        raise ValueError(f"score must be 'recall' or 'attention', got {score!r}")
     hits: dict[int, list[float]] = {s: [] for s in stores}
     chance: dict[int, list[float]] = {s: [] for s in stores}
     ranks, chance_ranks = [], []
     for case in cases:
         ids = torch.tensor([case.ids[: case.answer_start]])
         errors = recall_errors(model, ids)
+        if score == "attention":  # the same tokens (those written; sinks NaN), scored by the attention they received
+            received = attention_received(model, ids)
+            errors = {i: torch.where(e.isnan(), e, received[i][:, : e.shape[1]].to(e.dtype)) for i, e in errors.items()}
         for i, rank in needle_ranks(errors, case.needle).items():
             written = int((~errors[i][0].isnan()).sum())
             needle = max(0, min(case.needle[1], errors[i].shape[1]) - case.needle[0])
@@ -141,4 +169,4 @@ def store_selection(model: Any, cases: Sequence[Any], stores: Sequence[int] = (6
     }
 
 
-__all__ = ["memory_writes", "recall_errors", "needle_ranks", "store_selection"]
+__all__ = ["memory_writes", "recall_errors", "attention_received", "needle_ranks", "store_selection"]
