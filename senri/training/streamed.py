@@ -150,6 +150,24 @@ class _Stream:
                          logits_to_keep=max(keep, 1))
         return self.loss(out.logits, start, end) if keep else None
 
+    def total(self, borders: list | None = None, rng: list | None = None) -> torch.Tensor:
+        """The whole stream's loss, read without a graph; ``borders`` / ``rng`` (lists) get the cache's state and the
+        random state at the start of each segment (None for the first segment's empty state)."""
+        device = self.ids.device
+        cache = SenriCache(self.config, self.ids.shape[0])
+        total = torch.zeros((), dtype=torch.float32, device=device)
+        with torch.no_grad():
+            for start, end in self.bounds:
+                if borders is not None:
+                    borders.append(_snapshot(cache) if start else None)
+                if rng is not None:
+                    rng.append((torch.get_rng_state(),
+                                torch.cuda.get_rng_state(device) if device.type == "cuda" else None))
+                part = self.read(cache, start, end)
+                if part is not None:
+                    total = total + part.float()
+        return total
+
 
 def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
     return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
@@ -158,20 +176,9 @@ def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
 class _StreamedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, stream: _Stream, *params: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        device = stream.ids.device
-        ctx.stream, ctx.autocast = stream, _autocast_state(device.type)
+        ctx.stream, ctx.autocast = stream, _autocast_state(stream.ids.device.type)
         ctx.borders, ctx.rng = [], []
-        cache = SenriCache(stream.config, stream.ids.shape[0])
-        total = torch.zeros((), dtype=torch.float32, device=device)
-        with torch.no_grad():
-            for start, end in stream.bounds:
-                ctx.borders.append(_snapshot(cache) if start else None)
-                ctx.rng.append((torch.get_rng_state(),
-                                torch.cuda.get_rng_state(device) if device.type == "cuda" else None))
-                part = stream.read(cache, start, end)
-                if part is not None:
-                    total = total + part.float()
-        return total
+        return stream.total(ctx.borders, ctx.rng)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
@@ -228,12 +235,7 @@ def streamed_loss(model: Any, ids: torch.Tensor, loss: SegmentLoss, segment: int
     stream = _Stream(model, inner.config, ids, attention_mask, segment_bounds(ids.shape[1], segment), loss,
                      backprop, params)
     if not torch.is_grad_enabled() or not params:
-        with torch.no_grad():
-            cache, total = SenriCache(inner.config, ids.shape[0]), torch.zeros((), device=ids.device)
-            for start, end in stream.bounds:
-                part = stream.read(cache, start, end)
-                total = total + (0 if part is None else part.float())
-            return total
+        return stream.total()
     return _StreamedLoss.apply(stream, *params)
 
 
