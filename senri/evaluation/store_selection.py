@@ -22,18 +22,14 @@ import torch
 
 from ..model.cache import SenriCache
 from ..model.memory import MEMORY_DTYPE, alibi_decay, empty_memory, memory_states, phi, sink_keep_mask
-from ..model.modeling_senri import SenriForCausalLM
-
-
-def _inner(model: Any) -> SenriForCausalLM:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+from ..model.modeling_senri import unwrap_peft
 
 
 def memory_writes(model: Any, ids: torch.Tensor) -> dict[int, dict[str, torch.Tensor]]:
     """Per memory layer, what the memory wrote while reading ``ids`` (1, T) in one forward: ``error`` (H, W), the
     recall error of each of the W tokens written (positions 0..W-1, per key/value head; the attention sinks, never
     written, are NaN), and ``M``, ``z``, the memory rebuilt after the last write."""
-    inner = _inner(model)
+    inner = unwrap_peft(model)
     config = inner.config
     layers = {i: inner.model.layers[i].self_attn for i in config.memory_layers}
     if any(attn.memory_layouts[False] is not None for attn in layers.values()):
@@ -88,7 +84,7 @@ def attention_received(model: Any, ids: torch.Tensor) -> dict[int, torch.Tensor]
     (or a sink), summed over the later queries and over the query heads of each key/value head: the score by which
     H2O-style caches keep their "heavy hitters". Read one chunk per call, so that only (chunk, T) weights per layer
     exist at once."""
-    inner = _inner(model)
+    inner = unwrap_peft(model)
     config = inner.config
     T, C = ids.shape[1], config.chunk_size
     H, G = config.num_key_value_heads, config.num_attention_heads // config.num_key_value_heads

@@ -8,6 +8,7 @@ Equations cite Infini-attention (Munkhdalai et al., 2024).
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -975,6 +976,11 @@ class SenriForCausalLM(SenriPreTrainedModel, GenerationMixin):
         return SenriCache(self.config, batch_size=batch_size)
 
 
+def unwrap_peft(model: Any) -> Any:
+    """The model itself, or the one a peft wrapper (LoRA adapters) holds: the SenriForCausalLM with its config."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 # A saved (or pushed) model carries its code: save_pretrained copies this file and the modules it imports (cache,
 # configuration_senri, memory, io) and writes auto_map to config.json, so that
 # AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True) works where senri is not installed.
@@ -982,4 +988,4 @@ SenriModel.register_for_auto_class("AutoModel")
 SenriForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = ["SenriPreTrainedModel", "SenriModel", "SenriForCausalLM", "SenriAttention", "SenriDecoderLayer",
-           "memory_layout"]
+           "memory_layout", "unwrap_peft"]

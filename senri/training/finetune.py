@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ..evaluation.diagnostics import filler_sentences, passkey_cases, teacher_forced_scores
 from ..evaluation.real_model import depths_beyond_window, gates_closed
 from ..model.conversion import convert_llama_to_senri, load_base_model
-from ..model.modeling_senri import SenriForCausalLM
+from ..model.modeling_senri import SenriForCausalLM, unwrap_peft
 from ..model.trained import (
     CARD_SETTINGS, SMOLLM2_WINDOW256, TRAINED_DIR, TRANSFER_PARAMETER_SUFFIXES, load_trained_memory, read_card,
 )
@@ -158,7 +158,7 @@ def kl_to_base(model: Any, base: Any, ids: torch.Tensor, tokens: int) -> torch.T
 
 def memory_on_off(model: Any, cases: Sequence[Any]) -> dict[str, float]:
     """Teacher-forced pass-key accuracy with the memory as trained and with every gate closed."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = unwrap_peft(model)
     was_training = inner.training
     inner.eval()
     on = [found for found, _ in teacher_forced_scores(inner, cases)]

@@ -46,7 +46,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, default_da
 from ..evaluation.harness import load_records, save_records
 from ..model.cache import SenriCache
 from ..model.io import atomic_write
-from ..model.modeling_senri import SenriForCausalLM
+from ..model.modeling_senri import SenriForCausalLM, unwrap_peft
 from .config import ConfigManager, check_identity
 
 # Parameters of the memory path: the per-head gates.
@@ -414,7 +414,7 @@ class MetricsCallback(TrainerCallback):
         for group in getattr(optimizer, "param_groups", []):
             if group.get("name") == GATE_GROUP:
                 record["gate_learning_rate"] = float(group["lr"])
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model's Senri
+        inner = unwrap_peft(model)  # a peft model's Senri
         if isinstance(inner, SenriForCausalLM):
             record.update(gate_stats(inner))
             if self.probe is not None:
@@ -567,7 +567,7 @@ def run_recipe(cfg: ConfigManager, build: Callable[[], Recipe], arguments: dict[
             publish_results(run_dir, drive_dir, files=("config.yaml",), model=False)
     done = fit(recipe, args, drive_dir, cfg.training.save_total_limit, callbacks)
     trainer, model = done.pop("trainer"), recipe.model
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = unwrap_peft(model)
     summary: dict[str, Any] = {
         "profile": cfg.profile, "recipe": cfg.training.recipe, "run_dir": str(run_dir), **done,
         "max_steps": cfg.training.max_steps, "stopped_early": done["global_step"] < cfg.training.max_steps,

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model.cache import LayerState, SenriCache
+from ..model.modeling_senri import unwrap_peft
 
 BACKPROP = ("full", "truncated")
 
@@ -230,7 +231,7 @@ def streamed_loss(model: Any, ids: torch.Tensor, loss: SegmentLoss, segment: int
     (no gradient across segment borders). ``attention_mask`` (B, N): a left-padded batch."""
     if backprop not in BACKPROP:
         raise ValueError(f"backprop must be one of {', '.join(BACKPROP)}, got {backprop!r}")
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = unwrap_peft(model)
     params = [p for p in model.parameters() if p.requires_grad]
     stream = _Stream(model, inner.config, ids, attention_mask, segment_bounds(ids.shape[1], segment), loss,
                      backprop, params)

@@ -38,6 +38,7 @@ from ..evaluation.diagnostics import passkey_cases, teacher_forced_scores
 from ..evaluation.real_model import depths_beyond_window, gates_closed
 from ..model.conversion import convert_llama_to_senri, load_base_model
 from ..model.io import atomic_write
+from ..model.modeling_senri import unwrap_peft
 from ..model.trained import TRANSFER_PARAMETER_SUFFIXES, load_trained_memory, read_card
 from ..tasks.corpus import OFFLINE_SOURCES, Document, iter_documents
 from ..tasks.facts import KIND_NAMES, Haystack, fact_case, fact_cases
@@ -199,7 +200,7 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 # --- evaluation during training ----------------------------------------------------------------------------------
 def recall_on_off(model: Any, cases: dict[str, Sequence[Any]]) -> dict[str, float]:
     """Teacher-forced accuracy on each named case set, with the memory as trained and with its gates closed."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = unwrap_peft(model)
     was_training = inner.training
     inner.eval()
     out = {}
