@@ -252,7 +252,8 @@ def grid_texts(tokenizer: Any, tokens: int = 4096) -> dict[str, torch.Tensor]:
 def _grid_models(directories: Sequence[str]) -> Iterator[tuple[str, Any]]:
     """(name, model) for each entry: "base" is the base with full attention; any other is a trained memory, followed
     by its gates-closed twin."""
-    from .model.trained import SMOLLM2_WINDOW256, load_trained_memory
+    from .model.trained import load_trained_memory
+    from .training.finetune import init_directory
 
     llama, _ = load_local_smollm2()
     for directory in directories:
@@ -262,8 +263,7 @@ def _grid_models(directories: Sequence[str]) -> Iterator[tuple[str, Any]]:
         # "DIR@key=value,...": the trained memory read with other settings that shape no parameter (a lever).
         path, _, spec = directory.partition("@")
         overrides = dict(item.split("=", 1) for item in spec.split(";") if item)
-        model = load_trained_memory(llama, SMOLLM2_WINDOW256 if path == "shipped" else path,
-                                    overrides=overrides).to(_device())
+        model = load_trained_memory(llama, init_directory(path), overrides=overrides).to(_device())
         yield directory, model
         if not spec:  # a lever's gates closed are its memory's gates closed: measured once, without the "@"
             with gates_closed(model):
@@ -334,10 +334,11 @@ def store_selection(cases: int, lengths: str, score: str, directory: str = "ship
     H2O), hold a token of the needle when the question comes (:mod:`senri.evaluation.store_selection`)? Per cell,
     beside what a store chosen at random would hold."""
     from .evaluation.store_selection import store_selection as selection
-    from .model.trained import SMOLLM2_WINDOW256, load_trained_memory
+    from .model.trained import load_trained_memory
+    from .training.finetune import init_directory
 
     llama, tokenizer = load_local_smollm2()
-    model = load_trained_memory(llama, SMOLLM2_WINDOW256 if directory == "shipped" else directory).eval()
+    model = load_trained_memory(llama, init_directory(directory)).eval()
     records = []
     for (kind, length), case_list in grid_cases(tokenizer, [int(n) for n in lengths.split(",")], cases).items():
         records.append({"kind": kind, "length": length, "score": score, **selection(model, case_list, score=score)})
