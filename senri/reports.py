@@ -9,6 +9,8 @@
     python -m senri.reports corpus                      # the prose corpus: documents and tokens per source and split
     python -m senri.reports ceiling CASES LENGTHS       # the grid's recall cells for a perfect memory on layers 4-23
     python -m senri.reports store-selection CASES LENGTHS SCORE  # would a store chosen by SCORE (recall: LoLA | attention: H2O) hold the needle?
+    python -m senri.reports read-fidelity DIR CASES LENGTHS  # the needle's share of the memory's read weight, beside softmax / Taylor / full attention
+    python -m senri.reports kernel-fit DIR CASES LENGTHS FEATURES STEPS INPUTS  # the same with a Hedgehog feature map fitted to attention on training prose (INPUTS: memory | rotated)
     python -m senri.reports stream TOKENS EVERY         # loss per 4K block of a long stream vs fresh starts (every EVERY-th block)
     python -m senri.reports stream-sinks TOKENS         # the same stream, gates closed, per sink placement
     python -m senri.reports ruler LENGTHS SAMPLES TASKS  # lm-eval's RULER (TASKS: offline | all | a,b): trained / closed / base
@@ -346,6 +348,59 @@ def store_selection(cases: int, lengths: str, score: str, directory: str = "ship
     return {"directory": directory, "cases": cases, "score": score, "records": records}
 
 
+def read_fidelity(directory: str, cases: int, lengths: str) -> dict[str, Any]:
+    """For the grid's pass-key and fact cases (any lengths, 384 = 1.5x the window and up): how much of each memory
+    layer's read weight lands on the needle when the answer's first token is predicted, under the memory's own
+    kernel beside softmax, its Taylor approximation and full attention on the same tokens
+    (:mod:`senri.evaluation.read_fidelity`)."""
+    from .evaluation.read_fidelity import read_fidelity as fidelity
+    from .model.trained import load_trained_memory
+    from .training.finetune import init_directory
+
+    llama, tokenizer = load_local_smollm2()
+    model = load_trained_memory(llama, init_directory(directory)).eval()
+    records = []
+    for (kind, length), case_list in grid_cases(tokenizer, [int(n) for n in lengths.split(",")], cases).items():
+        records.append({"kind": kind, "length": length, **fidelity(model, case_list)})
+        print(records[-1], flush=True)
+    return {"directory": directory, "cases": cases, "records": records}
+
+
+def kernel_fit(directory: str, cases: int, lengths: str, features: int, steps: int,
+               inputs: str = "memory") -> dict[str, Any]:
+    """Fit a Hedgehog feature map per memory layer to the layer's attention over the memory's tokens on training
+    prose (4 stretches of 1024 tokens: Gutenberg and documentation), then measure on held-out prose (the
+    cross-entropy against attention, beside ELU + 1 and softmax) and on the grid's cases (the needle's share of
+    each kernel's read weight) (:mod:`senri.evaluation.kernel_fit`). ``inputs``: the map reads the memory's queries
+    and keys ("memory") or the rotated ones ("rotated")."""
+    from .evaluation.kernel_fit import fit_feature_maps, kernel_cross_entropy
+    from .evaluation.read_fidelity import read_fidelity as fidelity
+    from .model.trained import load_trained_memory
+    from .tasks.corpus import documents
+    from .training.finetune import init_directory
+
+    llama, tokenizer = load_local_smollm2()
+    model = load_trained_memory(llama, init_directory(directory)).eval()
+
+    def stretches(split: str, count: int) -> list[torch.Tensor]:
+        out = []
+        for sources in (["gutenberg"], ["package-docs"]):
+            ids = tokenizer("\n\n".join(d.text for d in documents(sources, split)), return_tensors="pt").input_ids
+            out += [ids[:, 5000 + 1024 * j : 5000 + 1024 * (j + 1)] for j in range(count)]
+        return out
+
+    maps, log = fit_feature_maps(model, stretches("train", 2), features=features, steps=steps, inputs=inputs)
+    print({"fit": log}, flush=True)
+    heldout = kernel_cross_entropy(model, stretches("heldout", 1), maps, inputs=inputs)
+    print({"heldout_cross_entropy": heldout}, flush=True)
+    records = []
+    for (kind, length), case_list in grid_cases(tokenizer, [int(n) for n in lengths.split(",")], cases).items():
+        records.append({"kind": kind, "length": length, **fidelity(model, case_list, maps)})
+        print(records[-1], flush=True)
+    return {"directory": directory, "features": features, "steps": steps, "inputs": inputs, "fit": log,
+            "heldout_cross_entropy": heldout, "records": records}
+
+
 def grid_merge(paths: str) -> dict[str, Any]:
     """The records of several grid runs' JSON files (comma-separated; e.g. the base and the shipped memory measured
     once, a new memory later on the same cases) and their :func:`grid_summary`."""
@@ -501,7 +556,7 @@ def ship_run(run_dir: str, grid_json: str, directory: str | None = None) -> dict
 def main(argv: list[str]) -> Any:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     commands = {"sinks": (sinks, ()), "placement": (placement, (int, int)), "real": (real, (str, int, int)),
-                "grid": (grid, (str, int)), "grid-at": (grid, (str, int, str)), "grid-merge": (grid_merge, (str,)), "ceiling": (ceiling, (int, str)), "store-selection": (store_selection, (int, str, str)), "corpus": (corpus_table, ()), "stream": (stream, (int, int)), "stream-sinks": (stream_sinks, (int,)), "ruler": (ruler, (str, int, str)), "ruler-of": (ruler, (str, int, str, str, str)), "ship": (ship, (str, str)), "ship-run": (ship_run, (str, str))}
+                "grid": (grid, (str, int)), "grid-at": (grid, (str, int, str)), "grid-merge": (grid_merge, (str,)), "ceiling": (ceiling, (int, str)), "store-selection": (store_selection, (int, str, str)), "read-fidelity": (read_fidelity, (str, int, str)), "kernel-fit": (kernel_fit, (str, int, str, int, int, str)), "corpus": (corpus_table, ()), "stream": (stream, (int, int)), "stream-sinks": (stream_sinks, (int,)), "ruler": (ruler, (str, int, str)), "ruler-of": (ruler, (str, int, str, str, str)), "ship": (ship, (str, str)), "ship-run": (ship_run, (str, str))}
     if not argv or argv[0] not in commands:
         raise SystemExit(f"usage: python -m senri.reports {{{' | '.join(commands)}}} ... (see the module docstring)")
     function, types = commands[argv[0]]
