@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -296,6 +297,12 @@ def test_the_text_profiles_and_their_validation():
     gpu = settings_from_config(ConfigManager("gpu-text"))
     assert gpu.curriculum[-1][1] >= 16 * 256  # the curriculum: at least 4K tokens
     assert gpu.segment and gpu.curriculum[-1][1] > gpu.segment and gpu.backprop == "full"  # read in segments
+    near = ConfigManager("cpu-text-near")
+    near_settings = settings_from_config(near)
+    # Facts just beyond the window, recall rows only: every row's needle in the memory, at most 1.5 windows on.
+    assert near.training.recipe == "text" and near_settings.distill_weight == 0
+    assert near_settings.curriculum[-1][1] - 256 - 64 <= 1.5 * near.model.sliding_window
+    assert asdict(near.model) == asdict(cfg.model)  # the same model as cpu-text: only the recipe's rows differ
     with pytest.raises(ValueError, match="text_backprop"):
         ConfigManager("gpu-text", {"text_backprop": "some"})
     with pytest.raises(ValueError, match="text_segment"):

@@ -30,7 +30,7 @@ import yaml
 from ..model.configuration_senri import LAYER_TYPES, SenriConfig
 from ..model.io import atomic_write
 
-PROFILES = ("cpu-smoke", "cpu-proof", "cpu-real", "real-finetune", "cpu-text", "gpu-text", "t4", "a100")
+PROFILES = ("cpu-smoke", "cpu-proof", "cpu-real", "real-finetune", "cpu-text", "cpu-text-near", "gpu-text", "t4", "a100")
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
 # What ``auto`` picks on a GPU, first match wins: (profile, minimum compute capability, minimum memory in GiB).
 # a100 trains batches of 8 x 2048 tokens in bf16, meant for an 80 GB A100 or an H100; every other GPU (T4, L4,
