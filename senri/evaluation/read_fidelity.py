@@ -46,7 +46,8 @@ def layer_projections(model: Any, ids: torch.Tensor) -> dict[int, dict[str, torc
     """Per memory layer, what the layer projected while reading ``ids`` (1, T) in one forward, in float32: the raw
     queries ``q`` (Hq, T, D) and keys ``k`` / values ``v`` (H, T, D); the memory's queries ``mq`` and keys ``mk``
     (its query/key maps applied, no RoPE: what the memory reads and writes with); the rotated ``rq`` / ``rk`` at
-    the tokens' own positions (what full attention compares); and ``keep`` (T,), 0 at the never-written sinks."""
+    the tokens' own positions (what full attention compares); ``keep`` (T,), 0 at the never-written sinks; and
+    ``written``, how many of the first tokens the layer's memory holds after the forward (the cache's count)."""
     inner = unwrap_peft(model)
     config = inner.config
     layers = {i: inner.model.layers[i].self_attn for i in config.memory_layers}
@@ -82,7 +83,8 @@ def layer_projections(model: Any, ids: torch.Tensor) -> dict[int, dict[str, torc
                                   attn.memory_query_map.to(MEMORY_DTYPE)).reshape(H * G, T, D)
                 mk = torch.einsum("htd,hde->hte", mk, attn.memory_key_map.to(MEMORY_DTYPE))
         out[i] = {"q": q[0], "k": k[0], "v": v[0], "mq": mq, "mk": mk, "rq": rope(q, cos, sin)[0],
-                  "rk": rope(k, cos, sin)[0], "keep": keep}
+                  "rk": rope(k, cos, sin)[0], "keep": keep,
+                  "written": cache.layer_state(i).written_chunks * config.chunk_size}
     return out
 
 

@@ -23,6 +23,7 @@ import torch
 from ..model.cache import SenriCache
 from ..model.memory import MEMORY_DTYPE, alibi_decay, empty_memory, memory_states, phi, sink_keep_mask
 from ..model.modeling_senri import unwrap_peft
+from .read_fidelity import layer_projections
 
 
 def memory_writes(model: Any, ids: torch.Tensor) -> dict[int, dict[str, torch.Tensor]]:
@@ -34,30 +35,13 @@ def memory_writes(model: Any, ids: torch.Tensor) -> dict[int, dict[str, torch.Te
     layers = {i: inner.model.layers[i].self_attn for i in config.memory_layers}
     if any(attn.memory_layouts[False] is not None for attn in layers.values()):
         raise ValueError("memory_writes reads single memories (memory_type 'single'); this model's have slots")
-    captured: dict[tuple[int, str], torch.Tensor] = {}
-    hooks = []
-    for i, attn in layers.items():
-        for name in ("k_proj", "v_proj"):
-            def keep(module, args, output, key=(i, name)):  # noqa: ANN001
-                captured[key] = output.detach()
-            hooks.append(getattr(attn, name).register_forward_hook(keep))
-    cache = SenriCache(config, 1)
-    try:
-        with torch.no_grad():
-            inner(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
-    finally:
-        for hook in hooks:
-            hook.remove()
     out = {}
     C, S = config.chunk_size, config.num_sink_tokens
-    for i, attn in layers.items():
-        state = cache.layer_state(i)
-        written = state.written_chunks * C
+    for i, p in layer_projections(model, ids).items():
+        attn = layers[i]
+        written = p["written"]
         H, D = attn.num_kv_heads, attn.head_dim
-        k = captured[(i, "k_proj")].view(1, -1, H, D).transpose(1, 2)[:, :, :written]
-        v = captured[(i, "v_proj")].view(1, -1, H, D).transpose(1, 2)[:, :, :written]
-        if config.memory_qk_map:
-            k = torch.einsum("bhtd,hde->bhte", k, attn.memory_key_map.to(k.dtype))
+        k, v = p["mk"][None, :, :written], p["v"][None, :, :written]  # the memory's keys (its key map applied)
         N = written // C
         keep = sink_keep_mask(0, written, S, device=ids.device)
         decay = alibi_decay(H, config.alibi_scale) if config.use_alibi else None
