@@ -14,7 +14,7 @@ from tests.conftest import tiny_model
 
 def test_the_feature_maps_kernel_is_the_dot_product_of_each_heads_softmax_features():
     torch.manual_seed(0)
-    fmap = FeatureMaps(num_kv_heads=2, head_dim=4, features=3, groups=2)
+    fmap = FeatureMaps(num_kv_heads=2, head_dim=4, features=3)
     with torch.no_grad():
         fmap.query.add_(torch.randn_like(fmap.query))
         fmap.key.add_(torch.randn_like(fmap.key))
@@ -58,7 +58,7 @@ def test_fitting_lowers_the_cross_entropy_against_attention_and_uniform_is_log_o
         assert entry["after"] < entry["before"] - 1e-3
     heldout = [torch.randint(0, 97, (1, 64), generator=torch.Generator().manual_seed(9))]
     ce = kernel_cross_entropy(model, heldout, maps, queries=16, seed=5)
-    assert set(ce) == {"memory", "softmax", "uniform", "learned"}
+    assert set(ce) == {"memory", "taylor2", "softmax", "uniform", "learned"}
     # A uniform read over the n tokens the memory holds costs log n nats whatever the target.
     positions = _query_positions(model.config, 64, 16, torch.Generator().manual_seed(5))
     expected = sum(math.log(held_tokens(model.config, int(t)) - 2) for t in positions) / len(positions)

@@ -17,29 +17,27 @@ ELU + 1 and softmax of the same no-RoPE logits.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..model.memory import MEMORY_DTYPE, phi
+from ..model.memory import MEMORY_DTYPE
 from ..model.modeling_senri import unwrap_peft
-from .read_fidelity import held_tokens, layer_projections
+from .read_fidelity import INPUTS, held_tokens, kernel_scores, layer_projections
 
 
 class FeatureMaps(nn.Module):
     """Hedgehog feature maps of one layer: per key/value head ``W_q``, ``W_k`` (H, D, F), identity-like at start
     (F = D: W = I), ``φ(x) = [softmax(x W), softmax(−x W)]`` over the features (positive, 2F of them)."""
 
-    def __init__(self, num_kv_heads: int, head_dim: int, features: int, groups: int, inputs: str = "memory"):
+    def __init__(self, num_kv_heads: int, head_dim: int, features: int, inputs: str = "memory"):
         super().__init__()
         self.inputs = inputs  # which queries and keys it reads (:data:`INPUTS`)
         eye = torch.eye(head_dim, features, dtype=MEMORY_DTYPE).expand(num_kv_heads, head_dim, features)
         self.query = nn.Parameter(eye.clone())
         self.key = nn.Parameter(eye.clone())
-        self.groups = groups
 
     @staticmethod
     def features(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
@@ -53,9 +51,6 @@ class FeatureMaps(nn.Module):
         fq = self.features(q.reshape(H, -1, q.shape[-1]), self.query)  # (H, G*Q, 2F)
         fk = self.features(k, self.key)
         return (fq @ fk.transpose(-1, -2)).view(q.shape[0], q.shape[1], k.shape[1])
-
-
-INPUTS = {"memory": ("mq", "mk"), "rotated": ("rq", "rk")}
 
 
 def _targets(config: Any, projections: dict[str, torch.Tensor], positions: torch.Tensor,
@@ -119,7 +114,7 @@ def fit_feature_maps(model: Any, texts: Sequence[torch.Tensor], features: int = 
     for i, batch in batches.items():
         attn = inner.model.layers[i].self_attn
         torch.manual_seed(seed + i)
-        fmap = FeatureMaps(attn.num_kv_heads, attn.head_dim, features, attn.num_groups, inputs)
+        fmap = FeatureMaps(attn.num_kv_heads, attn.head_dim, features, inputs)
         optimiser = torch.optim.Adam(fmap.parameters(), lr=lr)
 
         def loss() -> torch.Tensor:
@@ -142,13 +137,13 @@ def fit_feature_maps(model: Any, texts: Sequence[torch.Tensor], features: int = 
 def kernel_cross_entropy(model: Any, texts: Sequence[torch.Tensor], maps: dict[int, FeatureMaps] | None = None,
                          queries: int = 128, seed: int = 1, inputs: str = "memory") -> dict[str, float]:
     """Mean cross-entropy (nats) against full attention over the memory's tokens on ``texts``, over memory layers and
-    sampled queries, for the memory's ELU + 1 read, softmax of its no-RoPE logits, ``maps`` (``learned``, reading
-    ``inputs`` as fitted) and a uniform read (the entropy bound's other end)."""
+    sampled queries, for the memory's ELU + 1 read, Taylor-2 and softmax of its no-RoPE logits, ``maps``
+    (``learned``, reading ``inputs`` as fitted) and a uniform read (the entropy bound's other end)."""
     _check_inputs(inputs)
     inner = unwrap_peft(model)
     config = inner.config
     generator = torch.Generator().manual_seed(seed)
-    totals: dict[str, list[float]] = {"memory": [], "softmax": [], "uniform": []}
+    totals: dict[str, list[float]] = {"memory": [], "taylor2": [], "softmax": [], "uniform": []}
     if maps:
         totals["learned"] = []
     for ids in texts:
@@ -157,13 +152,8 @@ def kernel_cross_entropy(model: Any, texts: Sequence[torch.Tensor], maps: dict[i
             attn = inner.model.layers[i].self_attn
             mask, target, mq = _targets(config, p, positions, attn.scaling, attn.num_groups)
             learned_q = p[INPUTS[inputs][0]][:, positions]
-            keys = p["mk"].repeat_interleave(attn.num_groups, dim=0)
-            logits = (mq @ keys.transpose(-1, -2)) / math.sqrt(attn.head_dim)
             with torch.no_grad():
-                scores = {"memory": phi(mq) @ phi(keys).transpose(-1, -2),
-                          "softmax": (logits - logits.masked_fill(~mask, float("-inf")).amax(-1, keepdim=True)
-                                      ).clamp_max(0).exp(),
-                          "uniform": torch.ones_like(logits)}
+                scores = {**kernel_scores(mq, p["mk"], attn.num_groups, mask), "uniform": torch.ones_like(target)}
                 if maps:
                     scores["learned"] = maps[i].scores(learned_q, p[INPUTS[inputs][1]])
                 for name, s in scores.items():
@@ -171,4 +161,4 @@ def kernel_cross_entropy(model: Any, texts: Sequence[torch.Tensor], maps: dict[i
     return {name: sum(v) / len(v) for name, v in totals.items()}
 
 
-__all__ = ["INPUTS", "FeatureMaps", "fit_feature_maps", "kernel_cross_entropy"]
+__all__ = ["FeatureMaps", "fit_feature_maps", "kernel_cross_entropy"]

@@ -1,8 +1,8 @@
 """How sharply does the memory read what it holds? A diagnostic of the read itself, one kernel beside another.
 
 The memory's read under the linear rule is a weighted mean of the values it wrote,
-``A = φ(q) M / (φ(q)·z + eps) = Σ_i w_i v_i`` with ``w_i ∝ φ(q)·φ(k_i)`` (φ = ELU + 1). Full attention over the same
-tokens weighs them by ``softmax(q·k_i / √D)`` instead. Whether a needle can be read at all depends on how much of
+``A = φ(q) M / (φ(q)·z + eps) = Σ_i w_i v_i`` with ``w_i ∝ φ(q)·φ(k_i)`` (φ = ELU + 1). Full attention over the
+same tokens weighs them by ``softmax(q·k_i / √D)`` instead. Whether a needle can be read at all depends on how much of
 the read's weight lands on it. :func:`read_weights` computes, for the query that predicts the answer's first token,
 the weights each memory layer gives the tokens it wrote, under four kernels of the *same* queries and keys:
 
@@ -34,12 +34,25 @@ from ..model.memory import MEMORY_DTYPE, phi, sink_keep_mask
 from ..model.modeling_senri import gate_clamp, rope, unwrap_peft
 
 KERNELS = ("memory", "taylor2", "softmax", "rope softmax")
+# What a learned feature map may read (:mod:`senri.evaluation.kernel_fit`): the memory's queries and keys (its maps
+# applied, no RoPE), or the rotated ones; the names of :func:`layer_projections`' entries.
+INPUTS = {"memory": ("mq", "mk"), "rotated": ("rq", "rk")}
 
 
 def _exp_over(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """exp(logits) up to a factor, stable over the kept tokens only (a sink's large logit would underflow the rest)."""
     kept = logits.masked_fill(keep == 0, float("-inf"))
     return (kept - kept.max(dim=-1, keepdim=True).values).exp()
+
+
+def kernel_scores(mq: torch.Tensor, mk: torch.Tensor, groups: int, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Unnormalised weights (Hq, Q, W) of the memory's queries ``mq`` (Hq, Q, D) over its keys ``mk`` (H, W, D)
+    (query head h reads key/value head h // ``groups``) under the memory's ELU + 1, and Taylor-2 and softmax of the
+    same no-RoPE logits q·k / √D; softmax kept stable over the tokens ``keep`` ((W,) or (Q, W)) marks."""
+    keys = mk.repeat_interleave(groups, dim=0)
+    logits = (mq @ keys.transpose(-1, -2)) / math.sqrt(mq.shape[-1])
+    return {"memory": phi(mq) @ phi(keys).transpose(-1, -2), "taylor2": 1 + logits + logits ** 2 / 2,
+            "softmax": _exp_over(logits, keep)}
 
 
 def layer_projections(model: Any, ids: torch.Tensor) -> dict[int, dict[str, torch.Tensor]]:
@@ -94,7 +107,8 @@ def held_tokens(config: Any, position: int) -> int:
     return max(0, position // config.chunk_size - config.window_chunks) * config.chunk_size
 
 
-def read_weights(model: Any, ids: torch.Tensor, feature_maps: dict[int, Any] | None = None) -> dict[int, dict[str, Any]]:
+def read_weights(model: Any, ids: torch.Tensor,
+                 feature_maps: dict[int, Any] | None = None) -> dict[int, dict[str, Any]]:
     """Per memory layer, for the last token of ``ids`` (1, T) as query: ``weights``, for each of :data:`KERNELS`
     (and ``learned`` where ``feature_maps`` has the layer: a :class:`senri.evaluation.kernel_fit.FeatureMaps` read of
     the memory's queries and keys), a (Hq, W) tensor over the W tokens the memory held when that query read it
@@ -112,28 +126,24 @@ def read_weights(model: Any, ids: torch.Tensor, feature_maps: dict[int, Any] | N
     out = {}
     for i, p in layer_projections(model, ids).items():
         attn = inner.model.layers[i].self_attn
-        G, D = attn.num_groups, attn.head_dim
+        G = attn.num_groups
         keep = p["keep"][:held]
-        mq, mk = p["mq"][:, -1], p["mk"][:, :held]  # (Hq, D), (H, W, D)
-        group_keys = mk.repeat_interleave(G, dim=0)  # (Hq, W, D): query head h reads key/value head h // G
-        logits = (mq[:, None] * group_keys).sum(-1) / math.sqrt(D)  # (Hq, W)
-        rope_logits = (p["rq"][:, -1, None] * p["rk"][:, :held].repeat_interleave(G, dim=0)).sum(-1) * attn.scaling
+        mq, mk = p["mq"][:, -1:], p["mk"][:, :held]  # (Hq, 1, D), (H, W, D)
+        rotated_keys = p["rk"][:, :held].repeat_interleave(G, dim=0)
+        rope_logits = (p["rq"][:, -1:] @ rotated_keys.transpose(-1, -2)) * attn.scaling
         if held == 0:  # the memory holds nothing yet: no weights
-            raw = {name: logits for name in KERNELS}
+            raw = {name: rope_logits[:, 0] for name in KERNELS}
         else:
-            raw = {
-                "memory": (phi(mq)[:, None] * phi(group_keys)).sum(-1),
-                "taylor2": 1 + logits + logits ** 2 / 2,
-                "softmax": _exp_over(logits, keep), "rope softmax": _exp_over(rope_logits, keep),
-            }
+            raw = {name: w[:, 0] for name, w in kernel_scores(mq, mk, G, keep).items()}
+            raw["rope softmax"] = _exp_over(rope_logits, keep)[:, 0]
             if feature_maps is not None and i in feature_maps:
                 fmap = feature_maps[i]
-                q_name, k_name = ("rq", "rk") if fmap.inputs == "rotated" else ("mq", "mk")
+                q_name, k_name = INPUTS[fmap.inputs]
                 with torch.no_grad():
                     raw["learned"] = fmap.scores(p[q_name][:, -1:], p[k_name][:, :held])[:, 0]
         weights = {name: w * keep / (w * keep).sum(-1, keepdim=True) for name, w in raw.items()}
         gate = gate_clamp(attn.memory_gate.detach()).to(MEMORY_DTYPE) if hasattr(attn, "memory_gate") else None
-        out[i] = {"weights": weights, "values": p["v"][:, :held], "query": mq, "gate": gate}
+        out[i] = {"weights": weights, "values": p["v"][:, :held], "query": mq[:, 0], "gate": gate}
     return out
 
 
@@ -180,4 +190,4 @@ def read_fidelity(model: Any, cases: Sequence[Any], feature_maps: dict[int, Any]
             "uniform": mean(uniform), "gate": mean(gates)}
 
 
-__all__ = ["KERNELS", "layer_projections", "held_tokens", "read_weights", "read_fidelity"]
+__all__ = ["KERNELS", "INPUTS", "kernel_scores", "layer_projections", "held_tokens", "read_weights", "read_fidelity"]
