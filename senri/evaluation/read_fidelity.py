@@ -2,9 +2,9 @@
 
 The memory's read under the linear rule is a weighted mean of the values it wrote,
 ``A = φ(q) M / (φ(q)·z + eps) = Σ_i w_i v_i``, with ``w_i ∝ φ(q)·φ(k_i)`` (φ = ELU + 1). Full attention over
-the same tokens weighs them by ``softmax(q·k_i / √D)`` instead. Whether a needle can be read at all depends on how much of
-the read's weight lands on it. :func:`read_weights` computes, for the query that predicts the answer's first token,
-the weights each memory layer gives the tokens it wrote, under four kernels of the *same* queries and keys:
+the same tokens weighs them by ``softmax(q·k_i / √D)`` instead. Whether a needle can be read at all depends on how
+much of the read's weight lands on it. :func:`read_weights` computes, for the query that predicts the answer's first
+token, the weights each memory layer gives the tokens it wrote, under four kernels of the *same* queries and keys:
 
 * ``memory``: the memory's own read (its query/key maps, ELU + 1, the linear rule): the weights whose mean of the
   values is the memory's output (a test holds ``Σ w_i v_i`` equal to the read from the rebuilt state);
