@@ -330,21 +330,36 @@ def ceiling(cases: int, lengths: str) -> dict[str, Any]:
     return {"cases": cases, "records": records}
 
 
+def _trained_memory(directory: str) -> tuple[Any, Any]:
+    """(model in eval mode, tokenizer): the trained memory ``directory`` ("shipped", a name under senri/trained/, or
+    a path) on the offline SmolLM2."""
+    from .model.trained import load_trained_memory
+    from .training.finetune import init_directory
+
+    llama, tokenizer = load_local_smollm2()
+    return load_trained_memory(llama, init_directory(directory)).eval(), tokenizer
+
+
+def _cell_records(tokenizer: Any, cases: int, lengths: str, measure: Any, **fields: Any) -> list[dict[str, Any]]:
+    """One record per grid cell (:func:`grid_cases` at ``lengths``, comma-separated): its kind and length, ``fields``
+    and what ``measure(case_list)`` returns, each printed as it comes."""
+    records = []
+    for (kind, length), case_list in grid_cases(tokenizer, [int(n) for n in lengths.split(",")], cases).items():
+        records.append({"kind": kind, "length": length, **fields, **measure(case_list)})
+        print(records[-1], flush=True)
+    return records
+
+
 def store_selection(cases: int, lengths: str, score: str, directory: str = "shipped") -> dict[str, Any]:
     """For the grid's pass-key and fact cases: would an exact store of 64 or 256 tokens per head, chosen by ``score``
     ("recall": the memory's recall error, as LoLA chooses; "attention": the attention received in the window, as
     H2O), hold a token of the needle when the question comes (:mod:`senri.evaluation.store_selection`)? Per cell,
     beside what a store chosen at random would hold."""
     from .evaluation.store_selection import store_selection as selection
-    from .model.trained import load_trained_memory
-    from .training.finetune import init_directory
 
-    llama, tokenizer = load_local_smollm2()
-    model = load_trained_memory(llama, init_directory(directory)).eval()
-    records = []
-    for (kind, length), case_list in grid_cases(tokenizer, [int(n) for n in lengths.split(",")], cases).items():
-        records.append({"kind": kind, "length": length, "score": score, **selection(model, case_list, score=score)})
-        print(records[-1], flush=True)
+    model, tokenizer = _trained_memory(directory)
+    records = _cell_records(tokenizer, cases, lengths, lambda case_list: selection(model, case_list, score=score),
+                            score=score)
     return {"directory": directory, "cases": cases, "score": score, "records": records}
 
 
@@ -354,16 +369,10 @@ def read_fidelity(directory: str, cases: int, lengths: str) -> dict[str, Any]:
     kernel beside softmax, its Taylor approximation and full attention on the same tokens
     (:mod:`senri.evaluation.read_fidelity`)."""
     from .evaluation.read_fidelity import read_fidelity as fidelity
-    from .model.trained import load_trained_memory
-    from .training.finetune import init_directory
 
-    llama, tokenizer = load_local_smollm2()
-    model = load_trained_memory(llama, init_directory(directory)).eval()
-    records = []
-    for (kind, length), case_list in grid_cases(tokenizer, [int(n) for n in lengths.split(",")], cases).items():
-        records.append({"kind": kind, "length": length, **fidelity(model, case_list)})
-        print(records[-1], flush=True)
-    return {"directory": directory, "cases": cases, "records": records}
+    model, tokenizer = _trained_memory(directory)
+    return {"directory": directory, "cases": cases,
+            "records": _cell_records(tokenizer, cases, lengths, lambda case_list: fidelity(model, case_list))}
 
 
 def kernel_fit(directory: str, cases: int, lengths: str, features: int, steps: int,
@@ -375,12 +384,9 @@ def kernel_fit(directory: str, cases: int, lengths: str, features: int, steps: i
     and keys ("memory") or the rotated ones ("rotated")."""
     from .evaluation.kernel_fit import fit_feature_maps, kernel_cross_entropy
     from .evaluation.read_fidelity import read_fidelity as fidelity
-    from .model.trained import load_trained_memory
     from .tasks.corpus import documents
-    from .training.finetune import init_directory
 
-    llama, tokenizer = load_local_smollm2()
-    model = load_trained_memory(llama, init_directory(directory)).eval()
+    model, tokenizer = _trained_memory(directory)
 
     def stretches(split: str, count: int) -> list[torch.Tensor]:
         out = []
@@ -393,10 +399,7 @@ def kernel_fit(directory: str, cases: int, lengths: str, features: int, steps: i
     print({"fit": log}, flush=True)
     heldout = kernel_cross_entropy(model, stretches("heldout", 1), maps, inputs=inputs)
     print({"heldout_cross_entropy": heldout}, flush=True)
-    records = []
-    for (kind, length), case_list in grid_cases(tokenizer, [int(n) for n in lengths.split(",")], cases).items():
-        records.append({"kind": kind, "length": length, **fidelity(model, case_list, maps)})
-        print(records[-1], flush=True)
+    records = _cell_records(tokenizer, cases, lengths, lambda case_list: fidelity(model, case_list, maps))
     return {"directory": directory, "features": features, "steps": steps, "inputs": inputs, "fit": log,
             "heldout_cross_entropy": heldout, "records": records}
 
