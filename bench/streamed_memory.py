@@ -37,7 +37,7 @@ def one_step(mode: str, length: int, segment: int) -> dict:
 
     torch.set_num_threads(int(os.environ.get("THREADS", "1")))
     base, tokenizer = load_local_smollm2()
-    model = trainable_model(base, "shipped", TextMemorySettings(), {})
+    model = trainable_model(base, "shipped", TextMemorySettings())
     model.train()
     ids, answer = passkey_sample(tokenizer, length, 2 * model.get_base_model().config.sliding_window,
                                  random.Random(0), end=True)

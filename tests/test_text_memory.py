@@ -331,14 +331,28 @@ def test_the_grid_summary_gives_each_memory_its_cells_beside_closed_and_base_and
     assert nll["gap_share"] == pytest.approx(0.75) and nll["in_window_ppl_ratio"] == pytest.approx(2.718281828 ** 0.01)
 
 
-def test_a_trained_memory_loads_with_a_lever_that_shapes_no_parameter(smollm2):
-    from senri.model.trained import load_trained_memory
+def test_a_trained_memory_loads_and_trains_on_with_a_lever_that_shapes_no_parameter(smollm2):
+    from senri.model.trained import SMOLLM2_WINDOW256, load_trained_memory, read_card
+    from senri.training.textmemory import trainable_model
 
     llama, _ = smollm2
-    from senri.model.trained import SMOLLM2_WINDOW256
-
     delta = load_trained_memory(llama, SMOLLM2_WINDOW256, overrides={"memory_update": "delta"})
     assert delta.config.memory_update == "delta"
+    assert read_card(SMOLLM2_WINDOW256)["settings"]["memory_update"] == "linear"
+    # The recipe starts from the card with the profile's settings: the memory update may change, so the shipped
+    # (linear) memory trains on under the delta rule, with its own adapters trainable and unmerged ...
+    profile = ConfigManager("cpu-text-near", {"model.memory_update": "delta"}).senri_config_kwargs()
+    model = trainable_model(llama, "shipped", TextMemorySettings(), profile)
+    inner = model.get_base_model()
+    assert inner.config.memory_update == "delta"
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in trainable) and any(n.endswith("memory_gate") for n in trainable)
+    assert not any(n.endswith("q_proj.base_layer.weight") for n in trainable)
+    assert trainable_model(llama, "shipped", TextMemorySettings()).get_base_model().config.memory_update == "linear"
+    # ... but a setting that shapes the model (the window) must match the card's.
+    wide = ConfigManager("cpu-text-near", {"model.sliding_window": 512}).senri_config_kwargs()
+    with pytest.raises(ValueError, match="sliding_window: 256 there, 512 here .only memory_update"):
+        trainable_model(llama, "shipped", TextMemorySettings(), wide)
 
 
 def test_a_new_memory_ships_only_if_no_cell_regresses_by_more_than_two_of_twenty():

@@ -33,6 +33,9 @@ CARD_FILE = "card.json"
 # The Senri settings a card records: together with the base checkpoint they define the model the parameters fit.
 CARD_SETTINGS = ("sliding_window", "chunk_size", "num_sink_tokens", "layer_types", "memory_update", "memory_qk_map",
                  "memory_type", "memory_eps")
+# Of those, the ones that shape no parameter: a trained memory may be loaded with them changed (``overrides``), e.g.
+# the linear rule's parameters read and written by the delta rule.
+READ_SETTINGS = ("memory_update", "memory_eps")
 
 
 def base_fingerprint(model: Any) -> str:
@@ -169,5 +172,5 @@ def load_trained_smollm2(directory: str | Path = SMOLLM2_WINDOW256):
     return load_trained_memory(base, directory), tokenizer
 
 
-__all__ = ["TRAINED_DIR", "SMOLLM2_WINDOW256", "base_fingerprint", "save_trained_memory", "read_card",
+__all__ = ["TRAINED_DIR", "SMOLLM2_WINDOW256", "CARD_SETTINGS", "READ_SETTINGS", "base_fingerprint", "save_trained_memory", "read_card",
            "load_trained_memory", "load_trained_smollm2"]

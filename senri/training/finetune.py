@@ -28,7 +28,8 @@ from ..evaluation.real_model import depths_beyond_window, gates_closed
 from ..model.conversion import convert_llama_to_senri, load_base_model
 from ..model.modeling_senri import SenriForCausalLM, unwrap_peft
 from ..model.trained import (
-    CARD_SETTINGS, SMOLLM2_WINDOW256, TRAINED_DIR, TRANSFER_PARAMETER_SUFFIXES, load_trained_memory, read_card,
+    CARD_SETTINGS, READ_SETTINGS, SMOLLM2_WINDOW256, TRAINED_DIR, TRANSFER_PARAMETER_SUFFIXES, load_trained_memory,
+    read_card,
 )
 from ..tasks.niah import make_needle
 from .loop import Recipe, fit, read_metrics, training_arguments
@@ -276,20 +277,28 @@ def init_directory(init: str) -> Path:
     return Path(init)
 
 
+def init_overrides(init: str, config: Any) -> dict[str, Any]:
+    """How ``config`` (the profile's SenriConfig) departs from the card of ``training.finetune_init`` ``init``: the
+    settings that shape no parameter (``READ_SETTINGS``, e.g. ``memory_update``) are returned, to load the memory with;
+    any other difference raises, naming the setting and both values."""
+    card = read_card(init_directory(init))["settings"]
+    differ = {k: getattr(config, k) for k in CARD_SETTINGS if card.get(k) != getattr(config, k)}
+    fixed = [f"{k}: {card.get(k)!r} there, {v!r} here" for k, v in differ.items() if k not in READ_SETTINGS]
+    if fixed:
+        raise ValueError(f"training.finetune_init {init!r} was trained with other Senri settings: {'; '.join(fixed)} "
+                         f"(only {', '.join(READ_SETTINGS)} may differ from its card)")
+    return differ
+
+
 def initial_model(cfg: Any, base: Any) -> SenriForCausalLM:
     """Phase B's starting point: ``training.finetune_init`` (a trained memory directory, e.g. phase A's
-    ``trained_memory``; "shipped" for the package's) whose settings must be the profile's, or the plain conversion."""
+    ``trained_memory``; "shipped" for the package's), loaded with the profile's settings (which may differ from its
+    card only in :data:`READ_SETTINGS`), or the plain conversion."""
     init = cfg.training.finetune_init
     fresh = convert_llama_to_senri(base, **cfg.senri_config_kwargs())
     if init is None:
         return fresh
-    directory = init_directory(init)
-    card = read_card(directory)
-    differ = [f"{k}: {card['settings'][k]!r} there, {getattr(fresh.config, k)!r} here" for k in CARD_SETTINGS
-              if card["settings"].get(k) != getattr(fresh.config, k)]
-    if differ:
-        raise ValueError(f"training.finetune_init {init!r} was trained with other Senri settings: {'; '.join(differ)}")
-    return load_trained_memory(base, directory)
+    return load_trained_memory(base, init_directory(init), overrides=init_overrides(init, fresh.config))
 
 
 def finetune_recipe(cfg: Any) -> Recipe:
@@ -324,4 +333,5 @@ def finish_with_last_evaluation(finish: Any, marker: str) -> Any:
 
 __all__ = ["FinetuneSettings", "LORA_TARGETS", "FINETUNE_ARGUMENTS", "seq_len_at", "passkey_sample", "add_lora",
            "answer_loss", "kl_to_base", "memory_on_off", "FinetuneSamples", "collate", "make_finetune_recipe",
-           "finetune_arguments", "run_finetune", "settings_from_config", "init_directory", "initial_model", "finetune_recipe", "finish_with_last_evaluation"]
+           "finetune_arguments", "run_finetune", "settings_from_config", "init_directory", "init_overrides", "initial_model", "finetune_recipe",
+           "finish_with_last_evaluation"]

@@ -36,14 +36,15 @@ import torch
 
 from ..evaluation.diagnostics import passkey_cases, teacher_forced_scores
 from ..evaluation.real_model import depths_beyond_window, gates_closed
-from ..model.conversion import convert_llama_to_senri, load_base_model
+from ..model.conversion import convert_llama_to_senri, load_base_model, senri_config_from
 from ..model.io import atomic_write
 from ..model.modeling_senri import unwrap_peft
 from ..model.trained import TRANSFER_PARAMETER_SUFFIXES, load_trained_memory, read_card
 from ..tasks.corpus import OFFLINE_SOURCES, Document, iter_documents
 from ..tasks.facts import KIND_NAMES, Haystack, fact_case, fact_cases
 from .finetune import (
-    FinetuneSettings, add_lora, answer_loss, finish_with_last_evaluation, init_directory, passkey_sample, seq_len_at,
+    FinetuneSettings, add_lora, answer_loss, finish_with_last_evaluation, init_directory, init_overrides, passkey_sample,
+    seq_len_at,
 )
 from .finetune import settings_from_config as finetune_settings
 from .loop import Recipe
@@ -213,12 +214,17 @@ def recall_on_off(model: Any, cases: dict[str, Sequence[Any]]) -> dict[str, floa
 
 
 # --- the recipe --------------------------------------------------------------------------------------------------
-def trainable_model(base: Any, init: str | None, settings: TextMemorySettings, senri_kwargs: dict[str, Any]) -> Any:
+def trainable_model(base: Any, init: str | None, settings: TextMemorySettings,
+                    senri_kwargs: dict[str, Any] | None = None) -> Any:
     """The peft model to train: ``init``'s memory with its own LoRA adapters unmerged (they go on training), or
-    fresh adapters (:func:`senri.training.finetune.add_lora`) when ``init`` has none or is None."""
+    fresh adapters (:func:`senri.training.finetune.add_lora`) when ``init`` has none or is None. ``senri_kwargs``
+    (the profile's Senri settings; None: ``init``'s own) convert the model; with ``init`` they may differ from its card
+    only in settings that shape no parameter (e.g. ``memory_update``: the linear rule's memory trained on by the
+    delta rule)."""
     if init is None:
-        return add_lora(convert_llama_to_senri(base, **senri_kwargs), settings)
-    model = load_trained_memory(base, init_directory(init), merge_lora=False)
+        return add_lora(convert_llama_to_senri(base, **(senri_kwargs or {})), settings)
+    overrides = {} if senri_kwargs is None else init_overrides(init, senri_config_from(base.config, **senri_kwargs))
+    model = load_trained_memory(base, init_directory(init), merge_lora=False, overrides=overrides)
     if not hasattr(model, "peft_config"):
         return add_lora(model, settings)
     for name, p in model.named_parameters():
