@@ -33,6 +33,7 @@ from ..model.trained import (
 )
 from ..tasks.niah import make_needle
 from .loop import Recipe, fit, read_metrics, training_arguments
+from .streamed import TokenTargets
 from .transfer import local_text_corpus, recipe_finish, text_corpus_ids, text_sample
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -138,14 +139,13 @@ def add_lora(model: SenriForCausalLM, settings: FinetuneSettings) -> Any:
 def answer_loss(model: Any, ids: torch.Tensor, answer_lengths: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean cross-entropy of each row's answer, its last ``answer_lengths[b]`` tokens of ``ids`` (B, T), given
-    everything before them; the vocabulary head runs on the last ``max(answer_lengths)`` positions only. Rows of
-    several lengths are left-padded, with ``attention_mask`` (B, T) marking the real tokens."""
+    everything before them (the labels of :meth:`senri.training.streamed.TokenTargets.answers`, which scores the same
+    answers when a row is read in segments); the vocabulary head runs on the last ``max(answer_lengths)`` positions
+    only. Rows of several lengths are left-padded, with ``attention_mask`` (B, T) marking the real tokens."""
     keep = int(answer_lengths.max())
     mask = None if attention_mask is None else attention_mask[:, :-1]
-    logits = model(input_ids=ids[:, :-1], attention_mask=mask, logits_to_keep=keep).logits.float()
-    labels = ids[:, -keep:].clone()
-    labels[torch.arange(keep, device=ids.device)[None] < keep - answer_lengths[:, None]] = -100
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    logits = model(input_ids=ids[:, :-1], attention_mask=mask, logits_to_keep=keep).logits
+    return TokenTargets.answers(ids, answer_lengths)(logits, 0, ids.shape[1] - 1)
 
 
 def kl_to_base(model: Any, base: Any, ids: torch.Tensor, tokens: int) -> torch.Tensor:
