@@ -8,7 +8,7 @@
     python -m senri.reports grid-merge A.json,B.json    # several grid runs' records together, and their summary
     python -m senri.reports corpus                      # the prose corpus: documents and tokens per source and split
     python -m senri.reports ceiling CASES LENGTHS       # the grid's recall cells for a perfect memory on layers 4-23
-    python -m senri.reports store-selection CASES LENGTHS SCORE  # would a store chosen by SCORE (recall: LoLA | attention: H2O) hold the needle?
+    python -m senri.reports store-selection CASES LENGTHS SCORE  # would a store chosen by SCORE (recall: LoLA | relative: recall error / |v| | attention: H2O) hold the needle?
     python -m senri.reports read-fidelity DIR CASES LENGTHS  # the needle's share of the memory's read weight, beside softmax / Taylor / full attention
     python -m senri.reports kernel-fit DIR CASES LENGTHS FEATURES STEPS INPUTS  # the same with a Hedgehog feature map fitted to attention on training prose (INPUTS: memory | rotated)
     python -m senri.reports stream TOKENS EVERY         # loss per 4K block of a long stream vs fresh starts (every EVERY-th block)
@@ -352,9 +352,10 @@ def _cell_records(tokenizer: Any, cases: int, lengths: str, measure: Any, **fiel
 
 def store_selection(cases: int, lengths: str, score: str, directory: str = "shipped") -> dict[str, Any]:
     """For the grid's pass-key and fact cases: would an exact store of 64 or 256 tokens per head, chosen by ``score``
-    ("recall": the memory's recall error, as LoLA chooses; "attention": the attention received in the window, as
-    H2O), hold a token of the needle when the question comes (:mod:`senri.evaluation.store_selection`)? Per cell,
-    beside what a store chosen at random would hold."""
+    ("recall": the memory's recall error, as LoLA chooses; "relative": that error over the value's norm;
+    "attention": the attention received in the window, as H2O), hold a token of the needle when the question comes
+    (:mod:`senri.evaluation.store_selection`)? Per cell, per (layer, head) and per layer (some head's store), beside
+    what a store chosen at random would hold."""
     from .evaluation.store_selection import store_selection as selection
 
     model, tokenizer = _trained_memory(directory)

@@ -41,6 +41,9 @@ def test_the_rebuilt_memory_is_the_cache_and_its_first_chunk_is_recalled_from_no
         torch.testing.assert_close(w["error"][:, sinks:C], norms[:, sinks:C])
         later = w["error"].shape[1]  # after it, the memory does read something
         assert float((w["error"][:, C:] - norms[:, C:later]).abs().max()) > 1e-3
+        torch.testing.assert_close(w["relative"][:, sinks:C], torch.ones_like(norms[:, sinks:C]))  # all of it missed
+        torch.testing.assert_close(w["relative"][:, sinks:], w["error"][:, sinks:] / norms[:, sinks:later])
+        assert bool(w["relative"][:, :sinks].isnan().all())
 
 
 def test_needle_ranks_name_the_needles_best_token_among_the_written():
@@ -74,15 +77,26 @@ def test_attention_received_chunk_by_chunk_is_the_one_pass_attention_summed_per_
     assert float(received[1].sum()) == pytest.approx(45 * model.config.num_attention_heads, rel=1e-5)
 
 
-def test_store_selection_reports_both_scores_beside_chance_and_refuses_others():
+def test_store_selection_reports_every_score_beside_chance_and_refuses_others():
     from types import SimpleNamespace
+
+    from senri.evaluation.store_selection import SCORES
 
     model = tiny_model()
     ids = torch.randint(0, 97, (60,), generator=torch.Generator().manual_seed(6)).tolist()
     case = SimpleNamespace(ids=ids, answer_start=55, needle=(10, 14))
-    for score in ("recall", "attention"):
+    H = model.config.num_key_value_heads
+    for score in SCORES:
         out = store_selection(model, [case], stores=(4, 16), score=score)
-        assert out["pairs"] == model.config.num_key_value_heads
+        assert out["pairs"] == H * len(model.config.memory_layers)
         assert 0 <= out["mean_rank"] < 32 and set(out["kept"]) == set(out["kept_by_chance"]) == {4, 16}
-    with pytest.raises(ValueError, match="score must be 'recall' or 'attention', got 'random'"):
+        for s in (4, 16):  # some head of a layer holds it at least as often as a given head does, by chance too
+            assert out["kept_by_any_head"][s] >= out["kept"][s] - 1e-9
+            p = out["kept_by_chance"][s]
+            assert out["kept_by_any_head_by_chance"][s] == pytest.approx(1 - (1 - p) ** H)
+    # The store as large as what was written keeps the needle, by any score and by chance.
+    written = int((~memory_writes(model, torch.tensor([ids[:55]]))[1]["error"][0].isnan()).sum())
+    whole = store_selection(model, [case], stores=(written,), score="relative")
+    assert whole["kept"][written] == whole["kept_by_chance"][written] == 1.0
+    with pytest.raises(ValueError, match="score must be one of recall, relative, attention, got 'random'"):
         store_selection(model, [case], score="random")

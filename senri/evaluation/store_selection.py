@@ -9,7 +9,9 @@ of fixed size chosen this way never holds them, however it is read.
 keys and values from the layer's own projections (captured by hooks, the memory's key map applied), and the
 memory's state before each chunk from its own update rule (:func:`senri.model.memory.memory_states`; a test holds
 the last state equal to the cache's). A written token's recall error is ``‖v − φ(k) M / (φ(k)·z + eps)‖`` with the
-state before its chunk was written, per key/value head: the selection score LoLA uses.
+state before its chunk was written, per key/value head: the selection score LoLA uses; ``relative`` divides it by
+``‖v‖`` (what the memory misses as a share of what was written, so that tokens with large values do not rank first
+for their size alone).
 :func:`needle_ranks` then says, per layer and head, where the needle's best token ranks.
 """
 
@@ -29,7 +31,8 @@ from .read_fidelity import layer_projections
 def memory_writes(model: Any, ids: torch.Tensor) -> dict[int, dict[str, torch.Tensor]]:
     """Per memory layer, what the memory wrote while reading ``ids`` (1, T) in one forward: ``error`` (H, W), the
     recall error of each of the W tokens written (positions 0..W-1, per key/value head; the attention sinks, never
-    written, are NaN), and ``M``, ``z``, the memory rebuilt after the last write."""
+    written, are NaN), ``relative`` (H, W), the same divided by the value's norm, and ``M``, ``z``, the memory
+    rebuilt after the last write."""
     inner = unwrap_peft(model)
     config = inner.config
     layers = {i: inner.model.layers[i].self_attn for i in config.memory_layers}
@@ -51,16 +54,20 @@ def memory_writes(model: Any, ids: torch.Tensor) -> dict[int, dict[str, torch.Te
                                    config.memory_eps, decay=decay, keep=None if keep is None else keep.view(N, C))
             sk = phi(k.to(MEMORY_DTYPE)).view(1, H, N, C, D)
             read = (sk @ Ms[:, :, :N]) / (sk @ zs[:, :, :N].unsqueeze(-1) + config.memory_eps)
-            error = (v.to(MEMORY_DTYPE).view(1, H, N, C, D) - read).norm(dim=-1).view(H, written)
+            values = v.to(MEMORY_DTYPE).view(1, H, N, C, D)
+            error = (values - read).norm(dim=-1).view(H, written)
+            relative = error / values.norm(dim=-1).view(H, written).clamp(min=torch.finfo(MEMORY_DTYPE).tiny)
         if keep is not None:
             error[:, keep == 0] = float("nan")
-        out[i] = {"error": error, "M": Ms[:, :, -1], "z": zs[:, :, -1]}
+            relative[:, keep == 0] = float("nan")
+        out[i] = {"error": error, "relative": relative, "M": Ms[:, :, -1], "z": zs[:, :, -1]}
     return out
 
 
-def recall_errors(model: Any, ids: torch.Tensor) -> dict[int, torch.Tensor]:
-    """Per memory layer: (H, W) recall errors of the tokens the memory wrote while reading ``ids`` (:func:`memory_writes`)."""
-    return {i: w["error"] for i, w in memory_writes(model, ids).items()}
+def recall_errors(model: Any, ids: torch.Tensor, relative: bool = False) -> dict[int, torch.Tensor]:
+    """Per memory layer: (H, W) recall errors of the tokens the memory wrote while reading ``ids``
+    (:func:`memory_writes`; ``relative``: divided by the value's norm)."""
+    return {i: w["relative" if relative else "error"] for i, w in memory_writes(model, ids).items()}
 
 
 def attention_received(model: Any, ids: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -111,21 +118,28 @@ def _kept_by_chance(store: int, needle: int, written: int) -> float:
     return 1.0 - miss
 
 
+# How a store chooses what it keeps: the memory's recall error (LoLA), the same relative to the value's norm, or the
+# attention a token received while in the window (H2O).
+SCORES = ("recall", "relative", "attention")
+
+
 def store_selection(model: Any, cases: Sequence[Any], stores: Sequence[int] = (64, 256),
                     score: str = "recall") -> dict[str, Any]:
     """Over ``cases`` (each with ``ids``, ``answer_start``, ``needle``) and every (memory layer, head): the share whose
-    store of each size, chosen by ``score`` ("recall": the memory's recall error, as LoLA; "attention": the attention
-    received in the window, as H2O), would hold a needle token, beside the share a store chosen at random
-    would (:func:`_kept_by_chance`); and the mean rank of the needle's best token, beside its mean for a random
-    ranking ((W − n) / (n + 1) for n needle tokens among W)."""
-    if score not in ("recall", "attention"):
-        raise ValueError(f"score must be 'recall' or 'attention', got {score!r}")
+    store of each size, chosen by ``score`` (:data:`SCORES`), would hold a needle token, beside the share a store
+    chosen at random would (:func:`_kept_by_chance`); the same per layer for a store in each of its heads (``kept_by
+    _any_head``: some head of the layer holds a needle token, beside its chance); and the mean rank of the needle's best
+    token, beside its mean for a random ranking ((W − n) / (n + 1) for n needle tokens among W)."""
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
     hits: dict[int, list[float]] = {s: [] for s in stores}
     chance: dict[int, list[float]] = {s: [] for s in stores}
+    any_hits: dict[int, list[float]] = {s: [] for s in stores}
+    any_chance: dict[int, list[float]] = {s: [] for s in stores}
     ranks, chance_ranks = [], []
     for case in cases:
         ids = torch.tensor([case.ids[: case.answer_start]])
-        errors = recall_errors(model, ids)
+        errors = recall_errors(model, ids, relative=score == "relative")
         if score == "attention":  # the same tokens (those written; sinks NaN), scored by the attention they received
             received = attention_received(model, ids)
             errors = {i: torch.where(e.isnan(), e, received[i][:, : e.shape[1]].to(e.dtype)) for i, e in errors.items()}
@@ -137,8 +151,11 @@ def store_selection(model: Any, cases: Sequence[Any], stores: Sequence[int] = (6
             ranks.extend(rank.tolist())
             chance_ranks.extend([(written - needle) / (needle + 1)] * len(rank))
             for s in stores:
-                hits[s].extend((rank < s).float().tolist())
-                chance[s].extend([_kept_by_chance(s, needle, written)] * len(rank))
+                kept, p = (rank < s).float(), _kept_by_chance(s, needle, written)
+                hits[s].extend(kept.tolist())
+                chance[s].extend([p] * len(rank))
+                any_hits[s].append(float(kept.max()))
+                any_chance[s].append(1.0 - (1.0 - p) ** len(rank))  # the heads' random stores drawn independently
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
     return {
         "pairs": len(ranks),
@@ -146,7 +163,9 @@ def store_selection(model: Any, cases: Sequence[Any], stores: Sequence[int] = (6
         "median_rank": float(torch.tensor(ranks).median()) if ranks else None,
         "kept": {s: mean(h) for s, h in hits.items()},
         "kept_by_chance": {s: mean(c) for s, c in chance.items()},
+        "kept_by_any_head": {s: mean(h) for s, h in any_hits.items()},
+        "kept_by_any_head_by_chance": {s: mean(c) for s, c in any_chance.items()},
     }
 
 
-__all__ = ["memory_writes", "recall_errors", "attention_received", "needle_ranks", "store_selection"]
+__all__ = ["SCORES", "memory_writes", "recall_errors", "attention_received", "needle_ranks", "store_selection"]
