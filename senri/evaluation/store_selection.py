@@ -127,8 +127,8 @@ def store_selection(model: Any, cases: Sequence[Any], stores: Sequence[int] = (6
                     score: str = "recall") -> dict[str, Any]:
     """Over ``cases`` (each with ``ids``, ``answer_start``, ``needle``) and every (memory layer, head): the share whose
     store of each size, chosen by ``score`` (:data:`SCORES`), would hold a needle token, beside the share a store
-    chosen at random would (:func:`_kept_by_chance`); the same per layer for a store in each of its heads (``kept_by
-    _any_head``: some head of the layer holds a needle token, beside its chance); and the mean rank of the needle's best
+    chosen at random would (:func:`_kept_by_chance`); per layer, with a store in each of its heads, the share where
+    some head's store holds one (``kept_by_any_head``, beside its chance); and the mean rank of the needle's best
     token, beside its mean for a random ranking ((W − n) / (n + 1) for n needle tokens among W)."""
     if score not in SCORES:
         raise ValueError(f"score must be one of {', '.join(SCORES)}, got {score!r}")

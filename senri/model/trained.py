@@ -172,5 +172,5 @@ def load_trained_smollm2(directory: str | Path = SMOLLM2_WINDOW256):
     return load_trained_memory(base, directory), tokenizer
 
 
-__all__ = ["TRAINED_DIR", "SMOLLM2_WINDOW256", "CARD_SETTINGS", "READ_SETTINGS", "base_fingerprint", "save_trained_memory", "read_card",
-           "load_trained_memory", "load_trained_smollm2"]
+__all__ = ["TRAINED_DIR", "SMOLLM2_WINDOW256", "CARD_SETTINGS", "READ_SETTINGS", "base_fingerprint",
+           "save_trained_memory", "read_card", "load_trained_memory", "load_trained_smollm2"]
