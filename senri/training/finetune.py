@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..evaluation.diagnostics import filler_sentences, passkey_cases, teacher_forced_scores
 from ..evaluation.real_model import depths_beyond_window, gates_closed
-from ..model.conversion import convert_llama_to_senri, load_base_model
+from ..model.conversion import convert_llama_to_senri, load_base_model, senri_config_from
 from ..model.modeling_senri import SenriForCausalLM, unwrap_peft
 from ..model.trained import (
     CARD_SETTINGS, READ_SETTINGS, SMOLLM2_WINDOW256, TRAINED_DIR, TRANSFER_PARAMETER_SUFFIXES, load_trained_memory,
@@ -294,11 +294,11 @@ def initial_model(cfg: Any, base: Any) -> SenriForCausalLM:
     """Phase B's starting point: ``training.finetune_init`` (a trained memory directory, e.g. phase A's
     ``trained_memory``; "shipped" for the package's), loaded with the profile's settings (which may differ from its
     card only in :data:`READ_SETTINGS`), or the plain conversion."""
-    init = cfg.training.finetune_init
-    fresh = convert_llama_to_senri(base, **cfg.senri_config_kwargs())
+    init, kwargs = cfg.training.finetune_init, cfg.senri_config_kwargs()
     if init is None:
-        return fresh
-    return load_trained_memory(base, init_directory(init), overrides=init_overrides(init, fresh.config))
+        return convert_llama_to_senri(base, **kwargs)
+    overrides = init_overrides(init, senri_config_from(base.config, **kwargs))
+    return load_trained_memory(base, init_directory(init), overrides=overrides)
 
 
 def finetune_recipe(cfg: Any) -> Recipe:
@@ -333,5 +333,5 @@ def finish_with_last_evaluation(finish: Any, marker: str) -> Any:
 
 __all__ = ["FinetuneSettings", "LORA_TARGETS", "FINETUNE_ARGUMENTS", "seq_len_at", "passkey_sample", "add_lora",
            "answer_loss", "kl_to_base", "memory_on_off", "FinetuneSamples", "collate", "make_finetune_recipe",
-           "finetune_arguments", "run_finetune", "settings_from_config", "init_directory", "init_overrides", "initial_model", "finetune_recipe",
-           "finish_with_last_evaluation"]
+           "finetune_arguments", "run_finetune", "settings_from_config", "init_directory", "init_overrides",
+           "initial_model", "finetune_recipe", "finish_with_last_evaluation"]
