@@ -14,8 +14,8 @@ from tests.conftest import tiny_llama
 from senri.training.config import ConfigManager
 from senri.training.loop import is_complete
 from senri.training.finetune import (
-    FinetuneSettings, add_lora, answer_loss, kl_to_base, passkey_sample, run_finetune, seq_len_at,
-    settings_from_config,
+    MIN_LR_RATE, SCHEDULES, FinetuneSettings, add_lora, answer_loss, kl_to_base, lr_factor, passkey_sample,
+    run_finetune, seq_len_at, settings_from_config, stage_bounds,
 )
 from senri.model.trained import LORA_FILE, load_trained_memory, read_card, save_trained_memory
 from senri.training.transfer import build_student
@@ -105,15 +105,16 @@ def test_kl_is_zero_for_the_base_itself_and_the_naive_kl_otherwise(tokenizer):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
-def test_finetune_resumes_exactly(tokenizer, tmp_path):
+@pytest.mark.parametrize("schedule", ["cosine", "stage_cosine"])
+def test_finetune_resumes_exactly(tokenizer, tmp_path, schedule):
     def trained(out_dir, steps_first=None):
         base = tiny_llama(len(tokenizer))
         model = add_lora(_student(base), _settings())
         if steps_first is not None:  # an interrupted run: a shorter time, then the same run again
-            run_finetune(base, model, tokenizer, CORPUS, _settings(time_budget_s=0.0), out_dir)
+            run_finetune(base, model, tokenizer, CORPUS, _settings(time_budget_s=0.0, schedule=schedule), out_dir)
             base = tiny_llama(len(tokenizer))
             model = add_lora(_student(base), _settings())
-        result = run_finetune(base, model, tokenizer, CORPUS, _settings(), out_dir)
+        result = run_finetune(base, model, tokenizer, CORPUS, _settings(schedule=schedule), out_dir)
         return result, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     straight, params = trained(tmp_path / "straight")
@@ -125,6 +126,42 @@ def test_finetune_resumes_exactly(tokenizer, tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert {"answer_loss", "kl", "memory_on_accuracy", "memory_off_accuracy", "gate/1/mean"} <= set(records[1])
     assert any(p.abs().max() > 0 for n, p in params.items() if "lora_B" in n)  # the adapters moved
+    # each step trained at the schedule's rate, the resumed steps too (the record of step s: optimiser step s - 1)
+    rates = [r["learning_rate"] for r in records]
+    assert rates == pytest.approx([1e-2 * lr_factor(r["step"] - 1, _settings(schedule=schedule)) for r in records])
+
+
+def test_cosine_is_transformers_cosine_with_min_lr():
+    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
+    settings = _settings(steps=60, warmup_steps=7, curriculum=((0.0, 96), (0.3, 128), (0.7, 160)))
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    reference = get_cosine_with_min_lr_schedule_with_warmup(optimizer, 7, 60, min_lr_rate=MIN_LR_RATE)
+    for step in range(60):
+        assert lr_factor(step, settings) == pytest.approx(reference.lr_lambdas[0](step), abs=1e-12)
+
+
+def test_stage_cosine_warms_up_and_decays_within_each_curriculum_stage():
+    settings = _settings(steps=100, warmup_steps=10, curriculum=((0.0, 96), (0.5, 128), (0.75, 160), (0.75, 192)),
+                         schedule="stage_cosine")
+    # the stages are where the length changes; a stage with no step of its own (160 here) is left out
+    assert stage_bounds(settings) == [(0, 50), (50, 75), (75, 100)]
+    assert [seq_len_at(s, settings) for s in (0, 49, 50, 74, 75, 99)] == [96, 96, 128, 128, 192, 192]
+    cosine = _settings(steps=100, warmup_steps=10, curriculum=settings.curriculum)
+    for first, end in stage_bounds(settings):
+        rates = [lr_factor(s, settings) for s in range(first, end)]
+        assert rates[0] == 0.0 and rates[10] == pytest.approx(1.0)   # a fresh warm-up at each new length
+        assert rates[:11] == sorted(rates[:11]) and rates[10:] == sorted(rates[10:], reverse=True)
+        assert rates[-1] == pytest.approx(MIN_LR_RATE, abs=0.02)     # down to the floor by the stage's end
+        # the run-long cosine enters the later stages well below the peak; the restart does not
+        assert max(rates) > max(lr_factor(s, cosine) for s in range(first, end)) or first == 0
+    short = _settings(steps=12, warmup_steps=10, curriculum=((0.0, 96), (0.5, 128)), schedule="stage_cosine")
+    assert [lr_factor(s, short) for s in (6, 9)] == [0.0, pytest.approx(1.0)]  # warm-up: at most half a stage
+    constant = _settings(steps=100, warmup_steps=10, schedule="constant")
+    assert [lr_factor(s, constant) for s in (0, 5, 10, 99)] == [0.0, 0.5, 1.0, 1.0]
+    assert set(SCHEDULES) == {"cosine", "stage_cosine", "constant"}
+    with pytest.raises(ValueError, match="schedule must be one of cosine, stage_cosine, constant, got 'step'"):
+        lr_factor(3, _settings(schedule="step"))
 
 
 def test_a_shipped_finetune_merges_its_lora_and_refuses_broken_artifacts(tokenizer, tmp_path):
@@ -158,6 +195,11 @@ def test_the_real_finetune_profile_and_its_validation():
     for bad in ([[0.0, 200]], [[0.2, 640]], [[0.0, 640], [1.5, 1024]], [[0.0, 640], [0.5, 1024], [0.3, 2048]]):
         with pytest.raises(ValueError, match="finetune_curriculum"):
             settings_from_config(ConfigManager("real-finetune", {"training.finetune_curriculum": bad}))
+    assert settings.schedule == "cosine"
+    assert settings_from_config(ConfigManager("real-finetune", {"training.finetune_schedule": "stage_cosine"})
+                                ).schedule == "stage_cosine"
+    with pytest.raises(ValueError, match="finetune_schedule"):
+        ConfigManager("real-finetune", {"training.finetune_schedule": "restart"})
 
 
 def test_every_metrics_record_has_the_losses_and_evaluations_log_memory_on_and_off(tokenizer, tmp_path):

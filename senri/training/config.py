@@ -115,6 +115,9 @@ class TrainingSettings:
     finetune_kl_weight: float = 0.5
     finetune_eval_steps: int = 50
     finetune_time_budget_s: float | None = None
+    # The finetune and text recipes' learning rate (senri.training.finetune.lr_factor): cosine (one warm-up, a cosine
+    # to 10 % over the run), stage_cosine (a warm-up and a cosine within each curriculum stage), constant.
+    finetune_schedule: Literal["cosine", "stage_cosine", "constant"] = "cosine"
     text_sources: list[str] = field(default_factory=lambda: ["licences", "package-docs", "python-docs", "docstrings",
                                                              "gutenberg"])
     text_passkey_share: float = 0.25

@@ -14,6 +14,8 @@ The loop is the one every recipe runs (:mod:`senri.training.loop`), which resume
 
 from __future__ import annotations
 
+import functools
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -37,9 +39,14 @@ from .streamed import TokenTargets
 from .transfer import local_text_corpus, recipe_finish, text_corpus_ids, text_sample
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-# Trainer's arguments of phase B beside the configuration's: AdamW without decay, linear warm-up, cosine to 10 %.
-FINETUNE_ARGUMENTS = {"weight_decay": 0.0, "lr_scheduler_type": "cosine_with_min_lr",
-                      "lr_scheduler_kwargs": {"min_lr_rate": 0.1}}
+# Trainer's arguments of phase B beside the configuration's: AdamW without decay. The learning rate follows the
+# recipe's own schedule (lr_factor, settings.schedule), which replaces Trainer's.
+FINETUNE_ARGUMENTS = {"weight_decay": 0.0}
+# learning-rate schedules (training.finetune_schedule). cosine: one linear warm-up, then a cosine to min_lr_rate of
+# the peak over the whole run. stage_cosine: the same within each curriculum stage (a warm restart at each new
+# length, so every stage trains at a useful rate). constant: the peak after one warm-up.
+SCHEDULES = ("cosine", "stage_cosine", "constant")
+MIN_LR_RATE = 0.1
 
 
 @dataclass
@@ -68,6 +75,39 @@ class FinetuneSettings:
     eval_length: int = 1024
     seed: int = 4321                     # data seed (the reported evaluation uses other seeds)
     time_budget_s: float | None = None   # stop (and save) once training has run this long
+    schedule: str = "cosine"             # one of SCHEDULES
+
+
+def stage_bounds(settings: FinetuneSettings) -> list[tuple[int, int]]:
+    """The curriculum's stages as [first step, end step) ranges over the run's ``steps`` (a stage with no step of
+    its own is left out): the step ``s`` trains at the length of the stage holding it (:func:`seq_len_at`)."""
+    starts = [math.ceil(start * settings.steps) for start, _ in settings.curriculum] + [settings.steps]
+    return [(a, b) for a, b in zip(starts, starts[1:]) if b > a]
+
+
+def warmup_cosine(step: int, steps: int, warmup: int, min_rate: float = MIN_LR_RATE) -> float:
+    """The multiplier of the peak rate at ``step`` of ``steps``: linear from 0 over ``warmup`` steps, then a cosine
+    from 1 to ``min_rate`` at ``steps`` (transformers' ``cosine_with_min_lr`` schedule)."""
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = (step - warmup) / max(1, steps - warmup)
+    return min_rate + (1.0 - min_rate) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def lr_factor(step: int, settings: FinetuneSettings) -> float:
+    """The multiplier of the peak learning rate at optimiser step ``step`` under ``settings.schedule``. With
+    ``stage_cosine`` each stage warms up over ``min(warmup_steps, its steps // 2)`` steps and decays to
+    :data:`MIN_LR_RATE` by its end."""
+    if settings.schedule == "constant":
+        return min(1.0, step / max(1, settings.warmup_steps))
+    if settings.schedule == "cosine":
+        return warmup_cosine(step, settings.steps, settings.warmup_steps)
+    if settings.schedule == "stage_cosine":
+        for first, end in stage_bounds(settings):
+            if first <= step < end:
+                return warmup_cosine(step - first, end - first, min(settings.warmup_steps, (end - first) // 2))
+        return MIN_LR_RATE
+    raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {settings.schedule!r}")
 
 
 def seq_len_at(step: int, settings: FinetuneSettings) -> int:
@@ -221,7 +261,8 @@ def make_finetune_recipe(base: Any, peft_model: Any, tokenizer: Any, corpus_ids:
                            samples_per_step or settings.batch_size)
     return Recipe(peft_model, data, loss, collate, gate_lr_multiplier=settings.gate_learning_rate / settings.learning_rate,
                   sequential=True, trainable_only=True, evaluate=lambda model: memory_on_off(model, eval_cases),
-                  eval_steps=settings.eval_steps, time_budget_s=settings.time_budget_s)
+                  eval_steps=settings.eval_steps, time_budget_s=settings.time_budget_s,
+                  lr_lambda=functools.partial(lr_factor, settings=settings))
 
 
 def finetune_arguments(settings: FinetuneSettings, out_dir: str | Path) -> Any:
@@ -263,7 +304,7 @@ def settings_from_config(cfg: Any) -> FinetuneSettings:
         gate_learning_rate=t.learning_rate * t.gate_lr_multiplier, warmup_steps=t.warmup_steps,
         kl_weight=t.finetune_kl_weight, max_grad_norm=t.max_grad_norm, save_steps=t.save_steps,
         log_steps=t.logging_steps, eval_steps=t.finetune_eval_steps, eval_length=stages[-1][1], seed=t.seed,
-        time_budget_s=t.finetune_time_budget_s,
+        time_budget_s=t.finetune_time_budget_s, schedule=t.finetune_schedule,
     )
 
 
@@ -331,7 +372,8 @@ def finish_with_last_evaluation(finish: Any, marker: str) -> Any:
     return finish_with_evaluation
 
 
-__all__ = ["FinetuneSettings", "LORA_TARGETS", "FINETUNE_ARGUMENTS", "seq_len_at", "passkey_sample", "add_lora",
+__all__ = ["FinetuneSettings", "LORA_TARGETS", "FINETUNE_ARGUMENTS", "SCHEDULES", "MIN_LR_RATE", "stage_bounds",
+           "warmup_cosine", "lr_factor", "seq_len_at", "passkey_sample", "add_lora",
            "answer_loss", "kl_to_base", "memory_on_off", "FinetuneSamples", "collate", "make_finetune_recipe",
            "finetune_arguments", "run_finetune", "settings_from_config", "init_directory", "init_overrides",
            "initial_model", "finetune_recipe", "finish_with_last_evaluation"]

@@ -106,6 +106,8 @@ class Recipe:
     evaluate: Callable[[Any], dict[str, float]] | None = None  # logged at every eval_steps-th step and the last
     eval_steps: int | None = None  # None: at every logged step
     time_budget_s: float | None = None
+    # step -> multiplier of the peak learning rate (every param group's); None: Trainer's lr_scheduler_type
+    lr_lambda: Callable[[int], float] | None = None
     # (run_dir, summary): write final/ and anything else the recipe leaves; None: the model and tokenizer in final/
     finish: Callable[[Path, dict[str, Any]], None] | None = None
 
@@ -127,6 +129,15 @@ class SenriTrainer(Trainer):
                                                  self.recipe.gate_lr_multiplier)
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        if self.recipe.lr_lambda is None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        if self.lr_scheduler is None:
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                self.optimizer if optimizer is None else optimizer, self.recipe.lr_lambda)
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.recipe.loss is None:

@@ -25,6 +25,7 @@ over the same stretches does not run the teacher again. The loop is the one ever
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 from collections.abc import Sequence
@@ -43,8 +44,8 @@ from ..model.trained import TRANSFER_PARAMETER_SUFFIXES, load_trained_memory, re
 from ..tasks.corpus import OFFLINE_SOURCES, Document, iter_documents
 from ..tasks.facts import KIND_NAMES, Haystack, fact_case, fact_cases
 from .finetune import (
-    FinetuneSettings, add_lora, answer_loss, finish_with_last_evaluation, init_directory, init_overrides, passkey_sample,
-    seq_len_at,
+    FinetuneSettings, add_lora, answer_loss, finish_with_last_evaluation, init_directory, init_overrides, lr_factor,
+    passkey_sample, seq_len_at,
 )
 from .finetune import settings_from_config as finetune_settings
 from .loop import Recipe
@@ -284,7 +285,8 @@ def make_text_memory_recipe(base: Any, model: Any, tokenizer: Any, settings: Tex
                              rows or settings.batch_size)
     return Recipe(model, data, loss, collate, gate_lr_multiplier=settings.gate_learning_rate / settings.learning_rate,
                   sequential=True, trainable_only=True, evaluate=lambda m: recall_on_off(m, eval_cases),
-                  eval_steps=settings.eval_steps, time_budget_s=settings.time_budget_s)
+                  eval_steps=settings.eval_steps, time_budget_s=settings.time_budget_s,
+                  lr_lambda=functools.partial(lr_factor, settings=settings))
 
 
 def settings_from_config(cfg: Any) -> TextMemorySettings:
