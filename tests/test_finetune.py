@@ -15,7 +15,7 @@ from senri.training.config import ConfigManager
 from senri.training.loop import is_complete
 from senri.training.finetune import (
     MIN_LR_RATE, SCHEDULES, FinetuneSettings, add_lora, answer_loss, kl_to_base, lr_factor, passkey_sample,
-    run_finetune, seq_len_at, settings_from_config, stage_bounds,
+    run_finetune, seq_len_at, settings_from_config, stage_bounds, stages, curriculum_trained,
 )
 from senri.model.trained import LORA_FILE, load_trained_memory, read_card, save_trained_memory
 from senri.training.transfer import build_student
@@ -164,6 +164,24 @@ def test_stage_cosine_warms_up_and_decays_within_each_curriculum_stage():
         lr_factor(3, _settings(schedule="step"))
 
 
+@pytest.mark.parametrize("steps", [7, 12, 100, 400])
+def test_stages_and_the_steps_trained_at_each_agree_with_the_length_of_every_step(steps):
+    settings = _settings(steps=steps, curriculum=((0.0, 512), (0.1, 640), (0.2, 1024), (0.4, 2048), (0.7, 4096)))
+    for first, end, length in stages(settings):
+        assert {seq_len_at(s, settings) for s in range(first, end)} == {length}
+    assert sum(end - first for first, end, _ in stages(settings)) == steps
+    for done in range(steps + 1):
+        trained = curriculum_trained(settings, done)
+        # each stage's trained steps are the steps below ``done`` at its length: nothing counted twice or lost
+        assert sum(stage["trained"] for stage in trained) == done
+        for stage in trained:
+            assert stage["trained"] == sum(1 for s in range(done) if seq_len_at(s, settings) == stage["seq_len"])
+    at_150 = curriculum_trained(_settings(steps=400, curriculum=settings.curriculum), 150)
+    assert at_150 == [{"seq_len": 512, "steps": 40, "trained": 40}, {"seq_len": 640, "steps": 40, "trained": 40},
+                      {"seq_len": 1024, "steps": 80, "trained": 70}, {"seq_len": 2048, "steps": 120, "trained": 0},
+                      {"seq_len": 4096, "steps": 120, "trained": 0}]
+
+
 def test_a_shipped_finetune_merges_its_lora_and_refuses_broken_artifacts(tokenizer, tmp_path):
     base = tiny_llama(len(tokenizer))
     model = add_lora(_student(base), _settings())
@@ -227,7 +245,9 @@ def test_the_real_finetune_profile_trains_through_senri_training_from_phase_a_wi
     summary = train(cfg)
     assert summary["recipe"] == "finetune" and summary["global_step"] == 2 and summary["final_loss"] > 0
     assert summary["last_eval"]["memory_off_accuracy"] == 0.0
+    assert summary["curriculum"] == [{"seq_len": 384, "steps": 2, "trained": 2}]
     card = read_card(tmp_path / "run" / "trained_memory")
+    assert card["summary"]["curriculum"] == summary["curriculum"]
     assert card["recipe"]["init"]["recipe"]["name"].startswith("phase A") and card["lora"]["r"] == 8
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2] and "gate/20/mean" in records[-1]

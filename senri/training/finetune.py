@@ -78,11 +78,16 @@ class FinetuneSettings:
     schedule: str = "cosine"             # one of SCHEDULES
 
 
-def stage_bounds(settings: FinetuneSettings) -> list[tuple[int, int]]:
-    """The curriculum's stages as [first step, end step) ranges over the run's ``steps`` (a stage with no step of
-    its own is left out): the step ``s`` trains at the length of the stage holding it (:func:`seq_len_at`)."""
+def stages(settings: FinetuneSettings) -> list[tuple[int, int, int]]:
+    """The curriculum's stages as (first step, end step, sequence length) over the run's ``steps`` (a stage with no
+    step of its own is left out): the step ``s`` trains at the length of the stage holding it (:func:`seq_len_at`)."""
     starts = [math.ceil(start * settings.steps) for start, _ in settings.curriculum] + [settings.steps]
-    return [(a, b) for a, b in zip(starts, starts[1:]) if b > a]
+    return [(a, b, length) for a, b, (_, length) in zip(starts, starts[1:], settings.curriculum) if b > a]
+
+
+def stage_bounds(settings: FinetuneSettings) -> list[tuple[int, int]]:
+    """The curriculum's stages as [first step, end step) ranges (:func:`stages` without their lengths)."""
+    return [(first, end) for first, end, _ in stages(settings)]
 
 
 def warmup_cosine(step: int, steps: int, warmup: int, min_rate: float = MIN_LR_RATE) -> float:
@@ -108,6 +113,13 @@ def lr_factor(step: int, settings: FinetuneSettings) -> float:
                 return warmup_cosine(step - first, end - first, min(settings.warmup_steps, (end - first) // 2))
         return MIN_LR_RATE
     raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {settings.schedule!r}")
+
+
+def curriculum_trained(settings: FinetuneSettings, steps_done: int) -> list[dict[str, int]]:
+    """Each curriculum stage's length, its planned steps and the steps trained at it by a run that stopped after
+    ``steps_done`` steps: what a time budget that stopped a run early never reached."""
+    return [{"seq_len": length, "steps": end - first, "trained": min(max(steps_done - first, 0), end - first)}
+            for first, end, length in stages(settings)]
 
 
 def seq_len_at(step: int, settings: FinetuneSettings) -> int:
@@ -357,23 +369,25 @@ def finetune_recipe(cfg: Any) -> Recipe:
     card = {"recipe": {"name": "phase B: end-to-end fine-tuning through the memory (senri.training.finetune)",
                        "settings": asdict(settings), "init": init_card}}
     recipe.finish = finish_with_last_evaluation(recipe_finish(peft_model, base, tokenizer, cfg.model.base_model, card),
-                                                "memory_on_accuracy")
+                                                "memory_on_accuracy", settings)
     return recipe
 
 
-def finish_with_last_evaluation(finish: Any, marker: str) -> Any:
+def finish_with_last_evaluation(finish: Any, marker: str, settings: FinetuneSettings) -> Any:
     """``finish`` (run_dir, summary) that first puts the run's last evaluation (the last ``metrics.jsonl`` record
-    holding ``marker``) into the summary as ``last_eval``."""
+    holding ``marker``) into the summary as ``last_eval``, and the steps trained at each curriculum stage as
+    ``curriculum`` (:func:`curriculum_trained`)."""
     def finish_with_evaluation(run_dir: Path, summary: dict[str, Any]) -> None:
         evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if marker in r]
         summary["last_eval"] = evals[-1] if evals else None
+        summary["curriculum"] = curriculum_trained(settings, int(summary["global_step"]))
         finish(run_dir, summary)
 
     return finish_with_evaluation
 
 
-__all__ = ["FinetuneSettings", "LORA_TARGETS", "FINETUNE_ARGUMENTS", "SCHEDULES", "MIN_LR_RATE", "stage_bounds",
-           "warmup_cosine", "lr_factor", "seq_len_at", "passkey_sample", "add_lora",
+__all__ = ["FinetuneSettings", "LORA_TARGETS", "FINETUNE_ARGUMENTS", "SCHEDULES", "MIN_LR_RATE", "stages",
+           "stage_bounds", "curriculum_trained", "warmup_cosine", "lr_factor", "seq_len_at", "passkey_sample", "add_lora",
            "answer_loss", "kl_to_base", "memory_on_off", "FinetuneSamples", "collate", "make_finetune_recipe",
            "finetune_arguments", "run_finetune", "settings_from_config", "init_directory", "init_overrides",
            "initial_model", "finetune_recipe", "finish_with_last_evaluation"]

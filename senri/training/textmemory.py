@@ -312,7 +312,7 @@ def text_memory_recipe(cfg: Any) -> Recipe:
     card = {"recipe": {"name": "text memory: natural-text recall + weighted distillation (senri.training.textmemory)",
                        "settings": asdict(settings), "init": None if init is None else read_card(init_directory(init))}}
     recipe.finish = finish_with_last_evaluation(recipe_finish(model, base, tokenizer, cfg.model.base_model, card),
-                                                "fact_on")
+                                                "fact_on", settings)
     return recipe
 
 
