@@ -539,7 +539,8 @@ def ship_run(run_dir: str, grid_json: str, directory: str | None = None) -> dict
         "run": {"steps_done": summary["global_step"], "steps_planned": summary["max_steps"],
                 "stopped_by_time_budget": summary.get("stopped_early", False),
                 "train_runtime_s": round(summary["train_runtime"], 1),
-                "sequence_lengths_reached": {str(k): f"from about step {v}" for k, v in sorted(stages.items())}},
+                "sequence_lengths_reached": {str(k): f"from about step {v}" for k, v in sorted(stages.items())},
+                **({"curriculum": summary["curriculum"]} if "curriculum" in summary else {})},
         "results": [{k: r[k] for k in ("kind", "length", "model", "n", "accuracy", "answer_logprob") if k in r}
                     | ({} if r["kind"] != "nll" else {"nll_inside_window": r["nll_inside_window"],
                                                       "nll_beyond_2w": r["nll_beyond_2w"]})
