@@ -17,6 +17,7 @@
     python -m senri.reports ruler-of LENGTHS SAMPLES TASKS DIR MODELS  # the same for a trained memory DIR, MODELS of the three
     python -m senri.reports ship STATE UPDATE           # ship a phase-A state (transfer_state.pt, memory_update UPDATE)
     python -m senri.reports ship-run RUN_DIR GRID_JSON  # ship a finished phase-B run with its grid numbers
+    python -m senri.reports checkpoint-memory RUN_DIR STEP  # a run's checkpoint as RUN_DIR/step-STEP/trained_memory (for grid-at)
 
 Each prints its records and writes them as JSON under ``runs/reports/``. All run on the offline SmolLM2 with window
 256 and chunk 64 (the ``cpu-real`` profile); one CPU thread unless ``OMP_NUM_THREADS`` says otherwise.
@@ -558,10 +559,19 @@ def ship_run(run_dir: str, grid_json: str, directory: str | None = None) -> dict
     return {"check": check, "run": card["run"]}
 
 
+def checkpoint_memory(run_dir: str, step: int) -> dict[str, Any]:
+    """A finetune or text run's checkpoint at ``step`` as a trained memory (``RUN_DIR/step-STEP/trained_memory``), to
+    evaluate an intermediate curriculum stage with ``grid-at``."""
+    from .training.recipes import checkpoint_memory as export
+
+    return {"run_dir": run_dir, "step": step, "trained_memory": str(export(run_dir, step))}
+
+
 def main(argv: list[str]) -> Any:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     commands = {"sinks": (sinks, ()), "placement": (placement, (int, int)), "real": (real, (str, int, int)),
-                "grid": (grid, (str, int)), "grid-at": (grid, (str, int, str)), "grid-merge": (grid_merge, (str,)), "ceiling": (ceiling, (int, str)), "store-selection": (store_selection, (int, str, str)), "read-fidelity": (read_fidelity, (str, int, str)), "kernel-fit": (kernel_fit, (str, int, str, int, int, str)), "corpus": (corpus_table, ()), "stream": (stream, (int, int)), "stream-sinks": (stream_sinks, (int,)), "ruler": (ruler, (str, int, str)), "ruler-of": (ruler, (str, int, str, str, str)), "ship": (ship, (str, str)), "ship-run": (ship_run, (str, str))}
+                "grid": (grid, (str, int)), "grid-at": (grid, (str, int, str)), "grid-merge": (grid_merge, (str,)), "ceiling": (ceiling, (int, str)), "store-selection": (store_selection, (int, str, str)), "read-fidelity": (read_fidelity, (str, int, str)), "kernel-fit": (kernel_fit, (str, int, str, int, int, str)), "corpus": (corpus_table, ()), "stream": (stream, (int, int)), "stream-sinks": (stream_sinks, (int,)), "ruler": (ruler, (str, int, str)), "ruler-of": (ruler, (str, int, str, str, str)), "ship": (ship, (str, str)), "ship-run": (ship_run, (str, str)),
+                "checkpoint-memory": (checkpoint_memory, (str, int))}
     if not argv or argv[0] not in commands:
         raise SystemExit(f"usage: python -m senri.reports {{{' | '.join(commands)}}} ... (see the module docstring)")
     function, types = commands[argv[0]]

@@ -261,3 +261,14 @@ def test_the_real_finetune_profile_trains_through_senri_training_from_phase_a_wi
     ids = torch.arange(100, 500)[None]
     with torch.no_grad():
         torch.testing.assert_close(final(input_ids=ids).logits, rebuilt(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    # A checkpoint becomes the same trained memory the finished run wrote (so an intermediate stage can be graded):
+    # the last checkpoint's export reads exactly as trained_memory/; a pruned or missing step is refused by name.
+    from senri.training.recipes import checkpoint_memory
+
+    exported = checkpoint_memory(tmp_path / "run", 2, tmp_path / "step-2")
+    assert read_card(exported)["summary"]["checkpoint"].endswith("checkpoint-2")
+    again = load_trained_memory(load_local_smollm2()[0], exported)
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, rebuilt(input_ids=ids).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"checkpoint-7 is not a complete checkpoint; this run keeps steps \[1, 2\]"):
+        checkpoint_memory(tmp_path / "run", 7)

@@ -171,13 +171,20 @@ class SenriTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         if not self.recipe.trainable_only:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        own, saved = self._trainable(), load_file(os.path.join(resume_from_checkpoint, TRAINABLE_FILE))
-        if set(saved) != set(own):
-            odd = sorted(set(saved) ^ set(own))[:4]
-            raise ValueError(f"{resume_from_checkpoint} holds other trainable parameters than this model: {odd}")
-        with torch.no_grad():
-            for name, value in saved.items():
-                own[name].copy_(value)
+        load_trainable(self.model, resume_from_checkpoint)
+
+
+def load_trainable(model: torch.nn.Module, checkpoint: str | os.PathLike) -> None:
+    """Copy a ``trainable_only`` checkpoint's parameters (:data:`TRAINABLE_FILE`) into ``model``'s trainable ones;
+    a checkpoint holding other parameters is refused, naming some of them."""
+    own = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    saved = load_file(os.path.join(checkpoint, TRAINABLE_FILE))
+    if set(saved) != set(own):
+        odd = sorted(set(saved) ^ set(own))[:4]
+        raise ValueError(f"{checkpoint} holds other trainable parameters than this model: {odd}")
+    with torch.no_grad():
+        for name, value in saved.items():
+            own[name].copy_(value)
 
 
 class _SkippedSteps(TrainerCallback):
@@ -604,5 +611,5 @@ __all__ = [
     "Recipe", "SenriTrainer", "make_optimizer_param_groups", "training_arguments", "config_arguments", "fit",
     "run_recipe", "read_metrics", "find_resume_checkpoint", "mirror_checkpoint", "prune_checkpoints",
     "mark_complete", "is_complete", "publish_results", "drive_warning", "RESULT_FILES", "gate_stats",
-    "memory_norms", "COMPLETE_MARKER", "GATE_GROUP", "GATE_PARAMETER_SUFFIXES", "TRAINABLE_FILE",
+    "memory_norms", "COMPLETE_MARKER", "GATE_GROUP", "GATE_PARAMETER_SUFFIXES", "TRAINABLE_FILE", "load_trainable",
 ]

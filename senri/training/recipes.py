@@ -4,7 +4,10 @@ one loop (:func:`senri.training.loop.run_recipe`)."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any, Callable
+
+import yaml
 
 import torch
 from transformers import TrainerCallback
@@ -12,9 +15,9 @@ from transformers import TrainerCallback
 from ..model.conversion import convert_llama_to_senri, load_base_model
 from ..model.modeling_senri import SenriForCausalLM
 from ..tasks.data import build_dataset, build_tokenizer
-from .config import ConfigManager
+from .config import SECTIONS, ConfigManager
 from .finetune import FINETUNE_ARGUMENTS, finetune_recipe
-from .loop import Recipe, run_recipe
+from .loop import Recipe, is_complete, load_trainable, run_recipe
 from .textmemory import text_memory_recipe
 from .transfer import TRANSFER_ARGUMENTS, transfer_recipe
 
@@ -86,4 +89,27 @@ def train(cfg: ConfigManager, model: SenriForCausalLM | None = None, tokenizer: 
     return run_recipe(cfg, lambda: language_model_recipe(cfg, model, tokenizer, train_dataset), None, callbacks)
 
 
-__all__ = ["build_model", "retrieval_metrics", "language_model_recipe", "train"]
+def checkpoint_memory(run_dir: str | Path, step: int, out_dir: str | Path | None = None) -> Path:
+    """A real-model run's checkpoint at ``step`` (``finetune`` or ``text`` recipe) written as its finished run would
+    write it: ``{out_dir}/trained_memory`` (default ``out_dir``: ``{run_dir}/step-{step}``) and ``final/``, so an
+    intermediate stage can be evaluated (``python -m senri.reports grid-at {out_dir}/trained_memory …``). The model is
+    rebuilt from the run's own ``config.yaml``; an incomplete checkpoint is refused."""
+    run_dir = Path(run_dir)
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    cfg = ConfigManager(saved["profile"], {section: saved[section] for section in SECTIONS})
+    builders = {"finetune": finetune_recipe, "text": text_memory_recipe}
+    if cfg.training.recipe not in builders:
+        raise ValueError(f"{run_dir} ran training.recipe {cfg.training.recipe!r}; a checkpoint becomes a trained "
+                         f"memory for {' or '.join(builders)} only")
+    checkpoint = run_dir / f"checkpoint-{step}"
+    if not is_complete(checkpoint):
+        kept = sorted(int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*") if is_complete(p))
+        raise ValueError(f"{checkpoint} is not a complete checkpoint; this run keeps steps {kept}")
+    recipe = builders[cfg.training.recipe](cfg)
+    load_trainable(recipe.model, checkpoint)
+    out = Path(out_dir) if out_dir is not None else run_dir / f"step-{step}"
+    recipe.finish(out, {"global_step": step, "max_steps": cfg.training.max_steps, "checkpoint": str(checkpoint)})
+    return out / "trained_memory"
+
+
+__all__ = ["build_model", "retrieval_metrics", "language_model_recipe", "train", "checkpoint_memory"]
