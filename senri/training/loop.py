@@ -158,7 +158,7 @@ class SenriTrainer(Trainer):
         return super()._get_train_sampler(train_dataset)
 
     def _trainable(self) -> dict[str, torch.nn.Parameter]:
-        return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+        return trainable_parameters(self.model)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if not self.recipe.trainable_only:
@@ -174,10 +174,15 @@ class SenriTrainer(Trainer):
         load_trainable(self.model, resume_from_checkpoint)
 
 
+def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """``model``'s trainable parameters by name: what a ``trainable_only`` checkpoint saves and loads."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
 def load_trainable(model: torch.nn.Module, checkpoint: str | os.PathLike) -> None:
     """Copy a ``trainable_only`` checkpoint's parameters (:data:`TRAINABLE_FILE`) into ``model``'s trainable ones;
     a checkpoint holding other parameters is refused, naming some of them."""
-    own = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    own = trainable_parameters(model)
     saved = load_file(os.path.join(checkpoint, TRAINABLE_FILE))
     if set(saved) != set(own):
         odd = sorted(set(saved) ^ set(own))[:4]
@@ -205,6 +210,11 @@ def _checkpoints(directory: Path | None) -> list[tuple[int, Path]]:
         return []
     found = [(int(m.group(1)), p) for p in directory.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))]
     return sorted(found)
+
+
+def complete_checkpoints(directory: Path | None) -> list[tuple[int, Path]]:
+    """(step, path) of the complete ``checkpoint-N`` directories in ``directory``, oldest first."""
+    return [(step, p) for step, p in _checkpoints(directory) if is_complete(p)]
 
 
 def _manifest(directory: Path) -> dict[str, int]:
@@ -280,8 +290,8 @@ def find_resume_checkpoint(run_dir: str | os.PathLike, drive_dir: str | os.PathL
     run_dir = Path(run_dir)
     for leftover in run_dir.glob(".checkpoint-*") if run_dir.is_dir() else []:
         shutil.rmtree(leftover, ignore_errors=True)
-    local = [(step, p) for step, p in _checkpoints(run_dir) if is_complete(p)]
-    remote = [(step, p) for step, p in _checkpoints(Path(drive_dir) if drive_dir else None) if is_complete(p)]
+    local = complete_checkpoints(run_dir)
+    remote = complete_checkpoints(Path(drive_dir) if drive_dir else None)
     best = local[-1] if local else None
     if remote and (best is None or remote[-1][0] > best[0]):
         best = (remote[-1][0], _copy_complete(remote[-1][1], run_dir / remote[-1][1].name))
@@ -612,4 +622,5 @@ __all__ = [
     "run_recipe", "read_metrics", "find_resume_checkpoint", "mirror_checkpoint", "prune_checkpoints",
     "mark_complete", "is_complete", "publish_results", "drive_warning", "RESULT_FILES", "gate_stats",
     "memory_norms", "COMPLETE_MARKER", "GATE_GROUP", "GATE_PARAMETER_SUFFIXES", "TRAINABLE_FILE", "load_trainable",
+    "trainable_parameters", "complete_checkpoints",
 ]

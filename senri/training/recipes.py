@@ -17,7 +17,7 @@ from ..model.modeling_senri import SenriForCausalLM
 from ..tasks.data import build_dataset, build_tokenizer
 from .config import SECTIONS, ConfigManager
 from .finetune import FINETUNE_ARGUMENTS, finetune_recipe
-from .loop import Recipe, is_complete, load_trainable, run_recipe
+from .loop import Recipe, complete_checkpoints, load_trainable, run_recipe
 from .textmemory import text_memory_recipe
 from .transfer import TRANSFER_ARGUMENTS, transfer_recipe
 
@@ -101,10 +101,10 @@ def checkpoint_memory(run_dir: str | Path, step: int, out_dir: str | Path | None
     if cfg.training.recipe not in builders:
         raise ValueError(f"{run_dir} ran training.recipe {cfg.training.recipe!r}; a checkpoint becomes a trained "
                          f"memory for {' or '.join(builders)} only")
+    kept = dict(complete_checkpoints(run_dir))
     checkpoint = run_dir / f"checkpoint-{step}"
-    if not is_complete(checkpoint):
-        kept = sorted(int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*") if is_complete(p))
-        raise ValueError(f"{checkpoint} is not a complete checkpoint; this run keeps steps {kept}")
+    if step not in kept:
+        raise ValueError(f"{checkpoint} is not a complete checkpoint; this run keeps steps {sorted(kept)}")
     recipe = builders[cfg.training.recipe](cfg)
     load_trainable(recipe.model, checkpoint)
     out = Path(out_dir) if out_dir is not None else run_dir / f"step-{step}"
