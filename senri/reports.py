@@ -10,6 +10,8 @@
     python -m senri.reports ceiling CASES LENGTHS       # the grid's recall cells for a perfect memory on layers 4-23
     python -m senri.reports store-selection CASES LENGTHS SCORE  # would a store chosen by SCORE (recall: LoLA | relative: recall error / |v| | attention: H2O) hold the needle?
     python -m senri.reports read-fidelity DIR CASES LENGTHS  # the needle's share of the memory's read weight, beside softmax / Taylor / full attention
+    python -m senri.reports read-capacity DIR CASES LENGTHS  # the best share any query could read off the written keys (ELU+1 and larger maps), beside the memory's own read
+    python -m senri.reports read-fit DIR TRAIN_CASES LENGTH STEPS CASES LENGTHS  # each memory layer's query map fitted to read training facts, measured on the grid's held-out ones
     python -m senri.reports kernel-fit DIR CASES LENGTHS FEATURES STEPS INPUTS  # the same with a Hedgehog feature map fitted to attention on training prose (INPUTS: memory | rotated)
     python -m senri.reports stream TOKENS EVERY         # loss per 4K block of a long stream vs fresh starts (every EVERY-th block)
     python -m senri.reports stream-sinks TOKENS         # the same stream, gates closed, per sink placement
@@ -377,6 +379,41 @@ def read_fidelity(directory: str, cases: int, lengths: str) -> dict[str, Any]:
             "records": _cell_records(tokenizer, cases, lengths, lambda case_list: fidelity(model, case_list))}
 
 
+def read_capacity(directory: str, cases: int, lengths: str) -> dict[str, Any]:
+    """For the grid's pass-key and fact cases: the largest share of a memory layer's read weight that any query could
+    put on the needle given the keys the memory wrote (under its ELU + 1, the converted model's keys, and two larger
+    maps), beside the share its own queries and full attention put there (:mod:`senri.evaluation.read_capacity`)."""
+    from .evaluation.read_capacity import read_capacity as capacity
+
+    model, tokenizer = _trained_memory(directory)
+    return {"directory": directory, "cases": cases,
+            "records": _cell_records(tokenizer, cases, lengths, lambda case_list: capacity(model, case_list))}
+
+
+def read_fit(directory: str, train_cases: int, length: int, steps: int, cases: int,
+             lengths: str) -> dict[str, Any]:
+    """Fit each memory layer's query map (all else frozen) to read the needle of ``train_cases`` facts in training
+    documents at ``length`` tokens (training templates and entities, one distractor), ``steps`` full-batch Adam
+    steps; then the read's share on the needle with the fitted and the own maps on the training cases and on the
+    grid's held-out cases at ``lengths`` (:mod:`senri.evaluation.read_fit`)."""
+    from .evaluation.read_fit import fit_query_maps, query_map_shares
+    from .evaluation.real_model import depths_beyond_window
+    from .tasks.corpus import documents
+    from .tasks.facts import fact_cases
+
+    model, tokenizer = _trained_memory(directory)
+    train = fact_cases(tokenizer, documents(split="train"), length, train_cases, GRID_SEED + 1,
+                       depths_beyond_window(length, WINDOW, CHUNK), split="train", distractors=1)
+    maps, log = fit_query_maps(model, train, steps)
+    fitted = {"before": sum(v["before"] for v in log.values()) / len(log),
+              "after": sum(v["after"] for v in log.values()) / len(log),
+              "training_cases": query_map_shares(model, train, maps)}
+    print({"fit": fitted}, flush=True)
+    records = _cell_records(tokenizer, cases, lengths, lambda case_list: query_map_shares(model, case_list, maps))
+    return {"directory": directory, "train_cases": train_cases, "length": length, "steps": steps, "fit": fitted,
+            "fit_per_layer": log, "records": records}
+
+
 def kernel_fit(directory: str, cases: int, lengths: str, features: int, steps: int,
                inputs: str = "memory") -> dict[str, Any]:
     """Fit a Hedgehog feature map per memory layer to the layer's attention over the memory's tokens on training
@@ -570,7 +607,7 @@ def checkpoint_memory(run_dir: str, step: int) -> dict[str, Any]:
 def main(argv: list[str]) -> Any:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     commands = {"sinks": (sinks, ()), "placement": (placement, (int, int)), "real": (real, (str, int, int)),
-                "grid": (grid, (str, int)), "grid-at": (grid, (str, int, str)), "grid-merge": (grid_merge, (str,)), "ceiling": (ceiling, (int, str)), "store-selection": (store_selection, (int, str, str)), "read-fidelity": (read_fidelity, (str, int, str)), "kernel-fit": (kernel_fit, (str, int, str, int, int, str)), "corpus": (corpus_table, ()), "stream": (stream, (int, int)), "stream-sinks": (stream_sinks, (int,)), "ruler": (ruler, (str, int, str)), "ruler-of": (ruler, (str, int, str, str, str)), "ship": (ship, (str, str)), "ship-run": (ship_run, (str, str)),
+                "grid": (grid, (str, int)), "grid-at": (grid, (str, int, str)), "grid-merge": (grid_merge, (str,)), "ceiling": (ceiling, (int, str)), "store-selection": (store_selection, (int, str, str)), "read-fidelity": (read_fidelity, (str, int, str)), "read-capacity": (read_capacity, (str, int, str)), "read-fit": (read_fit, (str, int, int, int, int, str)), "kernel-fit": (kernel_fit, (str, int, str, int, int, str)), "corpus": (corpus_table, ()), "stream": (stream, (int, int)), "stream-sinks": (stream_sinks, (int,)), "ruler": (ruler, (str, int, str)), "ruler-of": (ruler, (str, int, str, str, str)), "ship": (ship, (str, str)), "ship-run": (ship_run, (str, str)),
                 "checkpoint-memory": (checkpoint_memory, (str, int))}
     if not argv or argv[0] not in commands:
         raise SystemExit(f"usage: python -m senri.reports {{{' | '.join(commands)}}} ... (see the module docstring)")

@@ -113,7 +113,9 @@ def read_weights(model: Any, ids: torch.Tensor,
     (and ``learned`` where ``feature_maps`` has the layer: a :class:`senri.evaluation.kernel_fit.FeatureMaps` read of
     the memory's queries and keys), a (Hq, W) tensor over the W tokens the memory held when that query read it
     (positions 0..W-1; never-written sinks get 0), each row summing to 1; ``values`` (H, W, D), the written values;
-    ``query`` (Hq, D) and ``gate`` (Hq,), the memory path's weight in the layer's output."""
+    ``query`` (Hq, D) and ``gate`` (Hq,), the memory path's weight in the layer's output; ``keys`` (H, W, D), the
+    memory's keys as written (its key map applied, no RoPE), ``raw_keys`` the layer's own, and ``keep`` (W,), 0 at
+    the never-written sinks."""
     inner = unwrap_peft(model)
     config = inner.config
     if config.memory_update != "linear" or config.use_alibi:
@@ -143,7 +145,8 @@ def read_weights(model: Any, ids: torch.Tensor,
                     raw["learned"] = fmap.scores(p[q_name][:, -1:], p[k_name][:, :held])[:, 0]
         weights = {name: w * keep / (w * keep).sum(-1, keepdim=True) for name, w in raw.items()}
         gate = gate_clamp(attn.memory_gate.detach()).to(MEMORY_DTYPE) if hasattr(attn, "memory_gate") else None
-        out[i] = {"weights": weights, "values": p["v"][:, :held], "query": mq[:, 0], "gate": gate}
+        out[i] = {"weights": weights, "values": p["v"][:, :held], "query": mq[:, 0], "gate": gate,
+                  "keys": mk, "raw_keys": p["k"][:, :held], "keep": keep}
     return out
 
 

@@ -1,0 +1,113 @@
+"""Can a query map *learn* to read a fact out of the memory? Fitted on training facts, measured on held-out ones.
+
+:mod:`senri.evaluation.read_capacity` bounds what any query could read off the written keys, case by case. A
+model has one query map per layer, used for every question. This module fits exactly that: per memory layer, the
+memory's query map (H, D, D) (started from the trained one), all else frozen, to maximise the log-share of the
+memory's read weight on the needle for the query that predicts the answer, over cases built from training
+documents, templates and entities (:func:`senri.tasks.facts.fact_cases` with ``split="train"``). Measured on the
+grid's held-out cases, beside the memory's own map: if a fitted map reads held-out facts well above the uniform
+share, the read is learnable from the question and the training signal is what is missing (a direct loss on the
+read is then a recipe lever); if not, the per-case ceiling is out of reach for one map, and the feature map or the
+keys must change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..model.memory import phi
+from ..model.modeling_senri import unwrap_peft
+from .read_fidelity import held_tokens, layer_projections
+
+
+def read_inputs(model: Any, case: Any) -> dict[int, dict[str, Any]]:
+    """Per memory layer, what the read of ``case``'s answer query sees: ``q`` (Hq, D) the layer's raw query (no
+    map, no RoPE), ``keys`` (H, W, D) the memory's keys as written, ``keep`` (W,) and ``needle``, the needle's
+    written positions (empty where the memory does not hold it yet)."""
+    ids = torch.tensor([case.ids[: case.answer_start]])
+    held = held_tokens(unwrap_peft(model).config, ids.shape[1] - 1)
+    out = {}
+    for i, p in layer_projections(model, ids).items():
+        out[i] = {"q": p["q"][:, -1], "keys": p["mk"][:, :held], "keep": p["keep"][:held],
+                  "needle": list(range(case.needle[0], min(case.needle[1], held)))}
+    return out
+
+
+def needle_share(query_map: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
+    """The share (Hq,) of each query head's ELU + 1 read weight on the needle, its query mapped by ``query_map``
+    (H, D, D) (query head h reads key/value head h // G, as the memory does)."""
+    keys = inputs["keys"]
+    H, D = keys.shape[0], keys.shape[-1]
+    q = inputs["q"].view(H, -1, D)
+    mq = torch.einsum("hgd,hde->hge", q, query_map)
+    weights = (phi(mq) @ phi(keys).transpose(-1, -2)) * inputs["keep"]  # (H, G, W)
+    return (weights[..., inputs["needle"]].sum(-1) / weights.sum(-1)).flatten()
+
+
+def own_query_maps(model: Any) -> dict[int, torch.Tensor]:
+    """The memory's query map per memory layer (the identity where the model has none), detached, float32."""
+    inner = unwrap_peft(model)
+    out = {}
+    for i in inner.config.memory_layers:
+        attn = inner.model.layers[i].self_attn
+        if inner.config.memory_qk_map:
+            out[i] = attn.memory_query_map.detach().float().clone()
+        else:
+            out[i] = torch.eye(attn.head_dim).expand(attn.num_kv_heads, -1, -1).clone()
+    return out
+
+
+def fit_query_maps(model: Any, cases: Sequence[Any], steps: int = 200,
+                   lr: float = 3e-3) -> tuple[dict[int, torch.Tensor], dict[int, dict[str, float]]]:
+    """Fit each memory layer's query map to maximise the mean log-share of the read on the needle over ``cases``
+    (Adam, full batch, from the model's own map). Returns the maps and per layer the mean share before and after."""
+    per_layer: dict[int, list[dict[str, Any]]] = {}
+    for case in cases:
+        for i, inputs in read_inputs(model, case).items():
+            if inputs["needle"]:
+                per_layer.setdefault(i, []).append(inputs)
+    if not per_layer:
+        raise ValueError("no case has its needle in the memory when the answer is asked; use longer cases")
+    maps, log = own_query_maps(model), {}
+    for i, batch in per_layer.items():
+        query_map = maps[i].requires_grad_()
+        optimiser = torch.optim.Adam([query_map], lr=lr)
+
+        def mean_share() -> float:
+            with torch.no_grad():
+                return float(torch.cat([needle_share(query_map, b) for b in batch]).mean())
+
+        before = mean_share()
+        for _ in range(steps):
+            loss = -torch.cat([needle_share(query_map, b) for b in batch]).clamp_min(1e-30).log().mean()
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+        log[i] = {"before": before, "after": mean_share()}
+        maps[i] = query_map.detach()
+    return maps, log
+
+
+def query_map_shares(model: Any, cases: Sequence[Any], maps: dict[int, torch.Tensor]) -> dict[str, Any]:
+    """Over ``cases`` and every (memory layer, query head) whose memory holds the needle: the mean share of the read
+    on the needle with the model's own query maps (``own``) and with ``maps`` (``fitted``), each layer's best head
+    (``own_best``, ``fitted_best``), and the needle's share of the written tokens (``uniform``)."""
+    own = own_query_maps(model)
+    totals: dict[str, list[float]] = {"own": [], "fitted": [], "own_best": [], "fitted_best": [], "uniform": []}
+    for case in cases:
+        for i, inputs in read_inputs(model, case).items():
+            if not inputs["needle"]:
+                continue
+            with torch.no_grad():
+                for name, query_map in (("own", own[i]), ("fitted", maps[i])):
+                    share = needle_share(query_map, inputs)
+                    totals[name].extend(share.tolist())
+                    totals[name + "_best"].append(float(share.max()))
+            totals["uniform"].append(len(inputs["needle"]) / float(inputs["keep"].sum()))
+    return {name: (sum(v) / len(v) if v else None) for name, v in totals.items()}
+
+
+__all__ = ["read_inputs", "needle_share", "own_query_maps", "fit_query_maps", "query_map_shares"]
