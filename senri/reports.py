@@ -395,8 +395,10 @@ def read_fit(directory: str, train_cases: int, length: int, steps: int, cases: i
     """Fit each memory layer's query map (all else frozen) to read the needle of ``train_cases`` facts in training
     documents at ``length`` tokens (training templates and entities, one distractor), ``steps`` full-batch Adam
     steps; then the read's share on the needle with the fitted and the own maps on the training cases and on the
-    grid's held-out cases at ``lengths`` (:mod:`senri.evaluation.read_fit`)."""
-    from .evaluation.read_fit import fit_query_maps, query_map_shares
+    grid's held-out cases at ``lengths`` (:mod:`senri.evaluation.read_fit`). The memory with the fitted maps is
+    written to ``runs/read-fit/NAME-TRAIN_CASES-LENGTH-STEPS/trained_memory`` for ``grid-at``."""
+    from .evaluation.read_fit import fit_query_maps, query_map_shares, save_with_query_maps
+    from .training.finetune import init_directory
     from .evaluation.real_model import depths_beyond_window
     from .tasks.corpus import documents
     from .tasks.facts import fact_cases
@@ -409,9 +411,15 @@ def read_fit(directory: str, train_cases: int, length: int, steps: int, cases: i
               "after": sum(v["after"] for v in log.values()) / len(log),
               "training_cases": query_map_shares(model, train, maps)}
     print({"fit": fitted}, flush=True)
+    source = init_directory(directory)
+    name = source.parent.name if source.name == "trained_memory" else source.name
+    saved = save_with_query_maps(source, maps, Path("runs/read-fit") / f"{name}-{train_cases}-{length}-{steps}"
+                                 / "trained_memory", {"train_cases": train_cases, "length": length, "steps": steps,
+                                                      "training_share": fitted})
+    print({"saved": str(saved)}, flush=True)
     records = _cell_records(tokenizer, cases, lengths, lambda case_list: query_map_shares(model, case_list, maps))
     return {"directory": directory, "train_cases": train_cases, "length": length, "steps": steps, "fit": fitted,
-            "fit_per_layer": log, "records": records}
+            "fit_per_layer": log, "saved": str(saved), "records": records}
 
 
 def kernel_fit(directory: str, cases: int, lengths: str, features: int, steps: int,

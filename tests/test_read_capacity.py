@@ -135,3 +135,23 @@ def test_the_fitted_query_maps_share_is_the_memorys_read_and_fitting_raises_it()
     far = SimpleNamespace(ids=cases[0].ids[:45] + [5], answer_start=45, needle=(44, 45))
     with pytest.raises(ValueError, match="no case has its needle in the memory"):
         fit_query_maps(model, [far], steps=1)
+
+
+def test_a_memory_saved_with_fitted_query_maps_loads_with_them_and_nothing_else_changed(smollm2, tmp_path):
+    from senri.evaluation.read_fit import save_with_query_maps
+    from senri.model.trained import SMOLLM2_WINDOW256, load_trained_memory, read_card
+
+    llama, _ = smollm2
+    shipped = load_trained_memory(llama, SMOLLM2_WINDOW256)
+    layer = shipped.config.memory_layers[0]
+    fitted = shipped.model.layers[layer].self_attn.memory_query_map.detach() + 0.5
+    out = save_with_query_maps(SMOLLM2_WINDOW256, {layer: fitted}, tmp_path / "fit" / "trained_memory", {"steps": 3})
+    assert not (tmp_path / "fit" / "trained_memory.partial").exists()
+    loaded = load_trained_memory(llama, out)
+    torch.testing.assert_close(loaded.model.layers[layer].self_attn.memory_query_map, fitted)
+    own, other = dict(shipped.named_parameters()), dict(loaded.named_parameters())
+    assert [n for n in own if not torch.equal(own[n], other[n])] == [
+        f"model.layers.{layer}.self_attn.memory_query_map"]
+    assert read_card(out)["read_fit"] == {"source": str(SMOLLM2_WINDOW256), "steps": 3}
+    with pytest.raises(ValueError, match="has no model.layers.99.self_attn.memory_query_map"):
+        save_with_query_maps(SMOLLM2_WINDOW256, {99: fitted}, tmp_path / "bad", {})

@@ -13,12 +13,17 @@ keys must change.
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from ..model.memory import phi
+from ..model.trained import CARD_FILE, PARAMETERS_FILE
 from ..model.modeling_senri import unwrap_peft
 from .read_fidelity import held_tokens, layer_projections
 
@@ -110,4 +115,30 @@ def query_map_shares(model: Any, cases: Sequence[Any], maps: dict[int, torch.Ten
     return {name: (sum(v) / len(v) if v else None) for name, v in totals.items()}
 
 
-__all__ = ["read_inputs", "needle_share", "own_query_maps", "fit_query_maps", "query_map_shares"]
+def save_with_query_maps(source: str | Path, maps: dict[int, torch.Tensor], out: str | Path,
+                         record: dict[str, Any]) -> Path:
+    """The trained memory ``source`` with its memory query maps replaced by ``maps``, written to ``out`` (a
+    trained-memory directory that :func:`senri.model.trained.load_trained_memory` loads and the grid grades); the
+    card records ``record`` under ``read_fit``. Written beside ``out`` and renamed into place, so a failure leaves
+    no half-written memory."""
+    source, out = Path(source), Path(out)
+    tensors = load_file(str(source / PARAMETERS_FILE))
+    for i, query_map in maps.items():
+        name = f"model.layers.{i}.self_attn.memory_query_map"
+        if name not in tensors:
+            raise ValueError(f"{source} has no {name}: its memory has no query map to replace (memory_qk_map)")
+        tensors[name] = query_map.to(tensors[name].dtype).contiguous()
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging)
+    save_file(tensors, str(staging / PARAMETERS_FILE))
+    card = json.loads((staging / CARD_FILE).read_text())
+    card["read_fit"] = {"source": str(source), **record}
+    (staging / CARD_FILE).write_text(json.dumps(card, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    return out
+
+
+__all__ = ["read_inputs", "needle_share", "own_query_maps", "fit_query_maps", "query_map_shares",
+           "save_with_query_maps"]
