@@ -289,6 +289,31 @@ def test_reading_rows_in_segments_gives_the_recipe_the_same_loss_and_gradient(to
         make_text_memory_recipe(base, model, tokenizer, _settings(backprop="some"))
 
 
+def test_the_read_loss_joins_the_fact_rows_loss_on_whole_rows_only(tokenizer):
+    base = tiny_llama(len(tokenizer))
+    model = add_lora(build_student(base, [1, 2], sliding_window=WINDOW, chunk_size=CHUNK, num_sink_tokens=SINKS,
+                                   memory_update="linear"), _settings())
+    model.train()
+    recipe = make_text_memory_recipe(base, model, tokenizer, _settings(read_weight=0.5, passkey_share=0.0))
+    samples = [recipe.train_dataset[i] for i in range(2)]
+    batch = collate(samples)
+    assert len(batch["needles"]) == 2  # fact rows carry their statement's span
+    for row, sample in zip(batch["needles"], samples):
+        answer_start = len(sample["input_ids"]) - sample["answer_length"]
+        assert row.query == answer_start - 1  # the query that predicts the answer's first token
+        assert int(batch["input_ids"][row.row, row.pad + row.query + 1]) == sample["input_ids"][answer_start]
+        assert sample["input_ids"][row.needle[0] : row.needle[1]] == samples[row.row]["input_ids"][slice(*row.needle)]
+    loss, logs = recipe.loss(model, batch)
+    assert 0 < logs["read_share"] < 1 and logs["read_loss"] > 0
+    assert float(loss.detach()) == pytest.approx(logs["recall_loss"] + 0.5 * logs["read_loss"] + logs["distill"], rel=1e-5)
+    _, plain = make_text_memory_recipe(base, model, tokenizer, _settings(passkey_share=0.0)).loss(model, batch)
+    assert plain["recall_loss"] == pytest.approx(logs["recall_loss"]) and "read_share" not in plain
+    with pytest.raises(ValueError, match=r"text_read_weight \(0.5\) .* set text_segment to 0 \(got 64\)"):
+        make_text_memory_recipe(base, model, tokenizer, _settings(read_weight=0.5, segment=64))
+    with pytest.raises(ValueError, match="text_read_weight"):
+        ConfigManager("gpu-text", {"text_read_weight": -1})
+
+
 def test_the_text_profiles_and_their_validation():
     cfg = ConfigManager("cpu-text")
     settings = settings_from_config(cfg)

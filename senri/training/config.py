@@ -130,6 +130,9 @@ class TrainingSettings:
     # "full" (the exact gradient, by recomputation) or "truncated" (none).
     text_segment: int = 0
     text_backprop: Literal["full", "truncated"] = "full"
+    # × the mean −log share of the memory read's weight on the fact's statement in the fact rows (senri.training.readloss:
+    # the read trained directly, not only through the answer's tokens); needs whole rows (text_segment 0).
+    text_read_weight: float = 0.0
 
 
 @dataclass
@@ -171,7 +174,7 @@ POSITIVE = {
     "real_model_niah_samples", "num_memories", "top_k_memories", "num_memory_banks", "segments_per_bank", "alibi_scale",
     "variant_max_steps", "finetune_lora_rank", "finetune_eval_steps", "finetune_time_budget_s",
 }
-NON_NEGATIVE = {"text_segment", "text_distractors", "text_distill_weight", "text_distill_floor", "finetune_kl_weight", "num_sink_tokens", "num_memory_layers", "first_memory_layer", "weight_decay", "warmup_steps", "max_grad_norm", "seed"}
+NON_NEGATIVE = {"text_read_weight", "text_segment", "text_distractors", "text_distill_weight", "text_distill_floor", "finetune_kl_weight", "num_sink_tokens", "num_memory_layers", "first_memory_layer", "weight_decay", "warmup_steps", "max_grad_norm", "seed"}
 FRACTIONS = {"text_passkey_share", "transfer_passkey_share", "memory_gate_init", "niah_ratio", "needle_beyond_window"}
 
 

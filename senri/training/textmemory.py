@@ -49,6 +49,7 @@ from .finetune import (
 )
 from .finetune import settings_from_config as finetune_settings
 from .loop import Recipe
+from .readloss import NeedleRow, captured_projections, needle_read_loss
 from .streamed import BACKPROP, DistillTargets, TokenTargets, streamed_loss
 from .transfer import recipe_finish
 
@@ -69,6 +70,8 @@ class TextMemorySettings(FinetuneSettings):
     # (senri.training.streamed): activations of one segment at a time; 0: every row at once.
     segment: int = 0
     backprop: str = "full"            # across segment borders: "full" (exact, by recomputation) or "truncated"
+    # × the mean −log share of the memory read's weight on the fact's statement (senri.training.readloss), fact rows
+    read_weight: float = 0.0
     max_streamed_documents: int = 200    # of a streamed source (pg19): books read for training
     eval_streamed_documents: int = 20    # and for the held-out evaluation
 
@@ -185,18 +188,23 @@ class TextMemorySamples(torch.utils.data.Dataset):
                              rng.randint(0, s.distractors), self.min_distance, end=True)
             ids, answer, kind = case.ids, len(case.ids) - case.answer_start, case.kind
         text = stretch(self.doc_ids, length, rng) if s.distill_weight else []
-        return {"input_ids": ids, "answer_length": answer, "text_ids": text, "kind": kind}
+        needle = case.needle if kind != "passkey" else None
+        return {"input_ids": ids, "answer_length": answer, "text_ids": text, "kind": kind, "needle": needle}
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """A step's rows, left-padded to one length (Senri's padding side; the answers all end their rows): ids and
-    attention mask (B, T), answer lengths (B,), and the first row's text (1, L)."""
+    attention mask (B, T), answer lengths (B,), the first row's text (1, L), and ``needles``: a
+    :class:`senri.training.readloss.NeedleRow` per row with a fact's statement (its real positions; the asking query is
+    the one before the answer)."""
     width = max(len(s["input_ids"]) for s in samples)
     ids = [[0] * (width - len(s["input_ids"])) + s["input_ids"] for s in samples]
     mask = [[0] * (width - len(s["input_ids"])) + [1] * len(s["input_ids"]) for s in samples]
+    needles = [NeedleRow(b, width - len(s["input_ids"]), len(s["input_ids"]) - s["answer_length"] - 1,
+                         tuple(s["needle"])) for b, s in enumerate(samples) if s.get("needle") is not None]
     return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask),
             "answer_lengths": torch.tensor([s["answer_length"] for s in samples]),
-            "text_ids": torch.tensor([samples[0]["text_ids"]], dtype=torch.long)}
+            "text_ids": torch.tensor([samples[0]["text_ids"]], dtype=torch.long), "needles": needles}
 
 
 # --- evaluation during training ----------------------------------------------------------------------------------
@@ -243,6 +251,9 @@ def make_text_memory_recipe(base: Any, model: Any, tokenizer: Any, settings: Tex
         raise ValueError("the text-memory recipe needs a converted model with a sliding window and memory layers")
     if settings.backprop not in BACKPROP:
         raise ValueError(f"backprop must be one of {', '.join(BACKPROP)}, got {settings.backprop!r}")
+    if settings.read_weight and settings.segment:
+        raise ValueError(f"text_read_weight ({settings.read_weight}) reads the memory's weights in one forward of the "
+                         f"whole row: set text_segment to 0 (got {settings.segment})")
     window, chunk = config.sliding_window, config.chunk_size
     train_docs = list(iter_documents(settings.sources, "train", max_streamed=settings.max_streamed_documents))
     heldout_docs = list(iter_documents(settings.sources, "heldout", max_streamed=settings.eval_streamed_documents))
@@ -263,12 +274,20 @@ def make_text_memory_recipe(base: Any, model: Any, tokenizer: Any, settings: Tex
     def loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         ids, answers = batch["input_ids"], batch["answer_lengths"]
         mask = batch["attention_mask"] if bool((batch["attention_mask"] == 0).any()) else None
+        logs: dict[str, float] = {}
         if segmented(ids):
             recall = streamed_loss(model, ids[:, :-1], TokenTargets.answers(ids, answers), settings.segment,
                                    settings.backprop, None if mask is None else mask[:, :-1])
+        elif settings.read_weight and batch.get("needles"):
+            with captured_projections(model) as captured:
+                recall = answer_loss(model, ids, answers, mask)
+            read, share = needle_read_loss(model, captured, batch["needles"])
+            if read is not None:
+                logs = {"recall_loss": float(recall.detach()), "read_loss": float(read.detach()), "read_share": share}
+                recall = recall + settings.read_weight * read
         else:
             recall = answer_loss(model, ids, answers, mask)
-        logs = {"recall_loss": float(recall.detach()), "seq_len": ids.shape[1]}
+        logs = {"recall_loss": float(recall.detach()), **logs, "seq_len": ids.shape[1]}
         text = batch["text_ids"]
         if settings.distill_weight == 0 or text.shape[1] <= start + 1:
             return recall, logs
@@ -295,7 +314,8 @@ def settings_from_config(cfg: Any) -> TextMemorySettings:
     return TextMemorySettings(**asdict(finetune_settings(cfg)), sources=tuple(t.text_sources),
                               passkey_share=t.text_passkey_share, distractors=t.text_distractors,
                               distill_weight=t.text_distill_weight, distill_floor=t.text_distill_floor,
-                              teacher_cache=t.text_teacher_cache, segment=t.text_segment, backprop=t.text_backprop)
+                              teacher_cache=t.text_teacher_cache, segment=t.text_segment, backprop=t.text_backprop,
+                              read_weight=t.text_read_weight)
 
 
 def text_memory_recipe(cfg: Any) -> Recipe:
