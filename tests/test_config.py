@@ -155,7 +155,8 @@ def test_identity_names_each_differing_setting_and_ignores_continuation_ones(tmp
     cfg = ConfigManager("cpu-smoke", overrides={"run_dir": str(tmp_path)})
     cfg.save(tmp_path / "config.yaml")
     longer = ConfigManager("cpu-smoke", overrides={"run_dir": str(tmp_path), "max_steps": 500, "save_steps": 3,
-                                                   "niah_lengths": [64], "drive_dir": "/elsewhere"})
+                                                   "niah_lengths": [64], "drive_dir": "/elsewhere",
+                                                   "finetune_time_budget_s": 7200, "finetune_eval_steps": 7})
     check_identity(longer, tmp_path / "config.yaml")  # continuation, evaluation and location settings may differ
     other = ConfigManager("cpu-smoke", overrides={"run_dir": str(tmp_path), "seq_len": 64, "model.chunk_size": 4,
                                                   "num_train_samples": 10})

@@ -38,8 +38,11 @@ DEFAULT_CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
 GPU_PROFILES = (("a100", (8, 0), 70.0), ("t4", (0, 0), 0.0))
 # Where Colab mounts Google Drive; SENRI_DRIVE_MOUNTPOINT moves it (the simulated Colab session in the tests does).
 DEFAULT_DRIVE_MOUNTPOINT = "/content/drive"
-# Training settings that only say how long a run goes on and what it keeps: a run may continue with other values.
-CONTINUATION_KEYS = ("max_steps", "save_steps", "save_total_limit", "logging_steps")
+# Training settings that only say how long a run goes on, how often it is evaluated and what it keeps: a run may
+# continue with other values (one stopped by its time budget goes on under a larger one, as make text-memory-gpu
+# advises).
+CONTINUATION_KEYS = ("max_steps", "save_steps", "save_total_limit", "logging_steps", "finetune_time_budget_s",
+                     "finetune_eval_steps")
 # Experiment settings that change what a run trains on (the others say where it lives or how it is evaluated).
 TRAINING_DATA_KEYS = ("dataset", "dataset_name", "data_files", "num_train_samples", "niah_ratio", "needle_beyond_window")
 # Identity keys whose default differs from what runs saved before the key existed were made with: a saved
