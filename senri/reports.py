@@ -398,10 +398,10 @@ def read_fit(directory: str, train_cases: int, length: int, steps: int, cases: i
     grid's held-out cases at ``lengths`` (:mod:`senri.evaluation.read_fit`). The memory with the fitted maps is
     written to ``runs/read-fit/NAME-TRAIN_CASES-LENGTH-STEPS/trained_memory`` for ``grid-at``."""
     from .evaluation.read_fit import fit_query_maps, query_map_shares, save_with_query_maps
-    from .training.finetune import init_directory
     from .evaluation.real_model import depths_beyond_window
     from .tasks.corpus import documents
     from .tasks.facts import fact_cases
+    from .training.finetune import init_directory
 
     model, tokenizer = _trained_memory(directory)
     train = fact_cases(tokenizer, documents(split="train"), length, train_cases, GRID_SEED + 1,

@@ -55,6 +55,27 @@ def kernel_scores(mq: torch.Tensor, mk: torch.Tensor, groups: int, keep: torch.T
             "softmax": _exp_over(logits, keep)}
 
 
+def needle_feature_sums(mk: torch.Tensor, keep: torch.Tensor, needle: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ELU + 1 features of the keys ``mk`` (H, W, D) summed over the positions ``needle`` (a slice or index list)
+    and over all written ones (``keep`` (W,) marks them; the memory's normaliser): two (H, D) tensors."""
+    features = phi(mk) * keep[:, None]
+    return features[:, needle].sum(1), features.sum(1)
+
+
+def share_from_sums(mq: torch.Tensor, sums: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The share (H, G) of the memory's read weight that each query ``mq`` (H, G, D) (G query heads per key/value
+    head) puts on the needle whose :func:`needle_feature_sums` are ``sums``: ``φ(q)·Σ_needle φ(k) / φ(q)·Σ φ(k)``."""
+    needle, written = sums
+    fq = phi(mq)
+    return (fq * needle[:, None]).sum(-1) / (fq * written[:, None]).sum(-1)
+
+
+def needle_read_share(mq: torch.Tensor, mk: torch.Tensor, keep: torch.Tensor, needle: Any) -> torch.Tensor:
+    """The share (H, G) of the memory's ELU + 1 read weight that each query ``mq`` (H, G, D) puts on the written
+    positions ``needle`` among the keys ``mk`` (H, W, D), ``keep`` (W,) marking those written."""
+    return share_from_sums(mq, needle_feature_sums(mk, keep, needle))
+
+
 def layer_projections(model: Any, ids: torch.Tensor) -> dict[int, dict[str, torch.Tensor]]:
     """Per memory layer, what the layer projected while reading ``ids`` (1, T) in one forward, in float32: the raw
     queries ``q`` (Hq, T, D) and keys ``k`` / values ``v`` (H, T, D); the memory's queries ``mq`` and keys ``mk``
@@ -193,4 +214,7 @@ def read_fidelity(model: Any, cases: Sequence[Any], feature_maps: dict[int, Any]
             "uniform": mean(uniform), "gate": mean(gates)}
 
 
-__all__ = ["KERNELS", "INPUTS", "kernel_scores", "layer_projections", "held_tokens", "read_weights", "read_fidelity"]
+__all__ = [
+    "KERNELS", "INPUTS", "kernel_scores", "needle_feature_sums", "share_from_sums", "needle_read_share",
+    "layer_projections", "held_tokens", "read_weights", "read_fidelity",
+]

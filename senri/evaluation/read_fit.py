@@ -22,10 +22,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..model.memory import phi
 from ..model.trained import CARD_FILE, PARAMETERS_FILE
 from ..model.modeling_senri import unwrap_peft
-from .read_fidelity import held_tokens, layer_projections
+from .read_fidelity import held_tokens, layer_projections, needle_feature_sums, needle_read_share, share_from_sums
 
 
 def read_inputs(model: Any, case: Any) -> dict[int, dict[str, Any]]:
@@ -41,15 +40,18 @@ def read_inputs(model: Any, case: Any) -> dict[int, dict[str, Any]]:
     return out
 
 
+def _mapped_queries(query_map: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
+    """The raw queries (Hq, D) of ``inputs`` mapped by ``query_map`` (H, D, D): (H, G, D), query head h reading
+    key/value head h // G, as the memory does."""
+    H, D = query_map.shape[0], query_map.shape[-1]
+    return torch.einsum("hgd,hde->hge", inputs["q"].view(H, -1, D), query_map)
+
+
 def needle_share(query_map: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
     """The share (Hq,) of each query head's ELU + 1 read weight on the needle, its query mapped by ``query_map``
-    (H, D, D) (query head h reads key/value head h // G, as the memory does)."""
-    keys = inputs["keys"]
-    H, D = keys.shape[0], keys.shape[-1]
-    q = inputs["q"].view(H, -1, D)
-    mq = torch.einsum("hgd,hde->hge", q, query_map)
-    weights = (phi(mq) @ phi(keys).transpose(-1, -2)) * inputs["keep"]  # (H, G, W)
-    return (weights[..., inputs["needle"]].sum(-1) / weights.sum(-1)).flatten()
+    (H, D, D)."""
+    return needle_read_share(_mapped_queries(query_map, inputs), inputs["keys"], inputs["keep"],
+                             inputs["needle"]).flatten()
 
 
 def own_query_maps(model: Any) -> dict[int, torch.Tensor]:
@@ -80,14 +82,19 @@ def fit_query_maps(model: Any, cases: Sequence[Any], steps: int = 200,
     for i, batch in per_layer.items():
         query_map = maps[i].requires_grad_()
         optimiser = torch.optim.Adam([query_map], lr=lr)
+        # The keys are fixed: their feature sums once, not at every step.
+        sums = [needle_feature_sums(b["keys"], b["keep"], b["needle"]) for b in batch]
+
+        def shares() -> torch.Tensor:
+            return torch.cat([share_from_sums(_mapped_queries(query_map, b), s).flatten() for b, s in zip(batch, sums)])
 
         def mean_share() -> float:
             with torch.no_grad():
-                return float(torch.cat([needle_share(query_map, b) for b in batch]).mean())
+                return float(shares().mean())
 
         before = mean_share()
         for _ in range(steps):
-            loss = -torch.cat([needle_share(query_map, b) for b in batch]).clamp_min(1e-30).log().mean()
+            loss = -shares().clamp_min(1e-30).log().mean()
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()

@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from ..evaluation.read_fidelity import held_tokens
-from ..model.memory import MEMORY_DTYPE, phi
+from ..evaluation.read_fidelity import held_tokens, needle_read_share
+from ..model.memory import MEMORY_DTYPE
 from ..model.modeling_senri import unwrap_peft
 
 
@@ -74,6 +74,7 @@ def needle_shares(model: Any, captured: dict[int, dict[str, torch.Tensor]],
         lo, hi = max(r.needle[0], config.num_sink_tokens), min(r.needle[1], held)
         if lo >= hi:
             continue
+        keep = (torch.arange(held, device=inner.device) >= config.num_sink_tokens).to(MEMORY_DTYPE)
         for i, projections in captured.items():
             attn = inner.model.layers[i].self_attn
             H, G, D = attn.num_kv_heads, attn.num_groups, attn.head_dim
@@ -82,11 +83,7 @@ def needle_shares(model: Any, captured: dict[int, dict[str, torch.Tensor]],
             if config.memory_qk_map:
                 q = torch.einsum("hgd,hde->hge", q, attn.memory_query_map.to(MEMORY_DTYPE))
                 k = torch.einsum("htd,hde->hte", k, attn.memory_key_map.to(MEMORY_DTYPE))
-            features = phi(k)  # (H, held, D); the sinks were never written
-            written = features[:, config.num_sink_tokens :].sum(1)  # (H, D): the memory's normaliser
-            needle = features[:, lo:hi].sum(1)
-            fq = phi(q)  # (H, G, D)
-            shares.append(((fq * needle[:, None]).sum(-1) / (fq * written[:, None]).sum(-1)).flatten())
+            shares.append(needle_read_share(q, k, keep, slice(lo, hi)).flatten())
     return torch.cat(shares) if shares else torch.zeros(0)
 
 

@@ -274,7 +274,7 @@ def make_text_memory_recipe(base: Any, model: Any, tokenizer: Any, settings: Tex
     def loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         ids, answers = batch["input_ids"], batch["answer_lengths"]
         mask = batch["attention_mask"] if bool((batch["attention_mask"] == 0).any()) else None
-        logs: dict[str, float] = {}
+        read, share = None, None
         if segmented(ids):
             recall = streamed_loss(model, ids[:, :-1], TokenTargets.answers(ids, answers), settings.segment,
                                    settings.backprop, None if mask is None else mask[:, :-1])
@@ -282,22 +282,23 @@ def make_text_memory_recipe(base: Any, model: Any, tokenizer: Any, settings: Tex
             with captured_projections(model) as captured:
                 recall = answer_loss(model, ids, answers, mask)
             read, share = needle_read_loss(model, captured, batch["needles"])
-            if read is not None:
-                logs = {"recall_loss": float(recall.detach()), "read_loss": float(read.detach()), "read_share": share}
-                recall = recall + settings.read_weight * read
         else:
             recall = answer_loss(model, ids, answers, mask)
-        logs = {"recall_loss": float(recall.detach()), **logs, "seq_len": ids.shape[1]}
+        logs = {"recall_loss": float(recall.detach()), "seq_len": ids.shape[1]}
+        total = recall
+        if read is not None:
+            logs.update(read_loss=float(read.detach()), read_share=share)
+            total = recall + settings.read_weight * read
         text = batch["text_ids"]
         if settings.distill_weight == 0 or text.shape[1] <= start + 1:
-            return recall, logs
+            return total, logs
         targets = teacher(text, start)
         if segmented(text):
             distill = streamed_loss(model, text[:, :-1], DistillTargets(targets, start, top_k_kl), settings.segment,
                                     settings.backprop)
         else:
             distill = distillation_loss(model, text, start, targets)
-        return recall + settings.distill_weight * distill, {**logs, "distill": float(distill.detach())}
+        return total + settings.distill_weight * distill, {**logs, "distill": float(distill.detach())}
 
     haystack = Haystack(tokenizer, train_docs)
     data = TextMemorySamples(tokenizer, haystack, document_ids(tokenizer, train_docs), settings, start,
