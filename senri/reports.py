@@ -266,11 +266,10 @@ def _grid_models(directories: Sequence[str]) -> Iterator[tuple[str, Any]]:
             yield "base", llama.to(_device())
             continue
         # "DIR@key=value,...": the trained memory read with other settings that shape no parameter (a lever).
-        path, _, spec = directory.partition("@")
-        overrides = dict(item.split("=", 1) for item in spec.split(";") if item)
+        path, overrides = memory_spec(directory)
         model = load_trained_memory(llama, init_directory(path), overrides=overrides).to(_device())
         yield directory, model
-        if not spec:  # a lever's gates closed are its memory's gates closed: measured once, without the "@"
+        if not overrides:  # a lever's gates closed are its memory's gates closed: measured once, without the "@"
             with gates_closed(model):
                 yield f"{directory} (gates closed)", model
 
@@ -333,14 +332,34 @@ def ceiling(cases: int, lengths: str) -> dict[str, Any]:
     return {"cases": cases, "records": records}
 
 
+def memory_spec(directory: str) -> tuple[str, dict[str, Any]]:
+    """``"DIR@key=value;key=value"`` -> (DIR, overrides): a trained memory read with other settings that shape no
+    parameter (:data:`senri.model.trained.READ_SETTINGS`; a lever measured without training). Values are read as
+    JSON where they parse (``memory_dpfp_nu=2`` is the integer 2), else kept as text (``memory_feature_map=dpfp``)."""
+    from .model.trained import READ_SETTINGS
+
+    path, _, spec = directory.partition("@")
+    overrides: dict[str, Any] = {}
+    for item in (part for part in spec.split(";") if part):
+        key, sep, value = item.partition("=")
+        if not sep or key not in READ_SETTINGS:
+            raise ValueError(f"{item!r} in {directory!r}: write key=value with a key of {', '.join(READ_SETTINGS)}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return path, overrides
+
+
 def _trained_memory(directory: str) -> tuple[Any, Any]:
     """(model in eval mode, tokenizer): the trained memory ``directory`` ("shipped", a name under senri/trained/, or
-    a path) on the offline SmolLM2."""
+    a path; ``DIR@key=value`` reads it with other :func:`memory_spec` settings) on the offline SmolLM2."""
     from .model.trained import load_trained_memory
     from .training.finetune import init_directory
 
     llama, tokenizer = load_local_smollm2()
-    return load_trained_memory(llama, init_directory(directory)).eval(), tokenizer
+    path, overrides = memory_spec(directory)
+    return load_trained_memory(llama, init_directory(path), overrides=overrides).eval(), tokenizer
 
 
 def _cell_records(tokenizer: Any, cases: int, lengths: str, measure: Any, **fields: Any) -> list[dict[str, Any]]:
@@ -411,11 +430,13 @@ def read_fit(directory: str, train_cases: int, length: int, steps: int, cases: i
               "after": sum(v["after"] for v in log.values()) / len(log),
               "training_cases": query_map_shares(model, train, maps)}
     print({"fit": fitted}, flush=True)
-    source = init_directory(directory)
+    path, overrides = memory_spec(directory)
+    source = init_directory(path)
     name = source.parent.name if source.name == "trained_memory" else source.name
+    name += "".join(f"-{value}" for value in overrides.values())  # the lever the maps were fitted under
     saved = save_with_query_maps(source, maps, Path("runs/read-fit") / f"{name}-{train_cases}-{length}-{steps}"
                                  / "trained_memory", {"train_cases": train_cases, "length": length, "steps": steps,
-                                                      "training_share": fitted})
+                                                      "training_share": fitted}, settings=overrides)
     print({"saved": str(saved)}, flush=True)
     records = _cell_records(tokenizer, cases, lengths, lambda case_list: query_map_shares(model, case_list, maps))
     return {"directory": directory, "train_cases": train_cases, "length": length, "steps": steps, "fit": fitted,

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from senri.model.memory import alibi_decay, empty_memory, memory_attention, memory_states, reference_memory_attention
+from senri.model.memory import (
+    ELU, FeatureMap, alibi_decay, dpfp, empty_memory, memory_attention, memory_states, reference_memory_attention,
+)
 
 
 def _inputs(T: int, seed: int = 0, B: int = 2, Hq: int = 4, H: int = 2, D: int = 8):
@@ -14,10 +16,10 @@ def _inputs(T: int, seed: int = 0, B: int = 2, Hq: int = 4, H: int = 2, D: int =
     return q, k, v
 
 
-def _chunked(q, k, v, C, window_chunks, update, pieces=None, intra=False, decay=None, sinks=0):
+def _chunked(q, k, v, C, window_chunks, update, pieces=None, intra=False, decay=None, sinks=0, features=ELU):
     """The fast path as the model drives it, fed in pieces (the keys not yet in memory carried along)."""
     B, _, T, D = q.shape
-    M, z = empty_memory(B, k.shape[1], D)
+    M, z = empty_memory(B, k.shape[1], D, feature_dim=features.dim(D))
     M, z = M.double(), z.double()
     pieces = pieces or [T]
     outputs, start, written = [], 0, 0
@@ -27,15 +29,17 @@ def _chunked(q, k, v, C, window_chunks, update, pieces=None, intra=False, decay=
         out, M, z = memory_attention(
             q[:, :, start:end], k[:, :, written * C : end], v[:, :, written * C : end], M, z, start, written,
             new_written, C, window_chunks, update, 1e-6, intra_chunk=intra, decay=decay, num_sink_tokens=sinks,
+            feature_map=features,
         )
         outputs.append(out)
         start, written = end, new_written
     return torch.cat(outputs, dim=2), M, z
 
 
-def _reference(q, k, v, C, window_chunks, update, intra=False, decay=None, sinks=0):
+def _reference(q, k, v, C, window_chunks, update, intra=False, decay=None, sinks=0, features=ELU):
     out, M, z = reference_memory_attention(
-        q, k, v, C, window_chunks, update, 1e-6, intra_chunk=intra, decay=decay, num_sink_tokens=sinks
+        q, k, v, C, window_chunks, update, 1e-6, intra_chunk=intra, decay=decay, num_sink_tokens=sinks,
+        feature_map=features,
     )
     return out, M, z
 
@@ -51,12 +55,15 @@ def _float64(monkeypatch):
 @pytest.mark.parametrize("window_chunks,intra,sinks", [(2, False, 0), (2, False, 3), (0, True, 0)])
 @pytest.mark.parametrize("pieces", [None, [5, 1, 1, 9, 3, 18], [1] * 37])
 @pytest.mark.parametrize("alibi", [False, True])
-def test_chunked_equals_naive_loop_outputs_state_and_gradients(update, window_chunks, intra, sinks, pieces, alibi):
+@pytest.mark.parametrize("features", [ELU, FeatureMap("dpfp", 2)], ids=["elu", "dpfp2"])
+def test_chunked_equals_naive_loop_outputs_state_and_gradients(update, window_chunks, intra, sinks, pieces, alibi,
+                                                               features):
     T, C = 37, 4
     q, k, v = _inputs(T)
     decay = alibi_decay(2, scale=4.0).double() if alibi else None
-    fast, M_fast, z_fast = _chunked(q, k, v, C, window_chunks, update, pieces, intra, decay, sinks)
-    slow, M_slow, z_slow = _reference(q, k, v, C, window_chunks, update, intra, decay, sinks)
+    fast, M_fast, z_fast = _chunked(q, k, v, C, window_chunks, update, pieces, intra, decay, sinks, features)
+    slow, M_slow, z_slow = _reference(q, k, v, C, window_chunks, update, intra, decay, sinks, features)
+    assert M_fast.shape[-2:] == (features.dim(8), 8) and z_fast.shape[-1] == features.dim(8)
     torch.testing.assert_close(fast, slow, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(M_fast, M_slow, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(z_fast, z_slow, rtol=1e-9, atol=1e-9)
@@ -168,3 +175,23 @@ def test_the_slotted_loop_takes_its_chunks_by_split_not_by_a_slice_per_chunk():
     nodes = _graph_nodes(out.sum() + M.sum() + z.sum())
     per_chunk = [name for name in nodes if name.startswith(("SelectBackward", "SliceBackward"))]
     assert len(per_chunk) <= 4, per_chunk  # the final cut of the padded grid, not one per chunk (12 here)
+
+
+def test_dpfp_is_the_kernel_of_sign_pattern_products_and_enlarges_the_state():
+    """dpfp(q)·dpfp(k) = Σ_ν Σ_j r_q[j] r_q[j−ν] r_k[j] r_k[j−ν] with r = [relu(x), relu(−x)] (indices mod 2D), as
+    Schlag et al. define it; 2Dν non-negative features, the state's first dimension."""
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(2, 5, generator=g, dtype=torch.float64)
+    rq, rk = (torch.cat([x.clamp(min=0), (-x).clamp(min=0)]) for x in (q, k))
+    for nu in (1, 3):
+        naive = sum(rq[j] * rq[(j - i) % 10] * rk[j] * rk[(j - i) % 10] for i in range(1, nu + 1) for j in range(10))
+        torch.testing.assert_close(dpfp(q, nu) @ dpfp(k, nu), naive)
+        assert dpfp(q, nu).shape == (10 * nu,) and bool((dpfp(q, nu) >= 0).all())
+        assert FeatureMap("dpfp", nu).dim(5) == 10 * nu
+    assert ELU.dim(5) == 5
+    M, z = empty_memory(2, 3, 5, feature_dim=FeatureMap("dpfp", 3).dim(5))
+    assert M.shape == (2, 3, 30, 5) and z.shape == (2, 3, 30)
+    with pytest.raises(ValueError, match="feature map 'taylor' is unknown; valid values are \\['elu', 'dpfp'\\]"):
+        FeatureMap("taylor")
+    with pytest.raises(ValueError, match="nu must be a positive integer, got 0"):
+        FeatureMap("dpfp", 0)

@@ -37,9 +37,10 @@ SINK_SETTINGS = [(0, None), (4, None), (4, 0)]
     "layer_types",
     [["sliding_attention", "memory", "sliding_attention"], ["memory_only", "memory", "full_attention"]],
 )
-def test_streaming_in_any_pieces_equals_one_pass(update, layer_types, sinks, sink_max_distance):
+@pytest.mark.parametrize("feature_map", ["elu", "dpfp"])
+def test_streaming_in_any_pieces_equals_one_pass(update, layer_types, sinks, sink_max_distance, feature_map):
     model = tiny_model(memory_update=update, layer_types=layer_types, num_sink_tokens=sinks,
-                       sink_max_distance=sink_max_distance)
+                       sink_max_distance=sink_max_distance, memory_feature_map=feature_map)
     T = 260  # 16 windows; pieces straddle chunk (4) and window (16) boundaries
     ids = torch.randint(0, 97, (2, T), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -100,10 +101,12 @@ def test_sliding_window_only_model_provably_forgets():
 
 
 @pytest.mark.parametrize("sinks", [0, 3])
-def test_exact_coverage_every_earlier_token_through_exactly_one_path(sinks):
+@pytest.mark.parametrize("feature_map", ["elu", "dpfp"])
+def test_exact_coverage_every_earlier_token_through_exactly_one_path(sinks, feature_map):
     """Each earlier token reaches a query through the window or the memory, never both, never neither; the attention
     sinks (the first tokens) through the window only."""
-    config = tiny_config(num_hidden_layers=1, layer_types=["memory"], memory_gate_init=0.5, num_sink_tokens=sinks)
+    config = tiny_config(num_hidden_layers=1, layer_types=["memory"], memory_gate_init=0.5, num_sink_tokens=sinks,
+                         memory_feature_map=feature_map)
     model = SenriForCausalLM(config).eval()
     attn = model.model.layers[0].self_attn
     T = 45
@@ -150,10 +153,14 @@ def test_full_attention_cache_grows_and_memory_state_is_float32():
     assert cache.layers[0].state.M.dtype == torch.float32
 
 
-@pytest.mark.parametrize("update,sinks,sink_max_distance", [("delta", 0, None), ("linear", 0, None), ("delta", 4, None),
-                                                           ("delta", 4, 0)])
-def test_state_saved_to_disk_continues_identically_in_a_fresh_process(tmp_path, update, sinks, sink_max_distance):
-    model = tiny_model(memory_update=update, num_sink_tokens=sinks, sink_max_distance=sink_max_distance)
+@pytest.mark.parametrize("update,sinks,sink_max_distance,feature_map", [
+    ("delta", 0, None, "elu"), ("linear", 0, None, "elu"), ("delta", 4, None, "elu"), ("delta", 4, 0, "elu"),
+    ("linear", 4, 0, "dpfp"),
+])
+def test_state_saved_to_disk_continues_identically_in_a_fresh_process(tmp_path, update, sinks, sink_max_distance,
+                                                                      feature_map):
+    model = tiny_model(memory_update=update, num_sink_tokens=sinks, sink_max_distance=sink_max_distance,
+                       memory_feature_map=feature_map)
     model.save_pretrained(tmp_path / "model")
     ids = torch.randint(0, 97, (1, 300), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
@@ -206,6 +213,13 @@ def test_mismatched_memory_states_are_refused_with_the_reason(tmp_path):
     assert SenriCache.from_memory_state(model.config, legacy).seen_tokens == 60
     with pytest.raises(ValueError, match="memory_type: state has 'single', model has 'multi'"):
         SenriCache.from_memory_state(tiny_config(memory_type="multi"), legacy)
+    # A memory written with another feature map holds other features: refused, by name.
+    with pytest.raises(ValueError, match="memory_feature_map: state has 'elu', model has 'dpfp'"):
+        SenriCache.from_memory_state(tiny_config(memory_feature_map="dpfp"), state)
+    # A cache made by hand for another feature map is refused by the layer before anything advances.
+    dpfp_model = tiny_model(memory_feature_map="dpfp")
+    with pytest.raises(RuntimeError, match="the cache's memory has 8 features per head .* writes 48"):
+        dpfp_model(input_ids=torch.tensor([[1]]), cache=cache, use_cache=True)
     bad = save_memory_state(state, tmp_path / "s.pt")
     loaded = load_memory_state(bad)
     loaded["layers"]["1"]["M"] = loaded["layers"]["1"]["M"][:, :1]
@@ -230,6 +244,10 @@ def test_mismatched_memory_states_are_refused_with_the_reason(tmp_path):
         (dict(memory_gate_init=1.5), "memory_gate_init must be in \\[0, 1\\], got 1.5"),
         (dict(chunk_size=0, sliding_window=0), "chunk_size must be a positive integer"),
         (dict(num_sink_tokens=5), "num_sink_tokens must be in 0..chunk_size \\(4\\), got 5"),
+        (dict(memory_feature_map="dpfq"), "memory_feature_map = 'dpfq' is unknown.*did you mean 'dpfp'"),
+        (dict(memory_feature_map="dpfp", memory_dpfp_nu=16), "memory_dpfp_nu must be in 1..15 .*got 16"),
+        (dict(memory_feature_map="dpfp", memory_type="multi"), "needs a single memory per head"),
+        (dict(memory_feature_map="dpfp", num_memory_banks=2), "needs a single memory per head"),
     ],
 )
 def test_bad_configs_raise_errors_naming_the_problem(fields, message):

@@ -116,16 +116,18 @@ def _tiny_case(seed: int, model):
     return SimpleNamespace(ids=ids + [5, 6], answer_start=45, needle=(3, 9))
 
 
-def test_the_fitted_query_maps_share_is_the_memorys_read_and_fitting_raises_it():
+@pytest.mark.parametrize("feature_map", ["elu", "dpfp"])
+def test_the_fitted_query_maps_share_is_the_memorys_read_and_fitting_raises_it(feature_map):
     from senri.evaluation.read_fit import fit_query_maps, needle_share, query_map_shares, read_inputs
 
-    model = tiny_model(memory_update="linear", memory_qk_map=True)
+    model = tiny_model(memory_update="linear", memory_qk_map=True, memory_feature_map=feature_map)
     cases = [_tiny_case(seed, model) for seed in range(4)]
     layers = read_weights(model, torch.tensor([cases[0].ids[:45]]))
     own = {i: model.model.layers[i].self_attn.memory_query_map.detach() for i in layers}
     for i, inputs in read_inputs(model, cases[0]).items():  # the same weights as the memory's own read
         expected = layers[i]["weights"]["memory"][:, 3:9].sum(-1)
-        torch.testing.assert_close(needle_share(own[i], inputs), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(needle_share(own[i], inputs, model.config.memory_features), expected,
+                                   rtol=1e-5, atol=1e-6)
     unchanged, _ = fit_query_maps(model, cases, steps=0)
     shares = query_map_shares(model, cases, unchanged)
     assert shares["fitted"] == pytest.approx(shares["own"]) and shares["own"] > 0
@@ -153,5 +155,12 @@ def test_a_memory_saved_with_fitted_query_maps_loads_with_them_and_nothing_else_
     assert [n for n in own if not torch.equal(own[n], other[n])] == [
         f"model.layers.{layer}.self_attn.memory_query_map"]
     assert read_card(out)["read_fit"] == {"source": str(SMOLLM2_WINDOW256), "steps": 3}
+    assert read_card(out)["settings"]["memory_feature_map"] == "elu"
+    # Maps fitted under another feature map: the card says so, and the memory loads with it.
+    dpfp = save_with_query_maps(SMOLLM2_WINDOW256, {layer: fitted}, tmp_path / "dpfp" / "trained_memory", {},
+                                settings={"memory_feature_map": "dpfp"})
+    assert load_trained_memory(llama, dpfp).config.memory_feature_map == "dpfp"
+    with pytest.raises(ValueError, match=r"settings \['chunk_size'\] shape parameters"):
+        save_with_query_maps(SMOLLM2_WINDOW256, {layer: fitted}, tmp_path / "bad", {}, settings={"chunk_size": 32})
     with pytest.raises(ValueError, match="has no model.layers.99.self_attn.memory_query_map"):
         save_with_query_maps(SMOLLM2_WINDOW256, {99: fitted}, tmp_path / "bad", {})

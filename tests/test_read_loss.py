@@ -37,9 +37,9 @@ def _shares(model, batch: torch.Tensor, rows, mask=None) -> torch.Tensor:
     return needle_shares(model, captured, rows)
 
 
-@pytest.mark.parametrize("sinks", [0, 2])
-def test_the_share_is_the_memorys_own_read_weight_on_the_needle(sinks):
-    model = _model(num_sink_tokens=sinks)
+@pytest.mark.parametrize("sinks,feature_map", [(0, "elu"), (2, "elu"), (2, "dpfp")])
+def test_the_share_is_the_memorys_own_read_weight_on_the_needle(sinks, feature_map):
+    model = _model(num_sink_tokens=sinks, memory_feature_map=feature_map)
     ids = _row(4, 47)  # the answer query is the last token before the answer: position 44
     layers = read_weights(model, torch.tensor([ids[:45]]))
     expected = torch.cat([layer["weights"]["memory"][:, NEEDLE[0] : NEEDLE[1]].sum(-1) for layer in layers.values()])

@@ -374,6 +374,17 @@ def test_a_trained_memory_loads_and_trains_on_with_a_lever_that_shapes_no_parame
     assert any("lora_A" in n for n in trainable) and any(n.endswith("memory_gate") for n in trainable)
     assert not any(n.endswith("q_proj.base_layer.weight") for n in trainable)
     assert trainable_model(llama, "shipped", TextMemorySettings()).get_base_model().config.memory_update == "linear"
+    # The feature map shapes only the state: the shipped memory (its card older than the setting: ELU + 1) trains on
+    # with DPFP's larger state, and a report reads it so with "DIR@key=value".
+    assert read_card(SMOLLM2_WINDOW256)["settings"]["memory_feature_map"] == "elu"
+    dpfp = ConfigManager("cpu-text-near", {"model.memory_feature_map": "dpfp"}).senri_config_kwargs()
+    assert trainable_model(llama, "shipped", TextMemorySettings(), dpfp).get_base_model().config.memory_features.dim(64) == 384
+    from senri.reports import memory_spec
+
+    assert memory_spec("shipped@memory_feature_map=dpfp;memory_dpfp_nu=2") == (
+        "shipped", {"memory_feature_map": "dpfp", "memory_dpfp_nu": 2})
+    with pytest.raises(ValueError, match="'chunk_size=8' in 'shipped@chunk_size=8': write key=value with a key of"):
+        memory_spec("shipped@chunk_size=8")
     # ... but a setting that shapes the model (the window) must match the card's.
     wide = ConfigManager("cpu-text-near", {"model.sliding_window": 512}).senri_config_kwargs()
     with pytest.raises(ValueError, match="sliding_window: 256 there, 512 here .only memory_update"):

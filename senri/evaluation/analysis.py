@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..model.cache import SenriCache
-from ..model.memory import MEMORY_DTYPE, memory_states, phi
+from ..model.memory import MEMORY_DTYPE, empty_memory, memory_states
 from ..model.modeling_senri import SenriForCausalLM, rope
 
 
@@ -144,15 +144,15 @@ def retrieval_probe(model: SenriForCausalLM, probe: dict[str, torch.Tensor],
         if n_mem == 0:
             continue
         mem_k, mem_v = k[:, :, : n_mem * C], v[:, :, : n_mem * C]
-        sq = phi(q[:, :, t])  # (B, Hq, D)
-        sk = phi(mem_k).repeat_interleave(G, dim=1)  # (B, Hq, L, D)
+        features = model.config.memory_features
+        sq = features(q[:, :, t])  # (B, Hq, P)
+        sk = features(mem_k).repeat_interleave(G, dim=1)  # (B, Hq, L, P)
         weights = torch.einsum("bhd,bhld->bhl", sq, sk)
         share = weights[rows, :, probe["value_pos"].to(device)] / weights.sum(-1)  # (B, Hq)
         lift = share * n_mem * C
-        M0 = torch.zeros(B, H, D, D, dtype=MEMORY_DTYPE, device=device)
-        z0 = torch.zeros(B, H, D, dtype=MEMORY_DTYPE, device=device)
+        M0, z0 = empty_memory(B, H, D, device=device, feature_dim=features.dim(D))
         Ms, zs = memory_states(mem_k.reshape(B, H, n_mem, C, D), mem_v.reshape(B, H, n_mem, C, D), M0, z0,
-                               model.config.memory_update, model.config.memory_eps)
+                               model.config.memory_update, model.config.memory_eps, feature_map=features)
         M, z = Ms[:, :, -1].repeat_interleave(G, dim=1), zs[:, :, -1].repeat_interleave(G, dim=1)
         norm = torch.einsum("bhd,bhd->bh", sq, z)[..., None] + model.config.memory_eps
         read = torch.einsum("bhd,bhde->bhe", sq, M) / norm

@@ -32,18 +32,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from ..model.memory import phi
+from ..model.memory import dpfp, phi
 from .read_fidelity import read_weights
 
 MAPS = ("memory", "converted", "memory^2", "dpfp3")
-
-
-def dpfp(x: torch.Tensor, nu: int = 3) -> torch.Tensor:
-    """DPFP features (..., D) -> (..., 2Dν): ``r = [relu(x), relu(−x)]`` times ``r`` rolled by 1..ν, concatenated."""
-    r = torch.cat([F.relu(x), F.relu(-x)], dim=-1)
-    return torch.cat([r * r.roll(shift, dims=-1) for shift in range(1, nu + 1)], dim=-1)
 
 
 def squared(features: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from ..model.cache import SenriCache
-from ..model.memory import MEMORY_DTYPE, phi, sink_keep_mask
+from ..model.memory import ELU, MEMORY_DTYPE, FeatureMap, sink_keep_mask
 from ..model.modeling_senri import gate_clamp, rope, unwrap_peft
 
 KERNELS = ("memory", "taylor2", "softmax", "rope softmax")
@@ -45,35 +45,41 @@ def _exp_over(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return (kept - kept.max(dim=-1, keepdim=True).values).exp()
 
 
-def kernel_scores(mq: torch.Tensor, mk: torch.Tensor, groups: int, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+def kernel_scores(mq: torch.Tensor, mk: torch.Tensor, groups: int, keep: torch.Tensor,
+                  feature_map: FeatureMap = ELU) -> dict[str, torch.Tensor]:
     """Unnormalised weights (Hq, Q, W) of the memory's queries ``mq`` (Hq, Q, D) over its keys ``mk`` (H, W, D)
-    (query head h reads key/value head h // ``groups``) under the memory's ELU + 1, and Taylor-2 and softmax of the
-    same no-RoPE logits q·k / √D; softmax kept stable over the tokens ``keep`` ((W,) or (Q, W)) marks."""
+    (query head h reads key/value head h // ``groups``) under the memory's feature map (ELU + 1 unless given), and
+    Taylor-2 and softmax of the same no-RoPE logits q·k / √D; softmax kept stable over the tokens ``keep`` ((W,) or
+    (Q, W)) marks."""
     keys = mk.repeat_interleave(groups, dim=0)
     logits = (mq @ keys.transpose(-1, -2)) / math.sqrt(mq.shape[-1])
-    return {"memory": phi(mq) @ phi(keys).transpose(-1, -2), "taylor2": 1 + logits + logits ** 2 / 2,
+    return {"memory": feature_map(mq) @ feature_map(keys).transpose(-1, -2), "taylor2": 1 + logits + logits ** 2 / 2,
             "softmax": _exp_over(logits, keep)}
 
 
-def needle_feature_sums(mk: torch.Tensor, keep: torch.Tensor, needle: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ELU + 1 features of the keys ``mk`` (H, W, D) summed over the positions ``needle`` (a slice or index list)
-    and over all written ones (``keep`` (W,) marks them; the memory's normaliser): two (H, D) tensors."""
-    features = phi(mk) * keep[:, None]
+def needle_feature_sums(mk: torch.Tensor, keep: torch.Tensor, needle: Any,
+                        feature_map: FeatureMap = ELU) -> tuple[torch.Tensor, torch.Tensor]:
+    """The features (``feature_map``, the memory's φ) of the keys ``mk`` (H, W, D) summed over the positions
+    ``needle`` (a slice or index list) and over all written ones (``keep`` (W,) marks them; the memory's
+    normaliser): two (H, P) tensors."""
+    features = feature_map(mk) * keep[:, None]
     return features[:, needle].sum(1), features.sum(1)
 
 
-def share_from_sums(mq: torch.Tensor, sums: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def share_from_sums(mq: torch.Tensor, sums: tuple[torch.Tensor, torch.Tensor],
+                    feature_map: FeatureMap = ELU) -> torch.Tensor:
     """The share (H, G) of the memory's read weight that each query ``mq`` (H, G, D) (G query heads per key/value
     head) puts on the needle whose :func:`needle_feature_sums` are ``sums``: ``φ(q)·Σ_needle φ(k) / φ(q)·Σ φ(k)``."""
     needle, written = sums
-    fq = phi(mq)
+    fq = feature_map(mq)
     return (fq * needle[:, None]).sum(-1) / (fq * written[:, None]).sum(-1)
 
 
-def needle_read_share(mq: torch.Tensor, mk: torch.Tensor, keep: torch.Tensor, needle: Any) -> torch.Tensor:
-    """The share (H, G) of the memory's ELU + 1 read weight that each query ``mq`` (H, G, D) puts on the written
-    positions ``needle`` among the keys ``mk`` (H, W, D), ``keep`` (W,) marking those written."""
-    return share_from_sums(mq, needle_feature_sums(mk, keep, needle))
+def needle_read_share(mq: torch.Tensor, mk: torch.Tensor, keep: torch.Tensor, needle: Any,
+                      feature_map: FeatureMap = ELU) -> torch.Tensor:
+    """The share (H, G) of the memory's read weight (under ``feature_map``) that each query ``mq`` (H, G, D) puts on
+    the written positions ``needle`` among the keys ``mk`` (H, W, D), ``keep`` (W,) marking those written."""
+    return share_from_sums(mq, needle_feature_sums(mk, keep, needle, feature_map), feature_map)
 
 
 def layer_projections(model: Any, ids: torch.Tensor) -> dict[int, dict[str, torch.Tensor]]:
@@ -157,7 +163,7 @@ def read_weights(model: Any, ids: torch.Tensor,
         if held == 0:  # the memory holds nothing yet: no weights
             raw = {name: rope_logits[:, 0] for name in KERNELS}
         else:
-            raw = {name: w[:, 0] for name, w in kernel_scores(mq, mk, G, keep).items()}
+            raw = {name: w[:, 0] for name, w in kernel_scores(mq, mk, G, keep, config.memory_features).items()}
             raw["rope softmax"] = _exp_over(rope_logits, keep)[:, 0]
             if feature_maps is not None and i in feature_maps:
                 fmap = feature_maps[i]

@@ -22,8 +22,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..model.trained import CARD_FILE, PARAMETERS_FILE
+from ..model.memory import ELU, FeatureMap
 from ..model.modeling_senri import unwrap_peft
+from ..model.trained import CARD_FILE, PARAMETERS_FILE, READ_SETTINGS
 from .read_fidelity import held_tokens, layer_projections, needle_feature_sums, needle_read_share, share_from_sums
 
 
@@ -47,11 +48,11 @@ def _mapped_queries(query_map: torch.Tensor, inputs: dict[str, Any]) -> torch.Te
     return torch.einsum("hgd,hde->hge", inputs["q"].view(H, -1, D), query_map)
 
 
-def needle_share(query_map: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
-    """The share (Hq,) of each query head's ELU + 1 read weight on the needle, its query mapped by ``query_map``
-    (H, D, D)."""
+def needle_share(query_map: torch.Tensor, inputs: dict[str, Any], feature_map: FeatureMap = ELU) -> torch.Tensor:
+    """The share (Hq,) of each query head's read weight (under the memory's ``feature_map``) on the needle, its
+    query mapped by ``query_map`` (H, D, D)."""
     return needle_read_share(_mapped_queries(query_map, inputs), inputs["keys"], inputs["keep"],
-                             inputs["needle"]).flatten()
+                             inputs["needle"], feature_map).flatten()
 
 
 def own_query_maps(model: Any) -> dict[int, torch.Tensor]:
@@ -79,14 +80,16 @@ def fit_query_maps(model: Any, cases: Sequence[Any], steps: int = 200,
     if not per_layer:
         raise ValueError("no case has its needle in the memory when the answer is asked; use longer cases")
     maps, log = own_query_maps(model), {}
+    features = unwrap_peft(model).config.memory_features
     for i, batch in per_layer.items():
         query_map = maps[i].requires_grad_()
         optimiser = torch.optim.Adam([query_map], lr=lr)
         # The keys are fixed: their feature sums once, not at every step.
-        sums = [needle_feature_sums(b["keys"], b["keep"], b["needle"]) for b in batch]
+        sums = [needle_feature_sums(b["keys"], b["keep"], b["needle"], features) for b in batch]
 
         def shares() -> torch.Tensor:
-            return torch.cat([share_from_sums(_mapped_queries(query_map, b), s).flatten() for b, s in zip(batch, sums)])
+            return torch.cat([share_from_sums(_mapped_queries(query_map, b), s, features).flatten()
+                              for b, s in zip(batch, sums)])
 
         def mean_share() -> float:
             with torch.no_grad():
@@ -107,7 +110,7 @@ def query_map_shares(model: Any, cases: Sequence[Any], maps: dict[int, torch.Ten
     """Over ``cases`` and every (memory layer, query head) whose memory holds the needle: the mean share of the read
     on the needle with the model's own query maps (``own``) and with ``maps`` (``fitted``), each layer's best head
     (``own_best``, ``fitted_best``), and the needle's share of the written tokens (``uniform``)."""
-    own = own_query_maps(model)
+    own, features = own_query_maps(model), unwrap_peft(model).config.memory_features
     totals: dict[str, list[float]] = {"own": [], "fitted": [], "own_best": [], "fitted_best": [], "uniform": []}
     for case in cases:
         for i, inputs in read_inputs(model, case).items():
@@ -115,7 +118,7 @@ def query_map_shares(model: Any, cases: Sequence[Any], maps: dict[int, torch.Ten
                 continue
             with torch.no_grad():
                 for name, query_map in (("own", own[i]), ("fitted", maps[i])):
-                    share = needle_share(query_map, inputs)
+                    share = needle_share(query_map, inputs, features)
                     totals[name].extend(share.tolist())
                     totals[name + "_best"].append(float(share.max()))
             totals["uniform"].append(len(inputs["needle"]) / float(inputs["keep"].sum()))
@@ -123,11 +126,12 @@ def query_map_shares(model: Any, cases: Sequence[Any], maps: dict[int, torch.Ten
 
 
 def save_with_query_maps(source: str | Path, maps: dict[int, torch.Tensor], out: str | Path,
-                         record: dict[str, Any]) -> Path:
+                         record: dict[str, Any], settings: dict[str, Any] | None = None) -> Path:
     """The trained memory ``source`` with its memory query maps replaced by ``maps``, written to ``out`` (a
     trained-memory directory that :func:`senri.model.trained.load_trained_memory` loads and the grid grades); the
-    card records ``record`` under ``read_fit``. Written beside ``out`` and renamed into place, so a failure leaves
-    no half-written memory."""
+    card records ``record`` under ``read_fit`` and, in its settings, ``settings`` (the settings that shape no
+    parameter under which the maps were fitted, e.g. another feature map). Written beside ``out`` and renamed into
+    place, so a failure leaves no half-written memory."""
     source, out = Path(source), Path(out)
     tensors = load_file(str(source / PARAMETERS_FILE))
     for i, query_map in maps.items():
@@ -141,6 +145,11 @@ def save_with_query_maps(source: str | Path, maps: dict[int, torch.Tensor], out:
     save_file(tensors, str(staging / PARAMETERS_FILE))
     card = json.loads((staging / CARD_FILE).read_text())
     card["read_fit"] = {"source": str(source), **record}
+    if settings:
+        unknown = sorted(set(settings) - set(READ_SETTINGS))
+        if unknown:
+            raise ValueError(f"settings {unknown} shape parameters; only {', '.join(READ_SETTINGS)} may change")
+        card["settings"] = {**card["settings"], **settings}
     (staging / CARD_FILE).write_text(json.dumps(card, indent=1))
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)

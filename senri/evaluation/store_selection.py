@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..model.cache import SenriCache
-from ..model.memory import MEMORY_DTYPE, alibi_decay, empty_memory, memory_states, phi, sink_keep_mask
+from ..model.memory import MEMORY_DTYPE, alibi_decay, empty_memory, memory_states, sink_keep_mask
 from ..model.modeling_senri import unwrap_peft
 from .read_fidelity import layer_projections
 
@@ -48,11 +48,13 @@ def memory_writes(model: Any, ids: torch.Tensor) -> dict[int, dict[str, torch.Te
         N = written // C
         keep = sink_keep_mask(0, written, S, device=ids.device)
         decay = alibi_decay(H, config.alibi_scale) if config.use_alibi else None
-        M, z = empty_memory(1, H, D, device=ids.device)
+        features = config.memory_features
+        M, z = empty_memory(1, H, D, device=ids.device, feature_dim=features.dim(D))
         with torch.no_grad():
             Ms, zs = memory_states(k.view(1, H, N, C, D), v.view(1, H, N, C, D), M, z, config.memory_update,
-                                   config.memory_eps, decay=decay, keep=None if keep is None else keep.view(N, C))
-            sk = phi(k.to(MEMORY_DTYPE)).view(1, H, N, C, D)
+                                   config.memory_eps, decay=decay, keep=None if keep is None else keep.view(N, C),
+                                   feature_map=features)
+            sk = features(k.to(MEMORY_DTYPE)).view(1, H, N, C, -1)
             read = (sk @ Ms[:, :, :N]) / (sk @ zs[:, :, :N].unsqueeze(-1) + config.memory_eps)
             values = v.to(MEMORY_DTYPE).view(1, H, N, C, D)
             error = (values - read).norm(dim=-1).view(H, written)

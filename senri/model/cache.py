@@ -28,11 +28,12 @@ STATE_VERSION = 1
 STATE_CONFIG_FIELDS = (
     "num_hidden_layers", "num_key_value_heads", "head_dim", "sliding_window", "chunk_size", "memory_update",
     "layer_types", "memory_type", "num_memories", "num_memory_banks", "segments_per_bank", "use_alibi", "alibi_scale",
-    "num_sink_tokens",
+    "num_sink_tokens", "memory_feature_map", "memory_dpfp_nu",
 )
 # Fields added after states were first saved: a state without them was made by a model with these values.
 LEGACY_STATE_DEFAULTS = {"memory_type": "single", "num_memories": 4, "num_memory_banks": 1, "segments_per_bank": 4,
-                         "use_alibi": False, "alibi_scale": 1.0, "num_sink_tokens": 0}
+                         "use_alibi": False, "alibi_scale": 1.0, "num_sink_tokens": 0, "memory_feature_map": "elu",
+                         "memory_dpfp_nu": 3}
 
 
 @dataclass

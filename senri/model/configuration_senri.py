@@ -7,7 +7,9 @@ import difflib
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 
+from .memory import FEATURE_MAPS as MEMORY_FEATURE_MAPS
 from .memory import RELEVANCES as MEMORY_RELEVANCES
+from .memory import FeatureMap
 
 LAYER_TYPES = ("sliding_attention", "memory", "memory_only", "full_attention")
 MEMORY_LAYER_TYPES = ("memory", "memory_only")
@@ -20,7 +22,7 @@ VALIDATED_ON_ASSIGNMENT = frozenset({
     "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size", "memory_relevance", "memory_type",
     "num_memories", "top_k_memories", "num_memory_banks", "segments_per_bank", "num_sink_tokens", "alibi_scale",
     "sink_max_distance",
-    "memory_eps",
+    "memory_eps", "memory_feature_map", "memory_dpfp_nu",
 })
 JAPANESE_TOKENIZER = "cyberagent/open-calm-small"
 
@@ -78,6 +80,10 @@ class SenriConfig(LlamaConfig):
     * ``memory_qk_map``: memory layers get per-KV-head maps ``memory_query_map`` / ``memory_key_map`` (H, D, D),
       identity at start, applied to the raw queries and keys of the memory path only (read and write): q and k were
       trained for softmax attention with RoPE, the memory reads them without it.
+    * ``memory_feature_map``: the memory's feature map φ. ``"elu"`` (default): ELU + 1, head_dim features per head
+      (Infini-attention). ``"dpfp"``: DPFP of order ``memory_dpfp_nu`` (Schlag et al. 2021), 2·head_dim·ν features:
+      the state is ``M: (B, H, 2Dν, D)``, ``z: (B, H, 2Dν)``. It shapes no parameter, so a memory trained with one
+      map loads with the other. Single memories only (``memory_type="single"``, one bank).
     * ``use_alibi`` / ``alibi_scale``: older segments' memory contributions decay as exp(−slope_h · distance in
       segments), with ALiBi's per-head geometric slopes times ``alibi_scale``. Implemented as a decay of the whole
       state (every memory of the layer) by exp(−slope_h) per written chunk, which weighs a segment written d chunks
@@ -140,6 +146,8 @@ class SenriConfig(LlamaConfig):
     num_sink_tokens: int = 0
     sink_max_distance: int | None = 0
     memory_qk_map: bool = False
+    memory_feature_map: str = "elu"
+    memory_dpfp_nu: int = 3
     tokenizer_name: str | None = None  # the tokenizer a preset is meant for (japanese(): JAPANESE_TOKENIZER)
     attention_output_bias: bool | None = None  # o_proj bias; None: same as attention_bias (Qwen2: q/k/v only)
 
@@ -271,13 +279,19 @@ class SenriConfig(LlamaConfig):
         slots = per_bank * self.num_memory_banks
         return None if self.memory_type == "single" and slots == 1 else slots
 
+    @property
+    def memory_features(self) -> FeatureMap:
+        """The memory's feature map φ (``memory_feature_map``, ``memory_dpfp_nu``)."""
+        return FeatureMap(self.memory_feature_map, self.memory_dpfp_nu)
+
     def memory_state_shapes(self, batch_size: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
         """The (M, z) shapes a memory layer's state may have (routed: the training shape, then the eval shape)."""
         B, H, D = batch_size, self.num_key_value_heads, self.head_dim
+        P = self.memory_features.dim(D)
         shapes = []
         for training in ((True, False) if self.memory_type == "routed" else (True,)):
             S = self.memory_slots(training)
-            shapes.append(((B, H, D, D), (B, H, D)) if S is None else ((B, H, S, D, D), (B, H, S, D)))
+            shapes.append(((B, H, P, D), (B, H, P)) if S is None else ((B, H, S, P, D), (B, H, S, P)))
         return shapes
 
     @property
@@ -361,6 +375,18 @@ class SenriConfig(LlamaConfig):
             raise ValueError(f"alibi_scale must be > 0, got {self.alibi_scale}")
         if self.memory_eps <= 0:
             raise ValueError(f"memory_eps must be > 0, got {self.memory_eps}")
+        if self.memory_feature_map not in MEMORY_FEATURE_MAPS:
+            raise ValueError(f"memory_feature_map = {self.memory_feature_map!r} is unknown; "
+                             f"{_suggest(self.memory_feature_map, MEMORY_FEATURE_MAPS)}")
+        if self.memory_feature_map != "elu":
+            head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+            if not 1 <= self.memory_dpfp_nu < 2 * head_dim:
+                raise ValueError(f"memory_dpfp_nu must be in 1..{2 * head_dim - 1} (2·head_dim − 1: each order "
+                                 f"rolls the 2·head_dim features once more), got {self.memory_dpfp_nu}")
+            if self.memory_type != "single" or self.num_memory_banks != 1:
+                raise ValueError(f"memory_feature_map = {self.memory_feature_map!r} needs a single memory per head "
+                                 f"(memory_type='single', num_memory_banks=1), got memory_type={self.memory_type!r}, "
+                                 f"num_memory_banks={self.num_memory_banks}; the memory variants read ELU + 1 only")
 
 
 # A saved config names its code (auto_map) and carries configuration_senri.py, so that AutoConfig loads it with

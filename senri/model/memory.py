@@ -29,6 +29,46 @@ def phi(x: torch.Tensor) -> torch.Tensor:
     return F.elu(x) + 1.0
 
 
+def dpfp(x: torch.Tensor, nu: int = 3) -> torch.Tensor:
+    """DPFP features (Schlag et al. 2021) (..., D) -> (..., 2Dν): ``r = [relu(x), relu(−x)]`` times ``r`` rolled by
+    1..ν, concatenated. Non-negative; the kernel ``dpfp(q)·dpfp(k)`` is sparse in sign patterns, so a state of 2Dν
+    features per value dimension separates more keys than D features of ELU + 1."""
+    r = torch.cat([F.relu(x), F.relu(-x)], dim=-1)
+    return torch.cat([r * torch.roll(r, shifts=i, dims=-1) for i in range(1, nu + 1)], dim=-1)
+
+
+FEATURE_MAPS = ("elu", "dpfp")
+
+
+@dataclass(frozen=True)
+class FeatureMap:
+    """The memory's feature map φ, applied to its (mapped) keys when writing and to its queries when reading.
+
+    ``"elu"`` (default): ELU + 1, D features per head (Infini-attention). ``"dpfp"``: :func:`dpfp` with ``nu``,
+    2Dν features: a state ``M: (.., 2Dν, D)``, ``z: (.., 2Dν)``, ν·2 times ELU + 1's. The map shapes no parameter,
+    only the state.
+    """
+
+    name: str = "elu"
+    nu: int = 3
+
+    def __post_init__(self):
+        if self.name not in FEATURE_MAPS:
+            raise ValueError(f"memory feature map {self.name!r} is unknown; valid values are {list(FEATURE_MAPS)}")
+        if self.nu < 1:
+            raise ValueError(f"the DPFP order nu must be a positive integer, got {self.nu}")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return phi(x) if self.name == "elu" else dpfp(x, self.nu)
+
+    def dim(self, head_dim: int) -> int:
+        """Features per head for keys of ``head_dim`` dimensions: the first dimension of ``M`` and of ``z``."""
+        return head_dim if self.name == "elu" else 2 * head_dim * self.nu
+
+
+ELU = FeatureMap()
+
+
 @contextlib.contextmanager
 def float32_memory(device: torch.device) -> Iterator[None]:
     """Disable autocast so memory arithmetic really runs in float32 under fp16/bf16 autocast."""
@@ -38,12 +78,14 @@ def float32_memory(device: torch.device) -> Iterator[None]:
 
 def empty_memory(
     batch_size: int, num_heads: int, head_dim: int, device: torch.device | str | None = None,
-    num_slots: int | None = None,
+    num_slots: int | None = None, feature_dim: int | None = None,
 ):
-    """A fresh (reset) memory: M = 0, z = 0; (B, H, D, D) / (B, H, D), or (B, H, S, D, D) / (B, H, S, D) with slots."""
+    """A fresh (reset) memory: M = 0, z = 0; (B, H, P, D) / (B, H, P), or (B, H, S, P, D) / (B, H, S, P) with slots,
+    where P is ``feature_dim`` (the feature map's :meth:`FeatureMap.dim`; ``head_dim`` for ELU + 1, the default)."""
     slots = () if num_slots is None else (num_slots,)
-    M = torch.zeros(batch_size, num_heads, *slots, head_dim, head_dim, dtype=MEMORY_DTYPE, device=device)
-    z = torch.zeros(batch_size, num_heads, *slots, head_dim, dtype=MEMORY_DTYPE, device=device)
+    P = head_dim if feature_dim is None else feature_dim
+    M = torch.zeros(batch_size, num_heads, *slots, P, head_dim, dtype=MEMORY_DTYPE, device=device)
+    z = torch.zeros(batch_size, num_heads, *slots, P, dtype=MEMORY_DTYPE, device=device)
     return M, z
 
 
@@ -55,12 +97,13 @@ def alibi_decay(num_heads: int, scale: float = 1.0) -> torch.Tensor:
 
 def memory_states(
     k: torch.Tensor, v: torch.Tensor, M: torch.Tensor, z: torch.Tensor, update: str, eps: float,
-    decay: torch.Tensor | None = None, keep: torch.Tensor | None = None,
+    decay: torch.Tensor | None = None, keep: torch.Tensor | None = None, feature_map: FeatureMap = ELU,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Write ``N`` chunks into memory, one chunk at a time, and return every intermediate state.
 
-    k, v: (B, H, N, C, D) raw keys / values of the chunks (φ is applied here), M: (B, H, D, D), z: (B, H, D).
-    Returns Ms: (B, H, N + 1, D, D) and zs: (B, H, N + 1, D), where index j is the state after writing chunks < j.
+    k, v: (B, H, N, C, D) raw keys / values of the chunks (φ = ``feature_map`` is applied here), M: (B, H, P, D),
+    z: (B, H, P) with P = ``feature_map.dim(D)``.
+    Returns Ms: (B, H, N + 1, P, D) and zs: (B, H, N + 1, P), where index j is the state after writing chunks < j.
 
     * linear (eq. 4):  M_j+1 = M_j + φ(K_j)ᵀ V_j
     * delta  (eq. 5):  M_j+1 = M_j + φ(K_j)ᵀ (V_j − φ(K_j) M_j / (φ(K_j) z_j + eps))
@@ -69,7 +112,7 @@ def memory_states(
     M_j+1 = γ M_j + ..., z_j+1 = γ z_j + ..., so a segment written d segments ago weighs γ^d — a fixed-size state.
     ``keep`` (N, C) of 0/1 leaves out the tokens marked 0 (attention sinks): φ(k) = 0 writes nothing to M or z.
     """
-    sk, v = phi(k.to(MEMORY_DTYPE)), v.to(MEMORY_DTYPE)
+    sk, v = feature_map(k.to(MEMORY_DTYPE)), v.to(MEMORY_DTYPE)
     if keep is not None:
         sk = sk * keep.to(sk.dtype)[..., None]
     if decay is not None:
@@ -88,14 +131,15 @@ def memory_states(
     # U_j = V_j − φ(K_j) M_j / n_j (addcdiv) and M_j+1 = M_j + φ(K_j)ᵀ U_j (baddbmm).
     # The chunks are taken by unbind, not by indexing: the backward of one unbind is one stack, while each index's
     # backward would allocate and add a zero gradient the size of the whole input (quadratic in the chunks).
-    B, H, N, C, D = sk.shape
+    B, H, N, C, P = sk.shape
+    D = v.shape[-1]
     norms = (sk @ zs[:, :, :N].unsqueeze(-1) + eps).flatten(0, 1)  # (B·H, N, C, 1)
     flat_sk, flat_v = sk.flatten(0, 1), v.flatten(0, 1)  # (B·H, N, C, D)
-    states = [M.flatten(0, 1)]  # (B·H, D, D)
+    states = [M.flatten(0, 1)]  # (B·H, P, D)
     for sk_j, sk_t, v_j, n_j in zip(flat_sk.unbind(1), flat_sk.transpose(-1, -2).unbind(1), flat_v.unbind(1),
                                     norms.unbind(1)):
         states.append(torch.baddbmm(states[-1], sk_t, torch.addcdiv(v_j, sk_j @ states[-1], n_j, value=-1.0)))
-    return torch.stack(states, dim=1).view(B, H, N + 1, D, D), zs
+    return torch.stack(states, dim=1).view(B, H, N + 1, P, D), zs
 
 
 def _decayed_memory_states(sk, v, M, z, update, eps, decay):
@@ -131,20 +175,21 @@ def pad_tokens(x: torch.Tensor, front: int, back: int) -> torch.Tensor:
 
 def memory_read(
     q: torch.Tensor, M: torch.Tensor, z: torch.Tensor, eps: float, intra_k: torch.Tensor | None = None,
-    intra_v: torch.Tensor | None = None,
+    intra_v: torch.Tensor | None = None, feature_map: FeatureMap = ELU,
 ) -> torch.Tensor:
     """Retrieve from memory (eq. 3): A_mem = φ(Q) M / (φ(Q) z + eps), no positional encoding.
 
-    q: (B, H, N, G*C, D) raw queries grouped by chunk; M: (B, H, N, D, D), z: (B, H, N, D): the state each chunk reads.
+    q: (B, H, N, G*C, D) raw queries grouped by chunk; M: (B, H, N, P, D), z: (B, H, N, P): the state each chunk
+    reads (P features of ``feature_map``).
     ``intra_k``/``intra_v`` (B, H, N, C, D), for ``memory_only`` layers, add the causal linear attention over the
     query's own chunk so that the memory path alone covers every earlier token.
     Returns (B, H, N, G*C, D) float32.
     """
-    sq = phi(q.to(MEMORY_DTYPE))
+    sq = feature_map(q.to(MEMORY_DTYPE))
     numerator = sq @ M
     denominator = sq @ z.unsqueeze(-1)  # (B, H, N, G*C, 1)
     if intra_k is not None:
-        sk, chunk = phi(intra_k.to(MEMORY_DTYPE)), intra_k.shape[-2]
+        sk, chunk = feature_map(intra_k.to(MEMORY_DTYPE)), intra_k.shape[-2]
         scores = sq @ sk.transpose(-1, -2)  # (B, H, N, G*C, C)
         # Query row r is token r % C of its chunk (queries of the G heads are stacked head-major).
         rows = torch.arange(scores.shape[-2], device=q.device) % chunk
@@ -158,7 +203,7 @@ def memory_read(
 def memory_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, M: torch.Tensor, z: torch.Tensor, q_start: int, written: int,
     new_written: int, chunk_size: int, window_chunks: int, update: str, eps: float, intra_chunk: bool = False,
-    decay: torch.Tensor | None = None, num_sink_tokens: int = 0,
+    decay: torch.Tensor | None = None, num_sink_tokens: int = 0, feature_map: FeatureMap = ELU,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The memory path of one layer for queries at positions ``q_start..``: write, then read chunk by chunk.
 
@@ -180,7 +225,7 @@ def memory_attention(
         write_v = v[:, :, : n_write * C].reshape(B, H, n_write, C, D)
         keep = sink_keep_mask(written * C, n_write * C, num_sink_tokens, q.device)
         keep = None if keep is None else keep.view(n_write, C)
-        Ms, zs = memory_states(write_k, write_v, M, z, update, eps, decay, keep)
+        Ms, zs = memory_states(write_k, write_v, M, z, update, eps, decay, keep, feature_map)
         chunks = torch.arange(first_chunk, last_chunk + 1, device=q.device)
         index = (chunks - window_chunks - written).clamp(0, n_write)
         # Lay the queries on the chunk grid: (B, Hq, T, D) -> (B, H, n_query, G*C, D), heads of a group stacked.
@@ -192,7 +237,7 @@ def memory_attention(
             own = slice((first_chunk - written) * C, None)  # the query chunks' own keys
             intra_k = pad_tokens(k[:, :, own], 0, pad_back).view(B, H, n_query, C, D)
             intra_v = pad_tokens(v[:, :, own], 0, pad_back).view(B, H, n_query, C, D)
-        read = memory_read(grid, Ms[:, :, index], zs[:, :, index], eps, intra_k, intra_v)
+        read = memory_read(grid, Ms[:, :, index], zs[:, :, index], eps, intra_k, intra_v, feature_map)
     read = read.view(B, H, n_query, G, C, D).permute(0, 1, 3, 2, 4, 5).reshape(B, Hq, n_query * C, D)
     return read[:, :, pad_front : pad_front + T], Ms[:, :, -1], zs[:, :, -1]
 
@@ -200,6 +245,7 @@ def memory_attention(
 def reference_memory_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int, window_chunks: int, update: str, eps: float,
     intra_chunk: bool = False, decay: torch.Tensor | None = None, num_sink_tokens: int = 0,
+    feature_map: FeatureMap = ELU,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Naive token-by-token memory path of a sequence starting at position 0, for testing.
 
@@ -211,8 +257,9 @@ def reference_memory_attention(
     B, Hq, T, D = q.shape
     H = k.shape[1]
     G = Hq // H
-    M = torch.zeros(B, H, D, D, dtype=MEMORY_DTYPE, device=q.device)
-    z = torch.zeros(B, H, D, dtype=MEMORY_DTYPE, device=q.device)
+    P = feature_map.dim(D)
+    M = torch.zeros(B, H, P, D, dtype=MEMORY_DTYPE, device=q.device)
+    z = torch.zeros(B, H, P, dtype=MEMORY_DTYPE, device=q.device)
     written = 0
     outputs = []
     for t in range(T):
@@ -223,7 +270,7 @@ def reference_memory_attention(
                 M = M * decay.to(M.dtype)[:, None, None]
                 z = z * decay.to(z.dtype)[:, None]
             for s in range(max(written * chunk_size, num_sink_tokens), (written + 1) * chunk_size):
-                sk = phi(k[:, :, s].to(MEMORY_DTYPE))  # (B, H, D)
+                sk = feature_map(k[:, :, s].to(MEMORY_DTYPE))  # (B, H, P)
                 vs = v[:, :, s].to(MEMORY_DTYPE)
                 if update == "delta":
                     vs = vs - torch.einsum("bhd,bhde->bhe", sk, M_old) / (torch.einsum("bhd,bhd->bh", sk, z_old) + eps)[..., None]
@@ -232,12 +279,12 @@ def reference_memory_attention(
             written += 1
         head_outputs = []
         for h in range(Hq):
-            sq = phi(q[:, h, t].to(MEMORY_DTYPE))  # (B, D)
+            sq = feature_map(q[:, h, t].to(MEMORY_DTYPE))  # (B, P)
             numerator = torch.einsum("bd,bde->be", sq, M[:, h // G])
             denominator = torch.einsum("bd,bd->b", sq, z[:, h // G])
             if intra_chunk:
                 for s in range((t // chunk_size) * chunk_size, t + 1):
-                    weight = torch.einsum("bd,bd->b", sq, phi(k[:, h // G, s].to(MEMORY_DTYPE)))
+                    weight = torch.einsum("bd,bd->b", sq, feature_map(k[:, h // G, s].to(MEMORY_DTYPE)))
                     numerator = numerator + weight[:, None] * v[:, h // G, s].to(MEMORY_DTYPE)
                     denominator = denominator + weight
             head_outputs.append(numerator / (denominator[:, None] + eps))
@@ -517,7 +564,7 @@ def reference_slotted_memory_attention(
 
 
 __all__ = [
-    "MEMORY_DTYPE", "phi", "alibi_decay", "sink_keep_mask", "float32_memory", "empty_memory", "memory_states", "memory_read", "memory_attention",
+    "MEMORY_DTYPE", "phi", "dpfp", "FEATURE_MAPS", "FeatureMap", "ELU", "alibi_decay", "sink_keep_mask", "float32_memory", "empty_memory", "memory_states", "memory_read", "memory_attention",
     "reference_memory_attention", "MemoryLayout", "RELEVANCES", "write_slots", "read_slots", "slotted_memory_attention",
     "reference_slotted_memory_attention",
 ]

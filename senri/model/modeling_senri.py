@@ -472,6 +472,13 @@ class SenriAttention(nn.Module):
         layout = self.memory_layouts[self.training]
         slots = None if layout is None else layout.num_slots
         expected = "a single memory (B, H, D, D)" if slots is None else f"{slots} memories (B, H, {slots}, D, D)"
+        features = self.config.memory_features.dim(self.head_dim)
+        if slots is None and M.dim() == 4 and M.shape[2] != features:
+            raise RuntimeError(
+                f"layer {self.layer_idx}: the cache's memory has {M.shape[2]} features per head (M {tuple(M.shape)}) "
+                f"but memory_feature_map={self.config.memory_feature_map!r} writes {features}: a state continues "
+                "only a model with the same feature map"
+            )
         if (M.dim() == 4) if slots is None else (M.dim() == 5 and M.shape[2] == slots):
             return
         held = "a single memory" if M.dim() == 4 else f"{M.shape[2]} memories"
@@ -633,11 +640,14 @@ class SenriAttention(nn.Module):
             layout = self.memory_layouts[self.training]
             slots = None if layout is None else layout.num_slots
             if M is None:
-                M, z = empty_memory(B, self.num_kv_heads, self.head_dim, device=q.device, num_slots=slots)
+                M, z = empty_memory(B, self.num_kv_heads, self.head_dim, device=q.device, num_slots=slots,
+                                    feature_dim=self.config.memory_features.dim(self.head_dim))
             # Computed from the config, not held as a tensor attribute: a model built on the meta device by
             # from_pretrained would otherwise keep a meta tensor (ALiBi decay factors are not weights).
             decay = alibi_decay(self.num_kv_heads, self.config.alibi_scale) if self.config.use_alibi else None
             common = dict(intra_chunk=not self.has_local, decay=decay, num_sink_tokens=self.num_sink_tokens)
+            if layout is None:
+                common["feature_map"] = self.config.memory_features
             memory_q, memory_k = q, k
             if self.config.memory_qk_map:
                 G = self.num_groups

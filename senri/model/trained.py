@@ -32,10 +32,12 @@ LORA_FILE = "lora_parameters.safetensors"
 CARD_FILE = "card.json"
 # The Senri settings a card records: together with the base checkpoint they define the model the parameters fit.
 CARD_SETTINGS = ("sliding_window", "chunk_size", "num_sink_tokens", "layer_types", "memory_update", "memory_qk_map",
-                 "memory_type", "memory_eps")
+                 "memory_type", "memory_eps", "memory_feature_map", "memory_dpfp_nu")
 # Of those, the ones that shape no parameter: a trained memory may be loaded with them changed (``overrides``), e.g.
 # the linear rule's parameters read and written by the delta rule.
-READ_SETTINGS = ("memory_update", "memory_eps")
+READ_SETTINGS = ("memory_update", "memory_eps", "memory_feature_map", "memory_dpfp_nu")
+# Card settings added after the first cards were written, with the value every earlier card was trained with.
+LEGACY_CARD_SETTINGS = {"memory_feature_map": "elu", "memory_dpfp_nu": 3}
 
 
 def base_fingerprint(model: Any) -> str:
@@ -109,7 +111,10 @@ def read_card(directory: str | Path = SMOLLM2_WINDOW256) -> dict[str, Any]:
     path = Path(directory) / CARD_FILE
     if not path.exists():
         raise FileNotFoundError(f"no trained memory at {directory}: {CARD_FILE} is missing")
-    return json.loads(path.read_text(encoding="utf-8"))
+    card = json.loads(path.read_text(encoding="utf-8"))
+    if "settings" in card:  # settings added after cards were first written: a card without them had these values
+        card["settings"] = {**LEGACY_CARD_SETTINGS, **card["settings"]}
+    return card
 
 
 def load_trained_memory(base: Any, directory: str | Path, check_base: bool = True, merge_lora: bool = True,

@@ -71,6 +71,8 @@ class ModelSettings:
     memory_gate_init: float = 0.0
     num_sink_tokens: int = 4
     memory_qk_map: bool = False
+    memory_feature_map: Literal["elu", "dpfp"] = "elu"
+    memory_dpfp_nu: int = 3
     memory_type: Literal["single", "multi", "hierarchical", "routed"] = "single"
     num_memories: int = 4
     top_k_memories: int = 8
@@ -175,7 +177,7 @@ POSITIVE = {
     "seq_len", "save_steps", "save_total_limit", "logging_steps", "num_train_samples", "niah_samples",
     "ppl_seq_len", "ppl_bucket_size", "gate_lr_multiplier", "memory_layer_interval", "real_model_window",
     "real_model_niah_samples", "num_memories", "top_k_memories", "num_memory_banks", "segments_per_bank", "alibi_scale",
-    "variant_max_steps", "finetune_lora_rank", "finetune_eval_steps", "finetune_time_budget_s",
+    "variant_max_steps", "finetune_lora_rank", "finetune_eval_steps", "finetune_time_budget_s", "memory_dpfp_nu",
 }
 NON_NEGATIVE = {"text_read_weight", "text_segment", "text_distractors", "text_distill_weight", "text_distill_floor", "finetune_kl_weight", "num_sink_tokens", "num_memory_layers", "first_memory_layer", "weight_decay", "warmup_steps", "max_grad_norm", "seed"}
 FRACTIONS = {"text_passkey_share", "transfer_passkey_share", "memory_gate_init", "niah_ratio", "needle_beyond_window"}
@@ -435,7 +437,7 @@ class ConfigManager:
             num_memory_layers=m.num_memory_layers, first_memory_layer=m.first_memory_layer,
             memory_layer_interval=m.memory_layer_interval, layer_types=m.layer_types,
             memory_gate_init=m.memory_gate_init, num_sink_tokens=m.num_sink_tokens, memory_qk_map=m.memory_qk_map,
-            memory_type=m.memory_type,
+            memory_feature_map=m.memory_feature_map, memory_dpfp_nu=m.memory_dpfp_nu, memory_type=m.memory_type,
             num_memories=m.num_memories,
             top_k_memories=m.top_k_memories, num_memory_banks=m.num_memory_banks,
             segments_per_bank=m.segments_per_bank, memory_relevance=m.memory_relevance, use_alibi=m.use_alibi, alibi_scale=m.alibi_scale,

@@ -83,7 +83,7 @@ def needle_shares(model: Any, captured: dict[int, dict[str, torch.Tensor]],
             if config.memory_qk_map:
                 q = torch.einsum("hgd,hde->hge", q, attn.memory_query_map.to(MEMORY_DTYPE))
                 k = torch.einsum("htd,hde->hte", k, attn.memory_key_map.to(MEMORY_DTYPE))
-            shares.append(needle_read_share(q, k, keep, slice(lo, hi)).flatten())
+            shares.append(needle_read_share(q, k, keep, slice(lo, hi), config.memory_features).flatten())
     return torch.cat(shares) if shares else torch.zeros(0)
 
 
