@@ -8,6 +8,7 @@ SEEDS (default "2024,2025"), TRAIN_SECONDS per seed (default 180), STEPS (the pr
 the curriculum's stages are laid out; default the profile's 400), SCHEDULE (``training.finetune_schedule``: cosine,
 stage_cosine or constant; default the profile's), READ (``training.text_read_weight``, the direct loss on the
 memory's read of a fact, senri.training.readloss; it reads whole rows, so READ also sets ``text_segment`` to 0),
+MAP (``model.memory_feature_map``: elu or dpfp, DPFP's larger state; default the profile's elu),
 CASES per grid cell (default 20). A run that its time
 budget stops before its last stage is reported in ``summary.json`` (each seed's ``curriculum``: the steps trained at
 each length) and named on the console: raise TRAIN_SECONDS or lower STEPS and run again. The corpus's
@@ -33,9 +34,9 @@ OUT = Path("runs/text-memory-gpu")
 
 
 def run_name(seed: int) -> str:
-    """A seed's run directory under OUT; a SCHEDULE, STEPS or READ other than the profile's is part of the name, so
+    """A seed's run directory under OUT; a SCHEDULE, STEPS, READ or MAP other than the profile's is part of the name, so
     runs that differ in them sit side by side (a run directory refuses other settings)."""
-    return "-".join([f"seed-{seed}"] + [f"{key.lower()}-{os.environ[key]}" for key in ("SCHEDULE", "STEPS", "READ")
+    return "-".join([f"seed-{seed}"] + [f"{key.lower()}-{os.environ[key]}" for key in ("SCHEDULE", "STEPS", "READ", "MAP")
                                          if os.environ.get(key)])
 
 
@@ -48,6 +49,8 @@ def main() -> dict:
         overrides["finetune_schedule"] = os.environ["SCHEDULE"]
     if os.environ.get("READ"):
         overrides.update(text_read_weight=float(os.environ["READ"]), text_segment=0)
+    if os.environ.get("MAP"):
+        overrides["memory_feature_map"] = os.environ["MAP"]
     began = time.perf_counter()
     runs = {}
     for seed in seeds:
