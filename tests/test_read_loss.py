@@ -86,3 +86,20 @@ def test_the_read_loss_refuses_a_read_that_is_no_weighted_mean():
         model(input_ids=torch.zeros(1, 45, dtype=torch.long))
     with pytest.raises(ValueError, match="memory_update='linear'"):
         needle_shares(model, captured, [NeedleRow(0, 0, 44, NEEDLE)])
+
+
+def test_a_query_that_meets_no_written_key_reads_no_share_and_no_nan_gradient():
+    """Under DPFP a query's features can miss every written key's (the read then returns nothing): its share is 0 and
+    the gradient stays finite (a 0/0 there once turned a whole fitted query map into NaN)."""
+    from senri.evaluation.read_fidelity import needle_read_share
+    from senri.model.memory import FeatureMap
+
+    dpfp = FeatureMap("dpfp", 1)
+    keys = torch.tensor([[[1.0, 2.0], [3.0, 1.0]]])  # (H=1, W=2, D=2): both positive, features only on (x0, x1)
+    query = torch.tensor([[[-1.0, -1.0]]], requires_grad=True)  # all negative: features only on (−x0, −x1)
+    share = needle_read_share(query, keys, torch.ones(2), [0], dpfp)
+    assert float(share) == 0.0
+    (grad,) = torch.autograd.grad(share.sum(), query)
+    assert bool(torch.isfinite(grad).all())
+    meets = needle_read_share(torch.tensor([[[1.0, 1.0]]]), keys, torch.ones(2), [0], dpfp)
+    assert float(meets) == pytest.approx(2.0 / 5.0)  # the first key's feature product 1·2 of 1·2 + 3·1

@@ -72,7 +72,11 @@ def share_from_sums(mq: torch.Tensor, sums: tuple[torch.Tensor, torch.Tensor],
     head) puts on the needle whose :func:`needle_feature_sums` are ``sums``: ``φ(q)·Σ_needle φ(k) / φ(q)·Σ φ(k)``."""
     needle, written = sums
     fq = feature_map(mq)
-    return (fq * needle[:, None]).sum(-1) / (fq * written[:, None]).sum(-1)
+    total = (fq * written[:, None]).sum(-1)
+    # A query whose features meet no written key's (DPFP's are sparse) reads nothing: no share on the needle either.
+    # Divided by 1 there, not by 0, so that neither the share nor its gradient is NaN.
+    empty = total == 0
+    return torch.where(empty, 0.0, (fq * needle[:, None]).sum(-1) / torch.where(empty, 1.0, total))
 
 
 def needle_read_share(mq: torch.Tensor, mk: torch.Tensor, keep: torch.Tensor, needle: Any,
