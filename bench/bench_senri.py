@@ -23,13 +23,15 @@ REPEATS = 5
 PIECE = 512  # streaming piece size
 
 
-def build_models(device: torch.device | str = "cpu") -> tuple[LlamaForCausalLM, SenriForCausalLM]:
+def build_models(device: torch.device | str = "cpu",
+                 memory_feature_map: str = "elu") -> tuple[LlamaForCausalLM, SenriForCausalLM]:
     """Llama (sdpa) and Senri on the benchmark's shapes, Senri holding Llama's weights (its memory layers' own
-    parameters at their initial values)."""
+    parameters at their initial values), its memory under ``memory_feature_map``."""
     torch.manual_seed(0)
     llama = LlamaForCausalLM(LlamaConfig(**SHAPES, attn_implementation="sdpa")).to(device)
     senri = SenriForCausalLM(SenriConfig(**SHAPES, sliding_window=WINDOW, chunk_size=CHUNK,
-                                         layer_types=["sliding_attention", "memory", "sliding_attention", "memory"]))
+                                         layer_types=["sliding_attention", "memory", "sliding_attention", "memory"],
+                                         memory_feature_map=memory_feature_map))
     senri.load_state_dict(llama.state_dict(), strict=False)
     return llama, senri.to(device)
 
@@ -43,6 +45,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=REPEATS)
     parser.add_argument("--scale", type=float, default=1.0,
                         help="every token count times this (0.0625: the toy sizes of `make device-check DEVICE=cpu`)")
+    parser.add_argument("--memory-feature-map", default="elu", choices=["elu", "dpfp"],
+                        help="the memory's feature map (dpfp: DPFP-3, a state 6x ELU+1's)")
     args = parser.parse_args()
 
     def tokens(n: int) -> int:
@@ -92,7 +96,7 @@ def main() -> None:
         sync()
         return torch.cuda.max_memory_allocated(device) / 2**20
 
-    llama, senri = build_models(device)
+    llama, senri = build_models(device, args.memory_feature_map)
     ids = torch.randint(0, SHAPES["vocab_size"], (1, 16384), device=device)
     rows, extra = [], []
 
@@ -166,7 +170,8 @@ def main() -> None:
         rows.append(("decode after 8K: llama / senri", t_llama_decode, d_8k, t_llama_decode / d_8k))
 
     where = torch.cuda.get_device_name(device) if cuda else f"cpu, {torch.get_num_threads()} threads"
-    print(f"shapes: {SHAPES}, window {WINDOW}, chunk {CHUNK}, device {where}, torch {torch.__version__}")
+    print(f"shapes: {SHAPES}, window {WINDOW}, chunk {CHUNK}, memory feature map {args.memory_feature_map}, "
+          f"device {where}, torch {torch.__version__}")
     print(f"{'measurement':55s} {'a (s)':>10s} {'b (s)':>10s} {'a/b':>7s}")
     for name, a, b, ratio in rows:
         print(f"{name:55s} {a:10.5f} {b:10.5f} {ratio:7.2f}")
