@@ -3,7 +3,7 @@
     python -m senri.reports sinks                       # NLL beyond 2x the window: base, no sinks, 4 sinks
     python -m senri.reports placement SEED CASES        # perfect-memory ceiling per placement (2K and 4K tokens)
     python -m senri.reports real KIND LENGTH CASES      # base / gates closed / shipped memory (KIND: passkey | fact | nll)
-    python -m senri.reports grid DIRS CASES             # the grid: facts and pass keys 8x-64x, NLL (DIRS: base, shipped, trained memories, DIR@memory_update=delta)
+    python -m senri.reports grid DIRS CASES             # the grid: facts and pass keys 8x-64x, NLL (DIRS: base, shipped, trained memories, DIR@memory_update=delta or DIR@memory_feature_map=dpfp; every DIR below takes the same @)
     python -m senri.reports grid-at DIRS CASES LENGTHS  # the same at chosen lengths (comma-separated tokens)
     python -m senri.reports grid-merge A.json,B.json    # several grid runs' records together, and their summary
     python -m senri.reports corpus                      # the prose corpus: documents and tokens per source and split
@@ -12,6 +12,7 @@
     python -m senri.reports read-fidelity DIR CASES LENGTHS  # the needle's share of the memory's read weight, beside softmax / Taylor / full attention
     python -m senri.reports read-capacity DIR CASES LENGTHS  # the best share any query could read off the written keys (ELU+1 and larger maps), beside the memory's own read
     python -m senri.reports read-fit DIR TRAIN_CASES LENGTH STEPS CASES LENGTHS  # each memory layer's query map fitted to read training facts, measured on the grid's held-out ones
+    python -m senri.reports read-fit-qk DIR TRAIN_CASES LENGTH STEPS CASES LENGTHS  # the same with each layer's key map fitted too
     python -m senri.reports kernel-fit DIR CASES LENGTHS FEATURES STEPS INPUTS  # the same with a Hedgehog feature map fitted to attention on training prose (INPUTS: memory | rotated)
     python -m senri.reports stream TOKENS EVERY         # loss per 4K block of a long stream vs fresh starts (every EVERY-th block)
     python -m senri.reports stream-sinks TOKENS         # the same stream, gates closed, per sink placement
@@ -410,13 +411,15 @@ def read_capacity(directory: str, cases: int, lengths: str) -> dict[str, Any]:
 
 
 def read_fit(directory: str, train_cases: int, length: int, steps: int, cases: int,
-             lengths: str) -> dict[str, Any]:
+             lengths: str, keys: bool = False) -> dict[str, Any]:
     """Fit each memory layer's query map (all else frozen) to read the needle of ``train_cases`` facts in training
     documents at ``length`` tokens (training templates and entities, one distractor), ``steps`` full-batch Adam
     steps; then the read's share on the needle with the fitted and the own maps on the training cases and on the
     grid's held-out cases at ``lengths`` (:mod:`senri.evaluation.read_fit`). The memory with the fitted maps is
-    written to ``runs/read-fit/NAME-TRAIN_CASES-LENGTH-STEPS/trained_memory`` for ``grid-at``."""
-    from .evaluation.read_fit import fit_query_maps, query_map_shares, save_with_query_maps
+    written to ``runs/read-fit/NAME-TRAIN_CASES-LENGTH-STEPS/trained_memory`` for ``grid-at``. With ``keys``
+    (``read-fit-qk``) each layer's key map is fitted with its query map (``...-STEPS-qk``): what the memory writes
+    may change too, as training the model would change it."""
+    from .evaluation.read_fit import fit_read_maps, query_map_shares, save_with_query_maps
     from .evaluation.real_model import depths_beyond_window
     from .tasks.corpus import documents
     from .tasks.facts import fact_cases
@@ -425,22 +428,30 @@ def read_fit(directory: str, train_cases: int, length: int, steps: int, cases: i
     model, tokenizer = _trained_memory(directory)
     train = fact_cases(tokenizer, documents(split="train"), length, train_cases, GRID_SEED + 1,
                        depths_beyond_window(length, WINDOW, CHUNK), split="train", distractors=1)
-    maps, log = fit_query_maps(model, train, steps)
+    maps, key_maps, log = fit_read_maps(model, train, steps, keys=keys)
     fitted = {"before": sum(v["before"] for v in log.values()) / len(log),
               "after": sum(v["after"] for v in log.values()) / len(log),
-              "training_cases": query_map_shares(model, train, maps)}
+              "training_cases": query_map_shares(model, train, maps, key_maps)}
     print({"fit": fitted}, flush=True)
     path, overrides = memory_spec(directory)
     source = init_directory(path)
     name = source.parent.name if source.name == "trained_memory" else source.name
     name += "".join(f"-{value}" for value in overrides.values())  # the lever the maps were fitted under
-    saved = save_with_query_maps(source, maps, Path("runs/read-fit") / f"{name}-{train_cases}-{length}-{steps}"
-                                 / "trained_memory", {"train_cases": train_cases, "length": length, "steps": steps,
-                                                      "training_share": fitted}, settings=overrides)
+    saved = save_with_query_maps(source, maps, Path("runs/read-fit")
+                                 / f"{name}-{train_cases}-{length}-{steps}{'-qk' if keys else ''}" / "trained_memory",
+                                 {"train_cases": train_cases, "length": length, "steps": steps, "keys": keys,
+                                  "training_share": fitted}, settings=overrides, key_maps=key_maps)
     print({"saved": str(saved)}, flush=True)
-    records = _cell_records(tokenizer, cases, lengths, lambda case_list: query_map_shares(model, case_list, maps))
-    return {"directory": directory, "train_cases": train_cases, "length": length, "steps": steps, "fit": fitted,
+    records = _cell_records(tokenizer, cases, lengths,
+                            lambda case_list: query_map_shares(model, case_list, maps, key_maps))
+    return {"directory": directory, "train_cases": train_cases, "length": length, "steps": steps, "keys": keys,
+            "fit": fitted,
             "fit_per_layer": log, "saved": str(saved), "records": records}
+
+
+def read_fit_qk(directory: str, train_cases: int, length: int, steps: int, cases: int, lengths: str) -> dict[str, Any]:
+    """:func:`read_fit` with each layer's key map fitted beside its query map."""
+    return read_fit(directory, train_cases, length, steps, cases, lengths, keys=True)
 
 
 def kernel_fit(directory: str, cases: int, lengths: str, features: int, steps: int,
@@ -636,7 +647,7 @@ def checkpoint_memory(run_dir: str, step: int) -> dict[str, Any]:
 def main(argv: list[str]) -> Any:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     commands = {"sinks": (sinks, ()), "placement": (placement, (int, int)), "real": (real, (str, int, int)),
-                "grid": (grid, (str, int)), "grid-at": (grid, (str, int, str)), "grid-merge": (grid_merge, (str,)), "ceiling": (ceiling, (int, str)), "store-selection": (store_selection, (int, str, str)), "read-fidelity": (read_fidelity, (str, int, str)), "read-capacity": (read_capacity, (str, int, str)), "read-fit": (read_fit, (str, int, int, int, int, str)), "kernel-fit": (kernel_fit, (str, int, str, int, int, str)), "corpus": (corpus_table, ()), "stream": (stream, (int, int)), "stream-sinks": (stream_sinks, (int,)), "ruler": (ruler, (str, int, str)), "ruler-of": (ruler, (str, int, str, str, str)), "ship": (ship, (str, str)), "ship-run": (ship_run, (str, str)),
+                "grid": (grid, (str, int)), "grid-at": (grid, (str, int, str)), "grid-merge": (grid_merge, (str,)), "ceiling": (ceiling, (int, str)), "store-selection": (store_selection, (int, str, str)), "read-fidelity": (read_fidelity, (str, int, str)), "read-capacity": (read_capacity, (str, int, str)), "read-fit": (read_fit, (str, int, int, int, int, str)), "read-fit-qk": (read_fit_qk, (str, int, int, int, int, str)), "kernel-fit": (kernel_fit, (str, int, str, int, int, str)), "corpus": (corpus_table, ()), "stream": (stream, (int, int)), "stream-sinks": (stream_sinks, (int,)), "ruler": (ruler, (str, int, str)), "ruler-of": (ruler, (str, int, str, str, str)), "ship": (ship, (str, str)), "ship-run": (ship_run, (str, str)),
                 "checkpoint-memory": (checkpoint_memory, (str, int))}
     if not argv or argv[0] not in commands:
         raise SystemExit(f"usage: python -m senri.reports {{{' | '.join(commands)}}} ... (see the module docstring)")

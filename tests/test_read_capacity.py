@@ -134,6 +134,15 @@ def test_the_fitted_query_maps_share_is_the_memorys_read_and_fitting_raises_it(f
     maps, log = fit_query_maps(model, cases, steps=50, lr=1e-2)
     assert all(entry["after"] > entry["before"] for entry in log.values())
     assert query_map_shares(model, cases, maps)["fitted"] > shares["own"]
+    # Fitting the key maps too (what the memory writes): the own maps reproduce the memory's read, and fitting both
+    # reads the needle at least as sharply as the query map alone.
+    from senri.evaluation.read_fit import fit_read_maps
+
+    same_q, same_k, _ = fit_read_maps(model, cases, steps=0, keys=True)
+    assert query_map_shares(model, cases, same_q, same_k)["fitted"] == pytest.approx(shares["own"])
+    both_q, both_k, both_log = fit_read_maps(model, cases, steps=50, lr=1e-2, keys=True)
+    assert any(not torch.equal(both_k[i], same_k[i]) for i in both_k)
+    assert query_map_shares(model, cases, both_q, both_k)["fitted"] > shares["own"]
     far = SimpleNamespace(ids=cases[0].ids[:45] + [5], answer_start=45, needle=(44, 45))
     with pytest.raises(ValueError, match="no case has its needle in the memory"):
         fit_query_maps(model, [far], steps=1)
@@ -160,6 +169,10 @@ def test_a_memory_saved_with_fitted_query_maps_loads_with_them_and_nothing_else_
     dpfp = save_with_query_maps(SMOLLM2_WINDOW256, {layer: fitted}, tmp_path / "dpfp" / "trained_memory", {},
                                 settings={"memory_feature_map": "dpfp"})
     assert load_trained_memory(llama, dpfp).config.memory_feature_map == "dpfp"
+    key = shipped.model.layers[layer].self_attn.memory_key_map.detach() - 0.25
+    both = save_with_query_maps(SMOLLM2_WINDOW256, {layer: fitted}, tmp_path / "qk" / "trained_memory", {},
+                                key_maps={layer: key})
+    torch.testing.assert_close(load_trained_memory(llama, both).model.layers[layer].self_attn.memory_key_map, key)
     with pytest.raises(ValueError, match=r"settings \['chunk_size'\] shape parameters"):
         save_with_query_maps(SMOLLM2_WINDOW256, {layer: fitted}, tmp_path / "bad", {}, settings={"chunk_size": 32})
     with pytest.raises(ValueError, match="has no model.layers.99.self_attn.memory_query_map"):

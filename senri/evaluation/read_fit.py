@@ -30,13 +30,14 @@ from .read_fidelity import held_tokens, layer_projections, needle_feature_sums, 
 
 def read_inputs(model: Any, case: Any) -> dict[int, dict[str, Any]]:
     """Per memory layer, what the read of ``case``'s answer query sees: ``q`` (Hq, D) the layer's raw query (no
-    map, no RoPE), ``keys`` (H, W, D) the memory's keys as written, ``keep`` (W,) and ``needle``, the needle's
+    map, no RoPE), ``keys`` (H, W, D) the memory's keys as written (``raw_keys`` before its key map), ``keep`` (W,)
+    and ``needle``, the needle's
     written positions (empty where the memory does not hold it yet)."""
     ids = torch.tensor([case.ids[: case.answer_start]])
     held = held_tokens(unwrap_peft(model).config, ids.shape[1] - 1)
     out = {}
     for i, p in layer_projections(model, ids).items():
-        out[i] = {"q": p["q"][:, -1], "keys": p["mk"][:, :held], "keep": p["keep"][:held],
+        out[i] = {"q": p["q"][:, -1], "keys": p["mk"][:, :held], "raw_keys": p["k"][:, :held], "keep": p["keep"][:held],
                   "needle": list(range(case.needle[0], min(case.needle[1], held)))}
     return out
 
@@ -55,23 +56,38 @@ def needle_share(query_map: torch.Tensor, inputs: dict[str, Any], feature_map: F
                              inputs["needle"], feature_map).flatten()
 
 
-def own_query_maps(model: Any) -> dict[int, torch.Tensor]:
-    """The memory's query map per memory layer (the identity where the model has none), detached, float32."""
+def _own_maps(model: Any, name: str) -> dict[int, torch.Tensor]:
     inner = unwrap_peft(model)
     out = {}
     for i in inner.config.memory_layers:
         attn = inner.model.layers[i].self_attn
         if inner.config.memory_qk_map:
-            out[i] = attn.memory_query_map.detach().float().clone()
+            out[i] = getattr(attn, name).detach().float().clone()
         else:
             out[i] = torch.eye(attn.head_dim).expand(attn.num_kv_heads, -1, -1).clone()
     return out
 
 
-def fit_query_maps(model: Any, cases: Sequence[Any], steps: int = 200,
-                   lr: float = 3e-3) -> tuple[dict[int, torch.Tensor], dict[int, dict[str, float]]]:
-    """Fit each memory layer's query map to maximise the mean log-share of the read on the needle over ``cases``
-    (Adam, full batch, from the model's own map). Returns the maps and per layer the mean share before and after."""
+def own_query_maps(model: Any) -> dict[int, torch.Tensor]:
+    """The memory's query map per memory layer (the identity where the model has none), detached, float32."""
+    return _own_maps(model, "memory_query_map")
+
+
+def own_key_maps(model: Any) -> dict[int, torch.Tensor]:
+    """The memory's key map per memory layer (the identity where the model has none), detached, float32."""
+    return _own_maps(model, "memory_key_map")
+
+
+def _mapped_keys(key_map: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
+    """The raw keys (H, W, D) of ``inputs`` mapped by ``key_map`` (H, D, D), as the memory writes them."""
+    return torch.einsum("htd,hde->hte", inputs["raw_keys"], key_map)
+
+
+def fit_read_maps(model: Any, cases: Sequence[Any], steps: int = 200, lr: float = 3e-3, keys: bool = False,
+                  ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor] | None, dict[int, dict[str, float]]]:
+    """Fit each memory layer's query map (and, with ``keys``, its key map too: what the memory writes) to maximise
+    the mean log-share of the read on the needle over ``cases`` (Adam, full batch, from the model's own maps).
+    Returns the query maps, the key maps (None without ``keys``) and per layer the mean share before and after."""
     per_layer: dict[int, list[dict[str, Any]]] = {}
     for case in cases:
         for i, inputs in read_inputs(model, case).items():
@@ -79,15 +95,21 @@ def fit_query_maps(model: Any, cases: Sequence[Any], steps: int = 200,
                 per_layer.setdefault(i, []).append(inputs)
     if not per_layer:
         raise ValueError("no case has its needle in the memory when the answer is asked; use longer cases")
-    maps, log = own_query_maps(model), {}
+    maps, key_maps, log = own_query_maps(model), (own_key_maps(model) if keys else None), {}
     features = unwrap_peft(model).config.memory_features
     for i, batch in per_layer.items():
         query_map = maps[i].requires_grad_()
-        optimiser = torch.optim.Adam([query_map], lr=lr)
-        # The keys are fixed: their feature sums once, not at every step.
-        sums = [needle_feature_sums(b["keys"], b["keep"], b["needle"], features) for b in batch]
+        trained = [query_map]
+        if key_maps is not None:
+            key_map = key_maps[i].requires_grad_()
+            trained.append(key_map)
+        optimiser = torch.optim.Adam(trained, lr=lr)
+        # Fixed keys: their feature sums once, not at every step.
+        fixed = None if keys else [needle_feature_sums(b["keys"], b["keep"], b["needle"], features) for b in batch]
 
         def shares() -> torch.Tensor:
+            sums = fixed or [needle_feature_sums(_mapped_keys(key_map, b), b["keep"], b["needle"], features)
+                             for b in batch]
             return torch.cat([share_from_sums(_mapped_queries(query_map, b), s, features).flatten()
                               for b, s in zip(batch, sums)])
 
@@ -103,13 +125,24 @@ def fit_query_maps(model: Any, cases: Sequence[Any], steps: int = 200,
             optimiser.step()
         log[i] = {"before": before, "after": mean_share()}
         maps[i] = query_map.detach()
+        if key_maps is not None:
+            key_maps[i] = key_map.detach()
+    return maps, key_maps, log
+
+
+def fit_query_maps(model: Any, cases: Sequence[Any], steps: int = 200,
+                   lr: float = 3e-3) -> tuple[dict[int, torch.Tensor], dict[int, dict[str, float]]]:
+    """:func:`fit_read_maps` of the query maps alone (the keys as the memory writes them): the maps and the log."""
+    maps, _, log = fit_read_maps(model, cases, steps, lr)
     return maps, log
 
 
-def query_map_shares(model: Any, cases: Sequence[Any], maps: dict[int, torch.Tensor]) -> dict[str, Any]:
+def query_map_shares(model: Any, cases: Sequence[Any], maps: dict[int, torch.Tensor],
+                     key_maps: dict[int, torch.Tensor] | None = None) -> dict[str, Any]:
     """Over ``cases`` and every (memory layer, query head) whose memory holds the needle: the mean share of the read
-    on the needle with the model's own query maps (``own``) and with ``maps`` (``fitted``), each layer's best head
-    (``own_best``, ``fitted_best``), and the needle's share of the written tokens (``uniform``)."""
+    on the needle with the model's own query maps (``own``) and with ``maps`` (``fitted``; the keys mapped by
+    ``key_maps`` where given), each layer's best head (``own_best``, ``fitted_best``), and the needle's share of the
+    written tokens (``uniform``)."""
     own, features = own_query_maps(model), unwrap_peft(model).config.memory_features
     totals: dict[str, list[float]] = {"own": [], "fitted": [], "own_best": [], "fitted_best": [], "uniform": []}
     for case in cases:
@@ -117,8 +150,9 @@ def query_map_shares(model: Any, cases: Sequence[Any], maps: dict[int, torch.Ten
             if not inputs["needle"]:
                 continue
             with torch.no_grad():
-                for name, query_map in (("own", own[i]), ("fitted", maps[i])):
-                    share = needle_share(query_map, inputs, features)
+                fitted_inputs = inputs if key_maps is None else {**inputs, "keys": _mapped_keys(key_maps[i], inputs)}
+                for name, query_map, seen in (("own", own[i], inputs), ("fitted", maps[i], fitted_inputs)):
+                    share = needle_share(query_map, seen, features)
                     totals[name].extend(share.tolist())
                     totals[name + "_best"].append(float(share.max()))
             totals["uniform"].append(len(inputs["needle"]) / float(inputs["keep"].sum()))
@@ -126,19 +160,22 @@ def query_map_shares(model: Any, cases: Sequence[Any], maps: dict[int, torch.Ten
 
 
 def save_with_query_maps(source: str | Path, maps: dict[int, torch.Tensor], out: str | Path,
-                         record: dict[str, Any], settings: dict[str, Any] | None = None) -> Path:
-    """The trained memory ``source`` with its memory query maps replaced by ``maps``, written to ``out`` (a
+                         record: dict[str, Any], settings: dict[str, Any] | None = None,
+                         key_maps: dict[int, torch.Tensor] | None = None) -> Path:
+    """The trained memory ``source`` with its memory query maps replaced by ``maps`` (and its key maps by
+    ``key_maps`` where given), written to ``out`` (a
     trained-memory directory that :func:`senri.model.trained.load_trained_memory` loads and the grid grades); the
     card records ``record`` under ``read_fit`` and, in its settings, ``settings`` (the settings that shape no
     parameter under which the maps were fitted, e.g. another feature map). Written beside ``out`` and renamed into
     place, so a failure leaves no half-written memory."""
     source, out = Path(source), Path(out)
     tensors = load_file(str(source / PARAMETERS_FILE))
-    for i, query_map in maps.items():
-        name = f"model.layers.{i}.self_attn.memory_query_map"
+    replaced = [(f"model.layers.{i}.self_attn.memory_query_map", m) for i, m in maps.items()]
+    replaced += [(f"model.layers.{i}.self_attn.memory_key_map", m) for i, m in (key_maps or {}).items()]
+    for name, value in replaced:
         if name not in tensors:
-            raise ValueError(f"{source} has no {name}: its memory has no query map to replace (memory_qk_map)")
-        tensors[name] = query_map.to(tensors[name].dtype).contiguous()
+            raise ValueError(f"{source} has no {name}: its memory has no map to replace (memory_qk_map)")
+        tensors[name] = value.to(tensors[name].dtype).contiguous()
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(source, staging)
@@ -156,5 +193,6 @@ def save_with_query_maps(source: str | Path, maps: dict[int, torch.Tensor], out:
     return out
 
 
-__all__ = ["read_inputs", "needle_share", "own_query_maps", "fit_query_maps", "query_map_shares",
+__all__ = ["read_inputs", "needle_share", "own_query_maps", "own_key_maps", "fit_read_maps", "fit_query_maps",
+           "query_map_shares",
            "save_with_query_maps"]
