@@ -8,7 +8,9 @@ SEEDS (default "2024,2025"), TRAIN_SECONDS per seed (default 180), STEPS (the pr
 the curriculum's stages are laid out; default the profile's 400), SCHEDULE (``training.finetune_schedule``: cosine,
 stage_cosine or constant; default the profile's), READ (``training.text_read_weight``, the direct loss on the
 memory's read of a fact, senri.training.readloss; it reads whole rows, so READ also sets ``text_segment`` to 0),
-MAP (``model.memory_feature_map``: elu or dpfp, DPFP's larger state; default the profile's elu),
+MAP (``model.memory_feature_map``: elu or dpfp, DPFP's larger state; default the profile's elu), INIT
+(``training.finetune_init``: the memory to start from, e.g. one whose query and key maps ``read-fit-qk`` fitted;
+default the profile's),
 CASES per grid cell (default 20). A run that its time
 budget stops before its last stage is reported in ``summary.json`` (each seed's ``curriculum``: the steps trained at
 each length) and named on the console: raise TRAIN_SECONDS or lower STEPS and run again. The corpus's
@@ -34,10 +36,13 @@ OUT = Path("runs/text-memory-gpu")
 
 
 def run_name(seed: int) -> str:
-    """A seed's run directory under OUT; a SCHEDULE, STEPS, READ or MAP other than the profile's is part of the name, so
+    """A seed's run directory under OUT; a SCHEDULE, STEPS, READ, MAP or INIT other than the profile's is part of the name, so
     runs that differ in them sit side by side (a run directory refuses other settings)."""
-    return "-".join([f"seed-{seed}"] + [f"{key.lower()}-{os.environ[key]}" for key in ("SCHEDULE", "STEPS", "READ", "MAP")
-                                         if os.environ.get(key)])
+    named = [f"{key.lower()}-{os.environ[key]}" for key in ("SCHEDULE", "STEPS", "READ", "MAP") if os.environ.get(key)]
+    if os.environ.get("INIT"):  # a path: its last meaningful part names it
+        parts = [p for p in Path(os.environ["INIT"]).parts if p != "trained_memory"]
+        named.append(f"init-{parts[-1]}")
+    return "-".join([f"seed-{seed}"] + named)
 
 
 def main() -> dict:
@@ -51,6 +56,8 @@ def main() -> dict:
         overrides.update(text_read_weight=float(os.environ["READ"]), text_segment=0)
     if os.environ.get("MAP"):
         overrides["memory_feature_map"] = os.environ["MAP"]
+    if os.environ.get("INIT"):
+        overrides["finetune_init"] = os.environ["INIT"]
     began = time.perf_counter()
     runs = {}
     for seed in seeds:
