@@ -86,6 +86,12 @@ def needle_read_share(mq: torch.Tensor, mk: torch.Tensor, keep: torch.Tensor, ne
     return share_from_sums(mq, needle_feature_sums(mk, keep, needle, feature_map), feature_map)
 
 
+def per_head_map(x: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """``x`` (H, ..., D) with each key/value head's vectors mapped by its own map ``maps`` (H, D, D), as the memory's
+    query and key maps apply (queries grouped (H, G, ..., D) by the head they read)."""
+    return torch.einsum("h...d,hde->h...e", x, maps)
+
+
 def layer_projections(model: Any, ids: torch.Tensor) -> dict[int, dict[str, torch.Tensor]]:
     """Per memory layer, what the layer projected while reading ``ids`` (1, T) in one forward, in float32: the raw
     queries ``q`` (Hq, T, D) and keys ``k`` / values ``v`` (H, T, D); the memory's queries ``mq`` and keys ``mk``
@@ -123,9 +129,8 @@ def layer_projections(model: Any, ids: torch.Tensor) -> dict[int, dict[str, torc
         mq, mk = q[0], k[0]
         if config.memory_qk_map:
             with torch.no_grad():
-                mq = torch.einsum("hgtd,hde->hgte", mq.view(H, G, T, D),
-                                  attn.memory_query_map.to(MEMORY_DTYPE)).reshape(H * G, T, D)
-                mk = torch.einsum("htd,hde->hte", mk, attn.memory_key_map.to(MEMORY_DTYPE))
+                mq = per_head_map(mq.view(H, G, T, D), attn.memory_query_map.to(MEMORY_DTYPE)).reshape(H * G, T, D)
+                mk = per_head_map(mk, attn.memory_key_map.to(MEMORY_DTYPE))
         out[i] = {"q": q[0], "k": k[0], "v": v[0], "mq": mq, "mk": mk, "rq": rope(q, cos, sin)[0],
                   "rk": rope(k, cos, sin)[0], "keep": keep,
                   "written": cache.layer_state(i).written_chunks * config.chunk_size}
@@ -225,6 +230,6 @@ def read_fidelity(model: Any, cases: Sequence[Any], feature_maps: dict[int, Any]
 
 
 __all__ = [
-    "KERNELS", "INPUTS", "kernel_scores", "needle_feature_sums", "share_from_sums", "needle_read_share",
+    "KERNELS", "INPUTS", "kernel_scores", "per_head_map", "needle_feature_sums", "share_from_sums", "needle_read_share",
     "layer_projections", "held_tokens", "read_weights", "read_fidelity",
 ]

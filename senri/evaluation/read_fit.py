@@ -25,7 +25,9 @@ from safetensors.torch import load_file, save_file
 from ..model.memory import ELU, FeatureMap
 from ..model.modeling_senri import unwrap_peft
 from ..model.trained import CARD_FILE, PARAMETERS_FILE, READ_SETTINGS
-from .read_fidelity import held_tokens, layer_projections, needle_feature_sums, needle_read_share, share_from_sums
+from .read_fidelity import (
+    held_tokens, layer_projections, needle_feature_sums, needle_read_share, per_head_map, share_from_sums,
+)
 
 
 def read_inputs(model: Any, case: Any) -> dict[int, dict[str, Any]]:
@@ -46,7 +48,7 @@ def _mapped_queries(query_map: torch.Tensor, inputs: dict[str, Any]) -> torch.Te
     """The raw queries (Hq, D) of ``inputs`` mapped by ``query_map`` (H, D, D): (H, G, D), query head h reading
     key/value head h // G, as the memory does."""
     H, D = query_map.shape[0], query_map.shape[-1]
-    return torch.einsum("hgd,hde->hge", inputs["q"].view(H, -1, D), query_map)
+    return per_head_map(inputs["q"].view(H, -1, D), query_map)
 
 
 def needle_share(query_map: torch.Tensor, inputs: dict[str, Any], feature_map: FeatureMap = ELU) -> torch.Tensor:
@@ -80,7 +82,7 @@ def own_key_maps(model: Any) -> dict[int, torch.Tensor]:
 
 def _mapped_keys(key_map: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
     """The raw keys (H, W, D) of ``inputs`` mapped by ``key_map`` (H, D, D), as the memory writes them."""
-    return torch.einsum("htd,hde->hte", inputs["raw_keys"], key_map)
+    return per_head_map(inputs["raw_keys"], key_map)
 
 
 def fit_read_maps(model: Any, cases: Sequence[Any], steps: int = 200, lr: float = 3e-3, keys: bool = False,

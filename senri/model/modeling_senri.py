@@ -639,15 +639,16 @@ class SenriAttention(nn.Module):
                 raise RuntimeError(f"layer {self.layer_idx}: window starts at {k_start}, memory ends at chunk {written}")
             layout = self.memory_layouts[self.training]
             slots = None if layout is None else layout.num_slots
+            features = self.config.memory_features
             if M is None:
                 M, z = empty_memory(B, self.num_kv_heads, self.head_dim, device=q.device, num_slots=slots,
-                                    feature_dim=self.config.memory_features.dim(self.head_dim))
+                                    feature_dim=features.dim(self.head_dim))
             # Computed from the config, not held as a tensor attribute: a model built on the meta device by
             # from_pretrained would otherwise keep a meta tensor (ALiBi decay factors are not weights).
             decay = alibi_decay(self.num_kv_heads, self.config.alibi_scale) if self.config.use_alibi else None
             common = dict(intra_chunk=not self.has_local, decay=decay, num_sink_tokens=self.num_sink_tokens)
             if layout is None:
-                common["feature_map"] = self.config.memory_features
+                common["feature_map"] = features
             memory_q, memory_k = q, k
             if self.config.memory_qk_map:
                 G = self.num_groups

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..evaluation.read_fidelity import held_tokens, needle_read_share
+from ..evaluation.read_fidelity import held_tokens, needle_read_share, per_head_map
 from ..model.memory import MEMORY_DTYPE
 from ..model.modeling_senri import unwrap_peft
 
@@ -81,8 +81,8 @@ def needle_shares(model: Any, captured: dict[int, dict[str, torch.Tensor]],
             q = projections["q"][r.row, r.pad + r.query].view(H, G, D).to(MEMORY_DTYPE)
             k = projections["k"][r.row, r.pad : r.pad + held].view(held, H, D).transpose(0, 1).to(MEMORY_DTYPE)
             if config.memory_qk_map:
-                q = torch.einsum("hgd,hde->hge", q, attn.memory_query_map.to(MEMORY_DTYPE))
-                k = torch.einsum("htd,hde->hte", k, attn.memory_key_map.to(MEMORY_DTYPE))
+                q = per_head_map(q, attn.memory_query_map.to(MEMORY_DTYPE))
+                k = per_head_map(k, attn.memory_key_map.to(MEMORY_DTYPE))
             shares.append(needle_read_share(q, k, keep, slice(lo, hi), config.memory_features).flatten())
     return torch.cat(shares) if shares else torch.zeros(0)
 
