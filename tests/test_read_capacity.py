@@ -173,7 +173,71 @@ def test_a_memory_saved_with_fitted_query_maps_loads_with_them_and_nothing_else_
     both = save_with_query_maps(SMOLLM2_WINDOW256, {layer: fitted}, tmp_path / "qk" / "trained_memory", {},
                                 key_maps={layer: key})
     torch.testing.assert_close(load_trained_memory(llama, both).model.layers[layer].self_attn.memory_key_map, key)
+    from senri.evaluation.read_fit import saved_maps
+
+    query_maps, key_maps = saved_maps(both)
+    assert set(query_maps) == set(key_maps) == set(shipped.config.memory_layers)
+    torch.testing.assert_close(query_maps[layer], fitted.float())
+    torch.testing.assert_close(key_maps[layer], key.float())
     with pytest.raises(ValueError, match=r"settings \['chunk_size'\] shape parameters"):
         save_with_query_maps(SMOLLM2_WINDOW256, {layer: fitted}, tmp_path / "bad", {}, settings={"chunk_size": 32})
     with pytest.raises(ValueError, match="has no model.layers.99.self_attn.memory_query_map"):
         save_with_query_maps(SMOLLM2_WINDOW256, {99: fitted}, tmp_path / "bad", {})
+
+
+@pytest.mark.parametrize("feature_map", ["elu", "dpfp"])
+def test_the_ordinary_reads_a_preserving_fit_keeps_are_the_memorys_own_and_the_fit_keeps_them(feature_map):
+    from senri.evaluation.read_fidelity import layer_projections
+    from senri.evaluation.read_fit import (
+        context_positions, context_reads, fit_read_maps, own_key_maps, own_query_maps, read_inputs,
+    )
+    from senri.model.memory import reference_memory_attention
+
+    model = tiny_model(memory_update="linear", memory_qk_map=True, memory_feature_map=feature_map, num_sink_tokens=2)
+    config = model.config
+    g = torch.Generator().manual_seed(1)
+    cases = []
+    for _ in range(3):
+        ids = torch.randint(0, 97, (90,), generator=g).tolist()
+        ids[3:9] = [11, 5, 12, 5, 13, 14]
+        cases.append(SimpleNamespace(ids=ids + [5, 6], answer_start=90, needle=(3, 9)))
+    positions = context_positions(config, 89, 5)
+    assert len(positions) == 5 and positions[0] == (config.window_chunks + 1) * config.chunk_size
+    assert positions[-1] == 89 - 32 and context_positions(config, 40, 5) == []
+    # The ordinary reads are what the memory path returns at those positions (the naive token-by-token reference).
+    own_q, own_k = own_query_maps(model), own_key_maps(model)
+    projections = layer_projections(model, torch.tensor([cases[0].ids[:90]]))
+    for i, inputs in read_inputs(model, cases[0], context=5).items():
+        p = projections[i]
+        reference, _, _ = reference_memory_attention(
+            p["mq"][None], p["mk"][None], p["v"][None], config.chunk_size, config.window_chunks, "linear",
+            config.memory_eps, num_sink_tokens=config.num_sink_tokens, feature_map=config.memory_features)
+        torch.testing.assert_close(context_reads(own_q[i], own_k[i], inputs, config.memory_features,
+                                                 config.memory_eps), reference[0][:, positions], rtol=1e-4, atol=1e-5)
+    # Fitting with the ordinary reads kept: the answer's read still sharpens, and the reads elsewhere move less
+    # than in the free fit.
+    free_q, free_k, _ = fit_read_maps(model, cases, steps=40, lr=1e-2, keys=True)
+    kept_q, kept_k, log = fit_read_maps(model, cases, steps=40, lr=1e-2, keys=True, preserve=30.0, context=5)
+    for i, entry in log.items():
+        assert entry["after"] > entry["before"]
+        inputs = [read_inputs(model, case, context=5)[i] for case in cases]
+        own = [context_reads(own_q[i], own_k[i], b, config.memory_features) for b in inputs]
+        norm = sum(float(r.pow(2).sum()) for r in own)
+
+        def drift(q, k):
+            return sum(float((context_reads(q, k, b, config.memory_features) - r).pow(2).sum())
+                       for b, r in zip(inputs, own)) / norm
+
+        assert entry["drift"] == pytest.approx(drift(kept_q[i], kept_k[i]), rel=1e-3)
+        assert drift(kept_q[i], kept_k[i]) < drift(free_q[i], free_k[i])
+    # read_drift measures the same, layer by layer, and is 0 for the memory's own maps.
+    from senri.evaluation.read_fit import read_drift
+
+    measured = read_drift(model, cases, kept_q, kept_k, context=5)
+    assert measured["per_layer"] == pytest.approx({i: entry["drift"] for i, entry in log.items()}, rel=1e-3)
+    assert read_drift(model, cases, own_q, own_k, context=5)["drift"] == 0
+    assert read_drift(model, cases, free_q, free_k, context=5)["drift"] > measured["drift"]
+    with pytest.raises(ValueError, match="preserve must be >= 0"):
+        fit_read_maps(model, cases, steps=1, preserve=-1.0)
+    with pytest.raises(ValueError, match="memory_update is 'delta'"):
+        fit_read_maps(tiny_model(memory_update="delta", memory_qk_map=True), cases, steps=1, preserve=1.0)

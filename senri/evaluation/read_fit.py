@@ -30,18 +30,53 @@ from .read_fidelity import (
 )
 
 
-def read_inputs(model: Any, case: Any) -> dict[int, dict[str, Any]]:
+def context_positions(config: Any, answer_query: int, count: int, question: int = 32) -> list[int]:
+    """``count`` query positions of the prose before ``answer_query``, evenly spaced from the first that reads a
+    non-empty memory to ``question`` tokens before the answer's query (the question's own tokens excluded): the
+    ordinary reads that :func:`fit_read_maps` keeps with ``preserve``. Empty where the prose is too short."""
+    first = (config.window_chunks + 1) * config.chunk_size
+    last = answer_query - question
+    if count <= 0 or last <= first:
+        return []
+    return sorted({round(first + (last - first) * j / max(count - 1, 1)) for j in range(count)})
+
+
+def read_inputs(model: Any, case: Any, context: int = 0) -> dict[int, dict[str, Any]]:
     """Per memory layer, what the read of ``case``'s answer query sees: ``q`` (Hq, D) the layer's raw query (no
     map, no RoPE), ``keys`` (H, W, D) the memory's keys as written (``raw_keys`` before its key map), ``keep`` (W,)
     and ``needle``, the needle's
-    written positions (empty where the memory does not hold it yet)."""
+    written positions (empty where the memory does not hold it yet). With ``context`` > 0, also what ``context``
+    ordinary reads of the prose see (:func:`context_positions`): ``values`` (H, W, D) the written values,
+    ``context_q`` (Hq, Q, D) their raw queries and ``context_held`` (Q,) how many of the first tokens each one's
+    memory holds."""
+    config = unwrap_peft(model).config
     ids = torch.tensor([case.ids[: case.answer_start]])
-    held = held_tokens(unwrap_peft(model).config, ids.shape[1] - 1)
+    held = held_tokens(config, ids.shape[1] - 1)
+    positions = context_positions(config, ids.shape[1] - 1, context)
     out = {}
     for i, p in layer_projections(model, ids).items():
-        out[i] = {"q": p["q"][:, -1], "keys": p["mk"][:, :held], "raw_keys": p["k"][:, :held], "keep": p["keep"][:held],
+        # The query is cloned out of the layer's (Hq, T, D) queries so that a batch of cases does not hold them all.
+        out[i] = {"q": p["q"][:, -1].clone(), "keys": p["mk"][:, :held], "raw_keys": p["k"][:, :held], "keep": p["keep"][:held],
                   "needle": list(range(case.needle[0], min(case.needle[1], held)))}
+        if positions:
+            out[i].update(values=p["v"][:, :held], context_q=p["q"][:, positions],
+                          context_held=torch.tensor([held_tokens(config, t) for t in positions]))
     return out
+
+
+def context_reads(query_map: torch.Tensor, key_map: torch.Tensor, inputs: dict[str, Any],
+                  feature_map: FeatureMap = ELU, eps: float = 1e-6) -> torch.Tensor:
+    """What the memory returns (Hq, Q, D) to ``inputs``' ordinary reads (:func:`read_inputs` with ``context``) with
+    its queries mapped by ``query_map`` and its keys by ``key_map`` (H, D, D): ``φ(q)M / (φ(q)z + eps)`` of the
+    linear update rule, each query reading the first ``context_held`` tokens written."""
+    H, D = query_map.shape[0], query_map.shape[-1]
+    fq = feature_map(per_head_map(inputs["context_q"].view(H, -1, inputs["context_q"].shape[1], D), query_map))
+    fk = feature_map(_mapped_keys(key_map, inputs)) * inputs["keep"][:, None]  # (H, W, P)
+    W = fk.shape[1]
+    held = (torch.arange(W)[None, :] < inputs["context_held"][:, None]).to(fk.dtype)  # (Q, W)
+    weights = torch.einsum("hgqp,hwp->hgqw", fq, fk) * held
+    read = weights @ inputs["values"][:, None] / (weights.sum(-1, keepdim=True) + eps)
+    return read.reshape(-1, *read.shape[2:])
 
 
 def _mapped_queries(query_map: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
@@ -86,20 +121,37 @@ def _mapped_keys(key_map: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
 
 
 def fit_read_maps(model: Any, cases: Sequence[Any], steps: int = 200, lr: float = 3e-3, keys: bool = False,
+                  preserve: float = 0.0, context: int = 32,
                   ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor] | None, dict[int, dict[str, float]]]:
     """Fit each memory layer's query map (and, with ``keys``, its key map too: what the memory writes) to maximise
     the mean log-share of the read on the needle over ``cases`` (Adam, full batch, from the model's own maps).
-    Returns the query maps, the key maps (None without ``keys``) and per layer the mean share before and after."""
+    With ``preserve`` > 0 the loss adds ``preserve`` × the *drift* of the memory's ordinary reads: over ``context``
+    reads of the prose per case (:func:`context_positions`), ``Σ‖read − own read‖² / Σ‖own read‖²`` (the own maps'
+    reads; :func:`context_reads`, the linear update rule), so that the fit sharpens the answer's read while what
+    the layers above get elsewhere stays as they were trained on it.
+    Returns the query maps, the key maps (None without ``keys``) and per layer the mean share before and after
+    (and, with ``preserve``, the drift after)."""
+    config = unwrap_peft(model).config
+    if preserve > 0 and config.memory_update != "linear":
+        raise ValueError(f"preserve reads the linear update rule's memory; this model's memory_update is "
+                         f"{config.memory_update!r}")
+    if preserve < 0:
+        raise ValueError(f"preserve must be >= 0, got {preserve}")
     per_layer: dict[int, list[dict[str, Any]]] = {}
     for case in cases:
-        for i, inputs in read_inputs(model, case).items():
+        for i, inputs in read_inputs(model, case, context if preserve > 0 else 0).items():
             if inputs["needle"]:
                 per_layer.setdefault(i, []).append(inputs)
     if not per_layer:
         raise ValueError("no case has its needle in the memory when the answer is asked; use longer cases")
     maps, key_maps, log = own_query_maps(model), (own_key_maps(model) if keys else None), {}
-    features = unwrap_peft(model).config.memory_features
+    own_keys = own_key_maps(model)
+    features = config.memory_features
     for i, batch in per_layer.items():
+        anchored = [b for b in batch if "context_q" in b] if preserve > 0 else []
+        with torch.no_grad():
+            own_reads = [context_reads(maps[i], own_keys[i], b, features, config.memory_eps) for b in anchored]
+        own_norm = sum(float(r.pow(2).sum()) for r in own_reads) or 1.0
         query_map = maps[i].requires_grad_()
         trained = [query_map]
         if key_maps is not None:
@@ -119,13 +171,23 @@ def fit_read_maps(model: Any, cases: Sequence[Any], steps: int = 200, lr: float 
             with torch.no_grad():
                 return float(shares().mean())
 
+        def drift() -> torch.Tensor:
+            keys_now = own_keys[i] if key_maps is None else key_map
+            return sum((context_reads(query_map, keys_now, b, features, config.memory_eps) - r).pow(2).sum()
+                       for b, r in zip(anchored, own_reads)) / own_norm
+
         before = mean_share()
         for _ in range(steps):
             loss = -shares().clamp_min(1e-30).log().mean()
+            if anchored:
+                loss = loss + preserve * drift()
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
         log[i] = {"before": before, "after": mean_share()}
+        if anchored:
+            with torch.no_grad():
+                log[i]["drift"] = float(drift())
         maps[i] = query_map.detach()
         if key_maps is not None:
             key_maps[i] = key_map.detach()
@@ -159,6 +221,44 @@ def query_map_shares(model: Any, cases: Sequence[Any], maps: dict[int, torch.Ten
                     totals[name + "_best"].append(float(share.max()))
             totals["uniform"].append(len(inputs["needle"]) / float(inputs["keep"].sum()))
     return {name: (sum(v) / len(v) if v else None) for name, v in totals.items()}
+
+
+def saved_maps(directory: str | Path) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """The memory query and key maps per memory layer of the trained memory ``directory``, float32 (what
+    :func:`save_with_query_maps` wrote, or any trained memory's own)."""
+    tensors = load_file(str(Path(directory) / PARAMETERS_FILE))
+    out: tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]] = ({}, {})
+    for name, value in tensors.items():
+        for maps, suffix in zip(out, ("memory_query_map", "memory_key_map")):
+            if name.endswith(f".self_attn.{suffix}"):
+                maps[int(name.split(".")[2])] = value.float()
+    if not out[0]:
+        raise ValueError(f"{directory} has no memory query maps (memory_qk_map)")
+    return out
+
+
+def read_drift(model: Any, cases: Sequence[Any], maps: dict[int, torch.Tensor], key_maps: dict[int, torch.Tensor],
+               context: int = 32) -> dict[str, Any]:
+    """How far ``maps`` and ``key_maps`` move the memory's ordinary reads of the prose from the model's own maps,
+    layer by layer on the same inputs (:func:`context_reads`, ``context`` reads per case): ``drift`` the mean over
+    the memory layers of ``Σ‖read − own read‖² / Σ‖own read‖²``, and ``per_layer``."""
+    config = unwrap_peft(model).config
+    own_q, own_k = own_query_maps(model), own_key_maps(model)
+    sums: dict[int, list[float]] = {}
+    for case in cases:
+        for i, inputs in read_inputs(model, case, context).items():
+            if "context_q" not in inputs:
+                continue
+            with torch.no_grad():
+                own = context_reads(own_q[i], own_k[i], inputs, config.memory_features, config.memory_eps)
+                read = context_reads(maps[i], key_maps[i], inputs, config.memory_features, config.memory_eps)
+            entry = sums.setdefault(i, [0.0, 0.0])
+            entry[0] += float((read - own).pow(2).sum())
+            entry[1] += float(own.pow(2).sum())
+    if not sums:
+        raise ValueError("no case is long enough for an ordinary read of the memory; use longer cases")
+    per_layer = {i: a / b for i, (a, b) in sums.items()}
+    return {"drift": sum(per_layer.values()) / len(per_layer), "per_layer": per_layer}
 
 
 def save_with_query_maps(source: str | Path, maps: dict[int, torch.Tensor], out: str | Path,
@@ -195,6 +295,5 @@ def save_with_query_maps(source: str | Path, maps: dict[int, torch.Tensor], out:
     return out
 
 
-__all__ = ["read_inputs", "needle_share", "own_query_maps", "own_key_maps", "fit_read_maps", "fit_query_maps",
-           "query_map_shares",
-           "save_with_query_maps"]
+__all__ = ["context_positions", "read_inputs", "context_reads", "needle_share", "own_query_maps", "own_key_maps", "fit_read_maps", "fit_query_maps",
+           "query_map_shares", "saved_maps", "read_drift", "save_with_query_maps"]
