@@ -14,7 +14,7 @@
     python -m senri.reports read-fit DIR TRAIN_CASES LENGTH STEPS CASES LENGTHS  # each memory layer's query map fitted to read training facts, measured on the grid's held-out ones
     python -m senri.reports read-fit-qk DIR TRAIN_CASES LENGTH STEPS CASES LENGTHS  # the same with each layer's key map fitted too
     python -m senri.reports read-fit-keep DIR TRAIN_CASES LENGTH STEPS CASES LENGTHS PRESERVE  # q/k fit keeping the ordinary reads
-    python -m senri.reports read-drift DIR FITTED_DIRS CASES LENGTHS  # how far fitted maps move DIR's ordinary reads
+    python -m senri.reports fitted-reads DIR FITTED_DIRS CASES LENGTHS  # fitted maps' reads (needle, value) and drift
     python -m senri.reports kernel-fit DIR CASES LENGTHS FEATURES STEPS INPUTS  # the same with a Hedgehog feature map fitted to attention on training prose (INPUTS: memory | rotated)
     python -m senri.reports stream TOKENS EVERY         # loss per 4K block of a long stream vs fresh starts (every EVERY-th block)
     python -m senri.reports stream-sinks TOKENS         # the same stream, gates closed, per sink placement
@@ -461,17 +461,21 @@ def read_fit_qk(directory: str, train_cases: int, length: int, steps: int, cases
     return read_fit(directory, train_cases, length, steps, cases, lengths, keys=True)
 
 
-def read_drift(directory: str, fitted: str, cases: int, lengths: str) -> dict[str, Any]:
-    """How far each fitted memory in ``fitted`` (comma-separated trained-memory directories, e.g. ``read-fit-qk``'s
-    and ``read-fit-keep``'s) moves ``directory``'s ordinary reads of the prose, on the grid's held-out cases
-    (:func:`senri.evaluation.read_fit.read_drift`): 0 is the memory's own read, 1 a change as large as the read."""
-    from .evaluation.read_fit import read_drift as drift, saved_maps
+def fitted_reads(directory: str, fitted: str, cases: int, lengths: str) -> dict[str, Any]:
+    """Each fitted memory in ``fitted`` (comma-separated trained-memory directories, e.g. ``read-fit-qk``'s and
+    ``read-fit-keep``'s) read beside ``directory``'s own maps on the grid's held-out cases: the read's share on the
+    needle and on the asked value's tokens (:func:`senri.evaluation.read_fit.query_map_shares`), and how far the
+    fitted maps move the ordinary reads of the prose (``drift``, :func:`senri.evaluation.read_fit.read_drift`: 0 is
+    the own read, 1 a change as large as the read)."""
+    from .evaluation.read_fit import query_map_shares, read_drift, saved_maps
 
     model, tokenizer = _trained_memory(directory)
     fits = {name: saved_maps(name) for name in fitted.split(",")}
     return {"directory": directory, "records": _cell_records(
         tokenizer, cases, lengths,
-        lambda case_list: {name: drift(model, case_list, *maps)["drift"] for name, maps in fits.items()})}
+        lambda case_list: {name: {**query_map_shares(model, case_list, *maps),
+                                  "drift": read_drift(model, case_list, *maps)["drift"]}
+                           for name, maps in fits.items()})}
 
 
 def read_fit_keep(directory: str, train_cases: int, length: int, steps: int, cases: int, lengths: str,
@@ -677,7 +681,7 @@ def checkpoint_memory(run_dir: str, step: int) -> dict[str, Any]:
 def main(argv: list[str]) -> Any:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     commands = {"sinks": (sinks, ()), "placement": (placement, (int, int)), "real": (real, (str, int, int)),
-                "grid": (grid, (str, int)), "grid-at": (grid, (str, int, str)), "grid-merge": (grid_merge, (str,)), "ceiling": (ceiling, (int, str)), "store-selection": (store_selection, (int, str, str)), "read-fidelity": (read_fidelity, (str, int, str)), "read-capacity": (read_capacity, (str, int, str)), "read-fit": (read_fit, (str, int, int, int, int, str)), "read-fit-qk": (read_fit_qk, (str, int, int, int, int, str)), "read-fit-keep": (read_fit_keep, (str, int, int, int, int, str, float)), "read-drift": (read_drift, (str, str, int, str)), "kernel-fit": (kernel_fit, (str, int, str, int, int, str)), "corpus": (corpus_table, ()), "stream": (stream, (int, int)), "stream-sinks": (stream_sinks, (int,)), "ruler": (ruler, (str, int, str)), "ruler-of": (ruler, (str, int, str, str, str)), "ship": (ship, (str, str)), "ship-run": (ship_run, (str, str)),
+                "grid": (grid, (str, int)), "grid-at": (grid, (str, int, str)), "grid-merge": (grid_merge, (str,)), "ceiling": (ceiling, (int, str)), "store-selection": (store_selection, (int, str, str)), "read-fidelity": (read_fidelity, (str, int, str)), "read-capacity": (read_capacity, (str, int, str)), "read-fit": (read_fit, (str, int, int, int, int, str)), "read-fit-qk": (read_fit_qk, (str, int, int, int, int, str)), "read-fit-keep": (read_fit_keep, (str, int, int, int, int, str, float)), "fitted-reads": (fitted_reads, (str, str, int, str)), "kernel-fit": (kernel_fit, (str, int, str, int, int, str)), "corpus": (corpus_table, ()), "stream": (stream, (int, int)), "stream-sinks": (stream_sinks, (int,)), "ruler": (ruler, (str, int, str)), "ruler-of": (ruler, (str, int, str, str, str)), "ship": (ship, (str, str)), "ship-run": (ship_run, (str, str)),
                 "checkpoint-memory": (checkpoint_memory, (str, int))}
     if not argv or argv[0] not in commands:
         raise SystemExit(f"usage: python -m senri.reports {{{' | '.join(commands)}}} ... (see the module docstring)")

@@ -131,6 +131,8 @@ def test_the_fitted_query_maps_share_is_the_memorys_read_and_fitting_raises_it(f
     unchanged, _ = fit_query_maps(model, cases, steps=0)
     shares = query_map_shares(model, cases, unchanged)
     assert shares["fitted"] == pytest.approx(shares["own"]) and shares["own"] > 0
+    # the asked value's tokens are part of the statement: their share is part of its share
+    assert 0 < shares["own_value"] <= shares["own"] and shares["uniform_value"] <= shares["uniform"]
     maps, log = fit_query_maps(model, cases, steps=50, lr=1e-2)
     assert all(entry["after"] > entry["before"] for entry in log.values())
     assert query_map_shares(model, cases, maps)["fitted"] > shares["own"]
@@ -241,3 +243,17 @@ def test_the_ordinary_reads_a_preserving_fit_keeps_are_the_memorys_own_and_the_f
         fit_read_maps(model, cases, steps=1, preserve=-1.0)
     with pytest.raises(ValueError, match="memory_update is 'delta'"):
         fit_read_maps(tiny_model(memory_update="delta", memory_qk_map=True), cases, steps=1, preserve=1.0)
+
+
+def test_the_value_span_is_where_the_answers_value_sits_in_the_statement():
+    from senri.evaluation.read_fit import value_span
+
+    # statement 10..16 says "... 7 8 9 ." and the answer is "7 8 9" then a full stop and the end token
+    ids = [1] * 10 + [3, 7, 4, 7, 8, 9, 2] + [1] * 5 + [7, 8, 9, 2, 0]
+    case = SimpleNamespace(ids=ids, answer_start=22, value_tokens=3, needle=(10, 17))
+    assert value_span(case) == [13, 14, 15]
+    # without value_tokens the whole answer is the value: its longest prefix in the statement, the last such place
+    assert value_span(SimpleNamespace(ids=ids, answer_start=22, needle=(10, 17))) == [13, 14, 15, 16]
+    assert value_span(SimpleNamespace(ids=ids[:22] + [5], answer_start=22, needle=(10, 17))) == []
+    # the last place where the longest prefix occurs
+    assert value_span(SimpleNamespace(ids=ids, answer_start=22, value_tokens=1, needle=(10, 17))) == [13]

@@ -41,11 +41,30 @@ def context_positions(config: Any, answer_query: int, count: int, question: int 
     return sorted({round(first + (last - first) * j / max(count - 1, 1)) for j in range(count)})
 
 
+def value_span(case: Any) -> list[int]:
+    """The positions of the asked value's tokens inside ``case``'s needle (what the answer copies): where the
+    longest prefix of the answer's value tokens (``value_tokens`` of them, or the whole answer) occurs in the
+    statement, its last such place. Empty where not even the first token occurs there (a tokenisation that differs
+    in context)."""
+    count = getattr(case, "value_tokens", len(case.ids) - case.answer_start)
+    value = case.ids[case.answer_start: case.answer_start + count]
+    start, end = case.needle
+    best: tuple[int, int] = (0, 0)
+    for j in range(start, end):
+        n = 0
+        while n < len(value) and j + n < end and case.ids[j + n] == value[n]:
+            n += 1
+        if n and n >= best[1]:
+            best = (j, n)
+    return list(range(best[0], best[0] + best[1]))
+
+
 def read_inputs(model: Any, case: Any, context: int = 0) -> dict[int, dict[str, Any]]:
     """Per memory layer, what the read of ``case``'s answer query sees: ``q`` (Hq, D) the layer's raw query (no
     map, no RoPE), ``keys`` (H, W, D) the memory's keys as written (``raw_keys`` before its key map), ``keep`` (W,)
     and ``needle``, the needle's
-    written positions (empty where the memory does not hold it yet). With ``context`` > 0, also what ``context``
+    written positions (empty where the memory does not hold it yet), ``value`` those of the asked value's tokens in
+    it (:func:`value_span`). With ``context`` > 0, also what ``context``
     ordinary reads of the prose see (:func:`context_positions`): ``values`` (H, W, D) the written values,
     ``context_q`` (Hq, Q, D) their raw queries and ``context_held`` (Q,) how many of the first tokens each one's
     memory holds."""
@@ -57,7 +76,8 @@ def read_inputs(model: Any, case: Any, context: int = 0) -> dict[int, dict[str, 
     for i, p in layer_projections(model, ids).items():
         # The query is cloned out of the layer's (Hq, T, D) queries so that a batch of cases does not hold them all.
         out[i] = {"q": p["q"][:, -1].clone(), "keys": p["mk"][:, :held], "raw_keys": p["k"][:, :held], "keep": p["keep"][:held],
-                  "needle": list(range(case.needle[0], min(case.needle[1], held)))}
+                  "needle": list(range(case.needle[0], min(case.needle[1], held))),
+                  "value": [t for t in value_span(case) if t < held]}
         if positions:
             out[i].update(values=p["v"][:, :held], context_q=p["q"][:, positions],
                           context_held=torch.tensor([held_tokens(config, t) for t in positions]))
@@ -206,9 +226,11 @@ def query_map_shares(model: Any, cases: Sequence[Any], maps: dict[int, torch.Ten
     """Over ``cases`` and every (memory layer, query head) whose memory holds the needle: the mean share of the read
     on the needle with the model's own query maps (``own``) and with ``maps`` (``fitted``; the keys mapped by
     ``key_maps`` where given), each layer's best head (``own_best``, ``fitted_best``), and the needle's share of the
-    written tokens (``uniform``)."""
+    written tokens (``uniform``); the same on the asked value's tokens alone (``own_value``, ``fitted_value``,
+    ``uniform_value``: what the answer copies, :func:`value_span`)."""
     own, features = own_query_maps(model), unwrap_peft(model).config.memory_features
-    totals: dict[str, list[float]] = {"own": [], "fitted": [], "own_best": [], "fitted_best": [], "uniform": []}
+    totals: dict[str, list[float]] = {"own": [], "fitted": [], "own_best": [], "fitted_best": [], "uniform": [],
+                                      "own_value": [], "fitted_value": [], "uniform_value": []}
     for case in cases:
         for i, inputs in read_inputs(model, case).items():
             if not inputs["needle"]:
@@ -219,7 +241,12 @@ def query_map_shares(model: Any, cases: Sequence[Any], maps: dict[int, torch.Ten
                     share = needle_share(query_map, seen, features)
                     totals[name].extend(share.tolist())
                     totals[name + "_best"].append(float(share.max()))
+                    if inputs["value"]:
+                        totals[name + "_value"].extend(
+                            needle_share(query_map, {**seen, "needle": inputs["value"]}, features).tolist())
             totals["uniform"].append(len(inputs["needle"]) / float(inputs["keep"].sum()))
+            if inputs["value"]:
+                totals["uniform_value"].append(len(inputs["value"]) / float(inputs["keep"].sum()))
     return {name: (sum(v) / len(v) if v else None) for name, v in totals.items()}
 
 
@@ -295,5 +322,5 @@ def save_with_query_maps(source: str | Path, maps: dict[int, torch.Tensor], out:
     return out
 
 
-__all__ = ["context_positions", "read_inputs", "context_reads", "needle_share", "own_query_maps", "own_key_maps", "fit_read_maps", "fit_query_maps",
+__all__ = ["value_span", "context_positions", "read_inputs", "context_reads", "needle_share", "own_query_maps", "own_key_maps", "fit_read_maps", "fit_query_maps",
            "query_map_shares", "saved_maps", "read_drift", "save_with_query_maps"]
