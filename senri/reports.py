@@ -13,7 +13,7 @@
     python -m senri.reports read-capacity DIR CASES LENGTHS  # the best share any query could read off the written keys (ELU+1 and larger maps), beside the memory's own read
     python -m senri.reports read-fit DIR TRAIN_CASES LENGTH STEPS CASES LENGTHS  # each memory layer's query map fitted to read training facts, measured on the grid's held-out ones
     python -m senri.reports read-fit-qk DIR TRAIN_CASES LENGTH STEPS CASES LENGTHS  # the same with each layer's key map fitted too
-    python -m senri.reports read-fit-keep DIR TRAIN_CASES LENGTH STEPS CASES LENGTHS PRESERVE  # q/k fit keeping the ordinary reads
+    python -m senri.reports read-fit-keep DIR TRAIN_CASES LENGTH STEPS CASES LENGTHS PRESERVE PASSKEYS  # q/k fit keeping the ordinary reads
     python -m senri.reports fitted-reads DIR FITTED_DIRS CASES LENGTHS  # fitted maps' reads (needle, value) and drift
     python -m senri.reports kernel-fit DIR CASES LENGTHS FEATURES STEPS INPUTS  # the same with a Hedgehog feature map fitted to attention on training prose (INPUTS: memory | rotated)
     python -m senri.reports stream TOKENS EVERY         # loss per 4K block of a long stream vs fresh starts (every EVERY-th block)
@@ -413,7 +413,7 @@ def read_capacity(directory: str, cases: int, lengths: str) -> dict[str, Any]:
 
 
 def read_fit(directory: str, train_cases: int, length: int, steps: int, cases: int,
-             lengths: str, keys: bool = False, preserve: float = 0.0) -> dict[str, Any]:
+             lengths: str, keys: bool = False, preserve: float = 0.0, passkeys: int = 0) -> dict[str, Any]:
     """Fit each memory layer's query map (all else frozen) to read the needle of ``train_cases`` facts in training
     documents at ``length`` tokens (training templates and entities, one distractor), ``steps`` full-batch Adam
     steps; then the read's share on the needle with the fitted and the own maps on the training cases and on the
@@ -422,7 +422,8 @@ def read_fit(directory: str, train_cases: int, length: int, steps: int, cases: i
     (``read-fit-qk``) each layer's key map is fitted with its query map (``...-STEPS-qk``): what the memory writes
     may change too, as training the model would change it. With ``preserve`` (``read-fit-keep``, keys fitted too)
     the fit also keeps the memory's ordinary reads of the prose near the own maps' (``fit_read_maps(preserve=)``;
-    ``...-STEPS-qk-keepPRESERVE``)."""
+    ``...-STEPS-qk-keepPRESERVE``), and ``passkeys`` pass-key cases join the training cases (not the grid's: another
+    seed), so that the fit reads, and keeps the ordinary reads of, the repeated filler too (``-pkN``)."""
     from .evaluation.read_fit import fit_read_maps, query_map_shares, save_with_query_maps
     from .evaluation.real_model import depths_beyond_window
     from .tasks.corpus import documents
@@ -430,8 +431,10 @@ def read_fit(directory: str, train_cases: int, length: int, steps: int, cases: i
     from .training.finetune import init_directory
 
     model, tokenizer = _trained_memory(directory)
+    depths = depths_beyond_window(length, WINDOW, CHUNK)
     train = fact_cases(tokenizer, documents(split="train"), length, train_cases, GRID_SEED + 1,
-                       depths_beyond_window(length, WINDOW, CHUNK), split="train", distractors=1)
+                       depths, split="train", distractors=1)
+    train += passkey_cases(tokenizer, length, passkeys, seed=GRID_SEED + 1, depths=depths) if passkeys else []
     maps, key_maps, log = fit_read_maps(model, train, steps, keys=keys, preserve=preserve)
     fitted = {"before": sum(v["before"] for v in log.values()) / len(log),
               "after": sum(v["after"] for v in log.values()) / len(log),
@@ -443,16 +446,16 @@ def read_fit(directory: str, train_cases: int, length: int, steps: int, cases: i
     name = source.parent.name if source.name == "trained_memory" else source.name
     name += "".join(f"-{value}" for value in overrides.values())  # the lever the maps were fitted under
     saved = save_with_query_maps(source, maps, Path("runs/read-fit")
-                                 / f"{name}-{train_cases}-{length}-{steps}{'-qk' if keys else ''}{f'-keep{preserve:g}' if preserve else ''}"
+                                 / f"{name}-{train_cases}-{length}-{steps}{'-qk' if keys else ''}{f'-keep{preserve:g}' if preserve else ''}{f'-pk{passkeys}' if passkeys else ''}"
                                  / "trained_memory",
                                  {"train_cases": train_cases, "length": length, "steps": steps, "keys": keys,
-                                  "preserve": preserve,
+                                  "preserve": preserve, "passkeys": passkeys,
                                   "training_share": fitted}, settings=overrides, key_maps=key_maps)
     print({"saved": str(saved)}, flush=True)
     records = _cell_records(tokenizer, cases, lengths,
                             lambda case_list: query_map_shares(model, case_list, maps, key_maps))
     return {"directory": directory, "train_cases": train_cases, "length": length, "steps": steps, "keys": keys,
-            "preserve": preserve, "fit": fitted,
+            "preserve": preserve, "passkeys": passkeys, "fit": fitted,
             "fit_per_layer": log, "saved": str(saved), "records": records}
 
 
@@ -479,13 +482,14 @@ def fitted_reads(directory: str, fitted: str, cases: int, lengths: str) -> dict[
 
 
 def read_fit_keep(directory: str, train_cases: int, length: int, steps: int, cases: int, lengths: str,
-                  preserve: float) -> dict[str, Any]:
-    """:func:`read_fit_qk` that also keeps the memory's ordinary reads of the prose near the own maps' (weight
-    ``preserve`` on their relative drift), so the layers above get what they were trained on except at the
-    answer's read."""
+                  preserve: float, passkeys: int) -> dict[str, Any]:
+    """:func:`read_fit_qk` that also keeps the memory's ordinary reads near the own maps' (weight ``preserve`` on
+    their relative drift), so the layers above get what they were trained on except at the answer's read;
+    ``passkeys`` pass-key cases join the training facts (0 for none)."""
     if preserve <= 0:
         raise ValueError(f"read-fit-keep's PRESERVE must be > 0 (read-fit-qk is the fit without it), got {preserve}")
-    return read_fit(directory, train_cases, length, steps, cases, lengths, keys=True, preserve=preserve)
+    return read_fit(directory, train_cases, length, steps, cases, lengths, keys=True, preserve=preserve,
+                    passkeys=passkeys)
 
 
 def kernel_fit(directory: str, cases: int, lengths: str, features: int, steps: int,
@@ -681,7 +685,7 @@ def checkpoint_memory(run_dir: str, step: int) -> dict[str, Any]:
 def main(argv: list[str]) -> Any:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     commands = {"sinks": (sinks, ()), "placement": (placement, (int, int)), "real": (real, (str, int, int)),
-                "grid": (grid, (str, int)), "grid-at": (grid, (str, int, str)), "grid-merge": (grid_merge, (str,)), "ceiling": (ceiling, (int, str)), "store-selection": (store_selection, (int, str, str)), "read-fidelity": (read_fidelity, (str, int, str)), "read-capacity": (read_capacity, (str, int, str)), "read-fit": (read_fit, (str, int, int, int, int, str)), "read-fit-qk": (read_fit_qk, (str, int, int, int, int, str)), "read-fit-keep": (read_fit_keep, (str, int, int, int, int, str, float)), "fitted-reads": (fitted_reads, (str, str, int, str)), "kernel-fit": (kernel_fit, (str, int, str, int, int, str)), "corpus": (corpus_table, ()), "stream": (stream, (int, int)), "stream-sinks": (stream_sinks, (int,)), "ruler": (ruler, (str, int, str)), "ruler-of": (ruler, (str, int, str, str, str)), "ship": (ship, (str, str)), "ship-run": (ship_run, (str, str)),
+                "grid": (grid, (str, int)), "grid-at": (grid, (str, int, str)), "grid-merge": (grid_merge, (str,)), "ceiling": (ceiling, (int, str)), "store-selection": (store_selection, (int, str, str)), "read-fidelity": (read_fidelity, (str, int, str)), "read-capacity": (read_capacity, (str, int, str)), "read-fit": (read_fit, (str, int, int, int, int, str)), "read-fit-qk": (read_fit_qk, (str, int, int, int, int, str)), "read-fit-keep": (read_fit_keep, (str, int, int, int, int, str, float, int)), "fitted-reads": (fitted_reads, (str, str, int, str)), "kernel-fit": (kernel_fit, (str, int, str, int, int, str)), "corpus": (corpus_table, ()), "stream": (stream, (int, int)), "stream-sinks": (stream_sinks, (int,)), "ruler": (ruler, (str, int, str)), "ruler-of": (ruler, (str, int, str, str, str)), "ship": (ship, (str, str)), "ship-run": (ship_run, (str, str)),
                 "checkpoint-memory": (checkpoint_memory, (str, int))}
     if not argv or argv[0] not in commands:
         raise SystemExit(f"usage: python -m senri.reports {{{' | '.join(commands)}}} ... (see the module docstring)")

@@ -388,7 +388,7 @@ def test_a_trained_memory_loads_and_trains_on_with_a_lever_that_shapes_no_parame
     from senri.reports import main
 
     with pytest.raises(ValueError, match="read-fit-keep's PRESERVE must be > 0 .read-fit-qk is the fit without it"):
-        main(["read-fit-keep", "shipped", "4", "2048", "10", "2", "2048", "0"])
+        main(["read-fit-keep", "shipped", "4", "2048", "10", "2", "2048", "0", "0"])
     # ... but a setting that shapes the model (the window) must match the card's.
     wide = ConfigManager("cpu-text-near", {"model.sliding_window": 512}).senri_config_kwargs()
     with pytest.raises(ValueError, match="sliding_window: 256 there, 512 here .only memory_update"):
