@@ -470,15 +470,18 @@ def fitted_reads(directory: str, fitted: str, cases: int, lengths: str) -> dict[
     needle and on the asked value's tokens (:func:`senri.evaluation.read_fit.query_map_shares`), and how far the
     fitted maps move the ordinary reads of the prose (``drift``, :func:`senri.evaluation.read_fit.read_drift`: 0 is
     the own read, 1 a change as large as the read)."""
-    from .evaluation.read_fit import query_map_shares, read_drift, saved_maps
+    from .evaluation.read_fit import query_map_shares, read_drift, read_inputs, saved_maps
 
     model, tokenizer = _trained_memory(directory)
     fits = {name: saved_maps(name) for name in fitted.split(",")}
-    return {"directory": directory, "records": _cell_records(
-        tokenizer, cases, lengths,
-        lambda case_list: {name: {**query_map_shares(model, case_list, *maps),
-                                  "drift": read_drift(model, case_list, *maps)["drift"]}
-                           for name, maps in fits.items()})}
+
+    def measure(case_list: list[Any]) -> dict[str, Any]:
+        seen = [read_inputs(model, case, context=32) for case in case_list]  # one forward per case for every fit
+        return {name: {**query_map_shares(model, case_list, *maps, seen=seen),
+                       "drift": read_drift(model, case_list, *maps, seen=seen)["drift"]}
+                for name, maps in fits.items()}
+
+    return {"directory": directory, "records": _cell_records(tokenizer, cases, lengths, measure)}
 
 
 def read_fit_keep(directory: str, train_cases: int, length: int, steps: int, cases: int, lengths: str,

@@ -191,7 +191,7 @@ def test_a_memory_saved_with_fitted_query_maps_loads_with_them_and_nothing_else_
 def test_the_ordinary_reads_a_preserving_fit_keeps_are_the_memorys_own_and_the_fit_keeps_them(feature_map):
     from senri.evaluation.read_fidelity import layer_projections
     from senri.evaluation.read_fit import (
-        context_positions, context_reads, fit_read_maps, own_key_maps, own_query_maps, read_inputs,
+        context_positions, context_reads, fit_read_maps, own_key_maps, own_query_maps, query_map_shares, read_inputs,
     )
     from senri.model.memory import reference_memory_attention
 
@@ -239,6 +239,10 @@ def test_the_ordinary_reads_a_preserving_fit_keeps_are_the_memorys_own_and_the_f
     assert measured["per_layer"] == pytest.approx({i: entry["drift"] for i, entry in log.items()}, rel=1e-3)
     assert read_drift(model, cases, own_q, own_k, context=5)["drift"] == 0
     assert read_drift(model, cases, free_q, free_k, context=5)["drift"] > measured["drift"]
+    # Inputs read once serve both measures, as fitted-reads passes them: the same numbers.
+    seen = [read_inputs(model, case, context=5) for case in cases]
+    assert read_drift(model, cases, kept_q, kept_k, context=5, seen=seen) == measured
+    assert query_map_shares(model, cases, kept_q, kept_k, seen=seen) == query_map_shares(model, cases, kept_q, kept_k)
     with pytest.raises(ValueError, match="preserve must be >= 0"):
         fit_read_maps(model, cases, steps=1, preserve=-1.0)
     with pytest.raises(ValueError, match="memory_update is 'delta'"):

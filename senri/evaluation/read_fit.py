@@ -168,7 +168,7 @@ def fit_read_maps(model: Any, cases: Sequence[Any], steps: int = 200, lr: float 
     own_keys = own_key_maps(model)
     features = config.memory_features
     for i, batch in per_layer.items():
-        anchored = [b for b in batch if "context_q" in b] if preserve > 0 else []
+        anchored = [b for b in batch if "context_q" in b]  # none without preserve: no context was read
         with torch.no_grad():
             own_reads = [context_reads(maps[i], own_keys[i], b, features, config.memory_eps) for b in anchored]
         own_norm = sum(float(r.pow(2).sum()) for r in own_reads) or 1.0
@@ -222,28 +222,30 @@ def fit_query_maps(model: Any, cases: Sequence[Any], steps: int = 200,
 
 
 def query_map_shares(model: Any, cases: Sequence[Any], maps: dict[int, torch.Tensor],
-                     key_maps: dict[int, torch.Tensor] | None = None) -> dict[str, Any]:
+                     key_maps: dict[int, torch.Tensor] | None = None,
+                     seen: Sequence[dict[int, dict[str, Any]]] | None = None) -> dict[str, Any]:
     """Over ``cases`` and every (memory layer, query head) whose memory holds the needle: the mean share of the read
     on the needle with the model's own query maps (``own``) and with ``maps`` (``fitted``; the keys mapped by
     ``key_maps`` where given), each layer's best head (``own_best``, ``fitted_best``), and the needle's share of the
     written tokens (``uniform``); the same on the asked value's tokens alone (``own_value``, ``fitted_value``,
-    ``uniform_value``: what the answer copies, :func:`value_span`)."""
+    ``uniform_value``: what the answer copies, :func:`value_span`). ``seen``, each case's :func:`read_inputs`
+    where already read, spares the forward per case."""
     own, features = own_query_maps(model), unwrap_peft(model).config.memory_features
     totals: dict[str, list[float]] = {"own": [], "fitted": [], "own_best": [], "fitted_best": [], "uniform": [],
                                       "own_value": [], "fitted_value": [], "uniform_value": []}
-    for case in cases:
-        for i, inputs in read_inputs(model, case).items():
+    for case_inputs in seen or (read_inputs(model, case) for case in cases):
+        for i, inputs in case_inputs.items():
             if not inputs["needle"]:
                 continue
             with torch.no_grad():
                 fitted_inputs = inputs if key_maps is None else {**inputs, "keys": _mapped_keys(key_maps[i], inputs)}
-                for name, query_map, seen in (("own", own[i], inputs), ("fitted", maps[i], fitted_inputs)):
-                    share = needle_share(query_map, seen, features)
+                for name, query_map, view in (("own", own[i], inputs), ("fitted", maps[i], fitted_inputs)):
+                    share = needle_share(query_map, view, features)
                     totals[name].extend(share.tolist())
                     totals[name + "_best"].append(float(share.max()))
                     if inputs["value"]:
                         totals[name + "_value"].extend(
-                            needle_share(query_map, {**seen, "needle": inputs["value"]}, features).tolist())
+                            needle_share(query_map, {**view, "needle": inputs["value"]}, features).tolist())
             totals["uniform"].append(len(inputs["needle"]) / float(inputs["keep"].sum()))
             if inputs["value"]:
                 totals["uniform_value"].append(len(inputs["value"]) / float(inputs["keep"].sum()))
@@ -265,15 +267,16 @@ def saved_maps(directory: str | Path) -> tuple[dict[int, torch.Tensor], dict[int
 
 
 def read_drift(model: Any, cases: Sequence[Any], maps: dict[int, torch.Tensor], key_maps: dict[int, torch.Tensor],
-               context: int = 32) -> dict[str, Any]:
+               context: int = 32, seen: Sequence[dict[int, dict[str, Any]]] | None = None) -> dict[str, Any]:
     """How far ``maps`` and ``key_maps`` move the memory's ordinary reads of the prose from the model's own maps,
     layer by layer on the same inputs (:func:`context_reads`, ``context`` reads per case): ``drift`` the mean over
-    the memory layers of ``Σ‖read − own read‖² / Σ‖own read‖²``, and ``per_layer``."""
+    the memory layers of ``Σ‖read − own read‖² / Σ‖own read‖²``, and ``per_layer``. ``seen``, each case's
+    :func:`read_inputs` with ``context`` where already read, spares the forward per case."""
     config = unwrap_peft(model).config
     own_q, own_k = own_query_maps(model), own_key_maps(model)
     sums: dict[int, list[float]] = {}
-    for case in cases:
-        for i, inputs in read_inputs(model, case, context).items():
+    for case_inputs in seen or (read_inputs(model, case, context) for case in cases):
+        for i, inputs in case_inputs.items():
             if "context_q" not in inputs:
                 continue
             with torch.no_grad():
